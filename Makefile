@@ -1,0 +1,19 @@
+# The two commands of the README. Both install the package (and its test/DeepSpeed extras) first.
+PYTHON ?= python3
+PIP_INSTALL = $(PYTHON) -m pip install -q --disable-pip-version-check -e '.[dev]'
+
+.PHONY: install demo test bench
+
+install:
+	$(PIP_INSTALL)
+
+# Bundled dataset -> shards -> torchrun (tp=2) training -> evaluation -> MLflow run.
+demo: install
+	bash launch/demo.sh
+
+# The whole test suite on CPU (gloo); starts its own MLflow server and SLURM cluster where needed.
+test: install
+	$(PYTHON) -m pytest -ra --durations=15
+
+bench: install
+	$(PYTHON) bench/bench.py --tiny

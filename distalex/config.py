@@ -1,0 +1,296 @@
+"""Typed run configuration: defaults, then a YAML file, then ``--set dotted.key=value`` overrides.
+
+Every section is a pydantic model with ``extra="forbid"``: an unknown key, a wrong type or an
+impossible value is a ``ConfigError`` that names the key and the file and suggests the closest key.
+``python -m distalex.config --config FILE [--set ...]`` prints the resolved config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A bad config: the message names the key and where it came from."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    num_classes: int = Field(1000, ge=2)
+    """Outputs of fc8."""
+    towers: int = Field(2, ge=1)
+    """The paper's 2 towers; each tensor-parallel rank holds towers/tp of them."""
+    width: float = Field(1.0, gt=0, le=4)
+    """Multiplier on every channel count and fc width (1.0 = the paper; 1/16 for CPU tests)."""
+    image_size: int = Field(224, ge=63)
+    """Side of the square input crop. 63 is the smallest that leaves pool5 a 1x1 map."""
+    dropout: float = Field(0.5, ge=0, lt=1)
+    """Dropout on fc6 and fc7 outputs (the paper: 0.5)."""
+    lrn: bool = True
+    """Local response normalisation after conv1 and conv2 (the paper: on)."""
+
+
+class ParallelConfig(Section):
+    tp: int = Field(2, ge=1)
+    """Tensor-parallel degree: ranks per tower group. dp = world size / tp."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto: CUDA when present (nccl), else CPU (gloo)."""
+    timeout_s: float = Field(600.0, gt=0)
+    """Collective timeout before a stuck rank is reported."""
+
+
+class DataConfig(Section):
+    train_shards: str = "data/shards/imagenet-train-{000000..000146}.tar"
+    """Shard list: a brace pattern, a glob, a directory, or a comma-separated list."""
+    val_shards: str = "data/shards/imagenet-val-{000000..000006}.tar"
+    workers: int = Field(4, ge=0)
+    """DataLoader worker processes per loading rank (tp rank 0 of each dp group)."""
+    shuffle_buffer: int = Field(2000, ge=0)
+    """Samples held in the in-memory shuffle buffer (0: no sample shuffle)."""
+    resize: int = Field(256, ge=1)
+    """Shorter side rescaled to this, then the central square is kept (the paper: 256)."""
+    lighting_std: float = Field(0.1, ge=0)
+    """PCA lighting: alpha ~ N(0, lighting_std) per image per presentation (0 turns it off)."""
+    mean: Literal["pixel", "channel"] = "channel"
+    """Subtract the training mean per channel or per pixel (the paper: per pixel)."""
+    flip: bool = True
+    """Random horizontal flip on training crops."""
+    train_samples: int | None = Field(None, ge=1)
+    """Training samples per epoch; default from the shards' _info.json."""
+
+
+class OptimConfig(Section):
+    lr: float = Field(0.01, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    lr_drop_factor: float = Field(0.1, gt=0, le=1)
+    """Multiply the LR by this when validation error stops improving (the paper: /10)."""
+    lr_patience: int = Field(5, ge=0)
+    """Epochs without a new best validation top-1 error before the LR drops."""
+    min_lr: float = Field(1e-5, ge=0)
+
+
+class TrainConfig(Section):
+    batch_size: int = Field(128, ge=1)
+    """Global batch: split evenly over the dp groups (the paper: 128)."""
+    epochs: int = Field(90, ge=1)
+    max_steps: int | None = Field(None, ge=1)
+    """Stop after this many optimizer steps (for short runs); None: run all epochs."""
+    seed: int = 0
+    engine: Literal["ddp", "deepspeed"] = "ddp"
+    zero_stage: Literal[1, 2] = 1
+    """ZeRO stage with engine=deepspeed (optimizer state, plus gradients at 2, over the dp group)."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """auto: bf16 autocast on CUDA, float32 on CPU."""
+    channels_last: bool = True
+    """Memory format on CUDA (ignored on CPU)."""
+    compile: bool = False
+    """torch.compile the model."""
+    log_every: int = Field(10, ge=1)
+    """Steps between logged metrics (reading the loss is a device sync)."""
+    eval_every_epochs: int = Field(1, ge=1)
+    eval_ten_crop: bool = False
+    """Validate with 10-crop (slower) instead of the centre crop."""
+    deterministic: bool = False
+    """Deterministic kernels (slower; for exact resume checks)."""
+
+
+class CheckpointConfig(Section):
+    dir: str = "runs/{run_name}/checkpoints"
+    every_steps: int = Field(1000, ge=0)
+    """Save every N steps (0: only at epoch ends and on SIGTERM)."""
+    keep: int = Field(3, ge=1)
+    """Complete checkpoints to keep; older ones are deleted."""
+    resume: str = "auto"
+    """auto: the latest complete checkpoint in dir, if any; none; or a checkpoint path."""
+
+
+class TrackingConfig(Section):
+    enabled: bool = True
+    uri: str | None = None
+    """MLflow tracking URI; default $MLFLOW_TRACKING_URI, else sqlite:///<run_dir>/../mlflow.db."""
+    experiment: str = "distalex"
+    run_name: str | None = None
+
+
+class Config(Section):
+    run_name: str = "alexnet"
+    """Names the run directory runs/<run_name> and the MLflow run."""
+    model: ModelConfig = ModelConfig()
+    parallel: ParallelConfig = ParallelConfig()
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _layout(self) -> "Config":
+        if self.model.towers % self.parallel.tp != 0:
+            raise ValueError(
+                f"parallel.tp={self.parallel.tp} does not divide model.towers={self.model.towers}: "
+                "each rank must hold whole towers"
+            )
+        return self
+
+
+# ------------------------------------------------------------------ loading and overrides
+
+
+def all_keys(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
+    """Every dotted key the config accepts, for suggestions."""
+    keys = []
+    for name, f in model.model_fields.items():
+        key = prefix + name
+        ann = f.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys += all_keys(ann, key + ".")
+        else:
+            keys.append(key)
+    return keys
+
+
+def _suggest(key: str) -> str:
+    close = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.6)
+    if not close:
+        leaf = key.rsplit(".", 1)[-1]
+        close = [k for k in all_keys() if k.rsplit(".", 1)[-1] == leaf][:1]
+    return f", did you mean {close[0]}?" if close else ""
+
+
+def _set_dotted(tree: dict, key: str, value: Any, origin: str) -> None:
+    parts = key.split(".")
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{origin}: {'.'.join(parts[: i + 1])} is a value, not a section (in {key})")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``a.b=value``: the value is read as YAML, so ``3``, ``1e-3``, ``true`` and ``null`` are typed."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected dotted.key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _explain(err: ValidationError, origin_of: dict[str, str]) -> ConfigError:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        origin = origin_of.get(key, origin_of.get("", "config"))
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{origin}: {key}: unknown key{_suggest(key)}")
+        elif not key:
+            lines.append(f"{origin}: {e['msg'].removeprefix('Value error, ')}")
+        else:
+            got = e.get("input")
+            lines.append(f"{origin}: {key}: {e['msg']} (got {got!r})")
+    return ConfigError("\n".join(lines))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults <- YAML file <- overrides, in that order. Raises ConfigError naming key and origin."""
+    tree: dict = {}
+    origin_of: dict[str, str] = {"": str(path) if path else "defaults"}
+    if path is not None:
+        tree = _read_yaml(Path(path))
+        for key in _leaf_keys(tree):
+            origin_of[key] = str(path)
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value, f"--set {text}")
+        origin_of[key] = f"--set {text}"
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        raise _explain(e, origin_of) from None
+
+
+def _leaf_keys(tree: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        out += _leaf_keys(v, key + ".") if isinstance(v, dict) else [key]
+        out.append(key)
+    return out
+
+
+def flatten(cfg: Config) -> dict[str, Any]:
+    """Dotted key -> value, for MLflow params."""
+    out: dict[str, Any] = {}
+
+    def walk(d: dict, prefix: str) -> None:
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            else:
+                out[f"{prefix}{k}"] = v
+
+    walk(cfg.model_dump(), "")
+    return out
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(), sort_keys=False)
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=str, default=None, help="YAML config file (see configs/)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override one config value, e.g. --set optim.lr=0.02 (repeatable)",
+    )
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """Load the config for a CLI; a bad one prints its message and exits with status 2."""
+    try:
+        return load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"config error:\n{e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m distalex.config", description="print the resolved config")
+    add_config_args(parser)
+    print(to_yaml(config_from_args(parser.parse_args(argv))), end="")
+
+
+if __name__ == "__main__":
+    main()

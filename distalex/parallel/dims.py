@@ -1,0 +1,178 @@
+"""Ranks and process groups: one object, built once, handed to every builder.
+
+world = dp x tp and rank = dp_rank * tp + tp_rank, so the ranks of one tensor-parallel group are
+adjacent (one node under torchrun). ``init_device_mesh(device, (dp, tp), ("dp", "tp"))`` lays the
+ranks out exactly so, and every rank creates every group in the same order.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+
+class ParallelConfigError(ValueError):
+    """A parallel layout that cannot work; raised before any collective is called."""
+
+
+@dataclass(frozen=True)
+class Launch:
+    """What the launcher (torchrun, srun + torchrun, or nothing) told this process."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def read_launch_env(environ: dict | None = None) -> Launch:
+    """The one place that reads rank and world size from the environment (torchrun's variables)."""
+    env = os.environ if environ is None else environ
+    try:
+        world_size = int(env.get("WORLD_SIZE", "1"))
+        rank = int(env.get("RANK", "0"))
+        local_rank = int(env.get("LOCAL_RANK", "0"))
+    except ValueError as e:
+        raise ParallelConfigError(f"bad launcher environment (RANK/WORLD_SIZE/LOCAL_RANK): {e}") from None
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ParallelConfigError(f"bad launcher environment: RANK={rank} WORLD_SIZE={world_size}")
+    if world_size > 1 and ("MASTER_ADDR" not in env or "MASTER_PORT" not in env):
+        raise ParallelConfigError(
+            f"WORLD_SIZE={world_size} but MASTER_ADDR/MASTER_PORT are not set: start with torchrun"
+        )
+    return Launch(rank=rank, world_size=world_size, local_rank=local_rank)
+
+
+def check_layout(world_size: int, tp: int, towers: int) -> int:
+    """Validate the (dp, tp) layout and return dp. Errors name the numbers that disagree."""
+    if tp < 1:
+        raise ParallelConfigError(f"parallel.tp must be >= 1, got {tp}")
+    if towers < 1:
+        raise ParallelConfigError(f"model.towers must be >= 1, got {towers}")
+    if towers % tp != 0:
+        raise ParallelConfigError(
+            f"model.towers={towers} is not divisible by parallel.tp={tp}: each rank must hold whole towers"
+        )
+    if world_size % tp != 0:
+        raise ParallelConfigError(
+            f"world size {world_size} is not divisible by parallel.tp={tp}: "
+            f"start a multiple of {tp} processes (e.g. torchrun --nproc_per_node={tp})"
+        )
+    return world_size // tp
+
+
+@dataclass
+class ParallelDims:
+    """The (dp, tp) layout of this job and this process's place in it.
+
+    With one process (no launcher) every group is ``None`` and every collective returns early.
+    """
+
+    dp: int = 1
+    tp: int = 1
+    rank: int = 0
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    mesh: object | None = None  # torch.distributed.device_mesh.DeviceMesh when distributed
+
+    @property
+    def world_size(self) -> int:
+        return self.dp * self.tp
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.tp
+
+    @property
+    def tp_rank(self) -> int:
+        return self.rank % self.tp
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def tp_enabled(self) -> bool:
+        return self.tp > 1
+
+    @property
+    def dp_enabled(self) -> bool:
+        return self.dp > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 of the world: the one that logs, prints and writes run-level files."""
+        return self.rank == 0
+
+    @property
+    def tp_group(self):
+        return self.mesh.get_group("tp") if self.mesh is not None else None
+
+    @property
+    def dp_group(self):
+        return self.mesh.get_group("dp") if self.mesh is not None else None
+
+    @property
+    def tp_src(self) -> int:
+        """Global rank of tp rank 0 in this process's tensor-parallel group (the data loader)."""
+        return self.dp_rank * self.tp
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def describe(self) -> str:
+        return f"world={self.world_size} (dp={self.dp} x tp={self.tp}) backend={backend_for(self.device)}"
+
+
+def backend_for(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def pick_device(local_rank: int, requested: str = "auto") -> torch.device:
+    """``auto``: this rank's GPU when CUDA is present, else the CPU."""
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda":
+        if not torch.cuda.is_available():
+            raise ParallelConfigError("device 'cuda' was asked for but CUDA is not available")
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        return torch.device("cuda", torch.cuda.current_device())
+    if requested != "cpu":
+        raise ParallelConfigError(f"device must be auto, cuda or cpu, got {requested!r}")
+    return torch.device("cpu")
+
+
+def init_parallel(tp: int, towers: int, device: str = "auto", timeout_s: float = 600.0) -> ParallelDims:
+    """Read the launcher's environment, check the layout, and build the dp x tp mesh.
+
+    All checks run before the first collective, so a bad layout fails on every rank with the same
+    message instead of hanging.
+    """
+    launch = read_launch_env()
+    dp = check_layout(launch.world_size, tp, towers)
+    dev = pick_device(launch.local_rank, device)
+    if not launch.distributed:
+        return ParallelDims(dp=1, tp=1, rank=0, local_rank=0, device=dev)
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend=backend_for(dev),
+            timeout=datetime.timedelta(seconds=timeout_s),
+            device_id=dev if dev.type == "cuda" else None,
+        )
+    mesh = init_device_mesh(dev.type, (dp, tp), mesh_dim_names=("dp", "tp"))
+    return ParallelDims(dp=dp, tp=tp, rank=launch.rank, local_rank=launch.local_rank, device=dev, mesh=mesh)
+
+
+def destroy_parallel() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
