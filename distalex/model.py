@@ -1,0 +1,180 @@
+"""The paper's AlexNet (Krizhevsky, Sutskever, Hinton 2012), written once, as a single-device model.
+
+Two (``towers``) columns of kernels that meet only at conv3 and the fully connected layers:
+
+    layer  kernels per tower  kernel/stride/pad  sees          output (224 input)
+    conv1  48                 11/4/2             image         55x55, ReLU, LRN, maxpool 3/2 -> 27
+    conv2  128                5/1/2              own tower     27x27, ReLU, LRN, maxpool 3/2 -> 13
+    conv3  192                3/1/1              all towers    13x13, ReLU
+    conv4  192                3/1/1              own tower     13x13, ReLU
+    conv5  128                3/1/1              own tower     13x13, ReLU, maxpool 3/2 -> 6
+    fc6    2048 (of 4096)     9216 -> 4096       all towers    ReLU, dropout
+    fc7    2048 (of 4096)     4096 -> 4096       all towers    ReLU, dropout
+    fc8    -                  4096 -> classes    all towers
+
+Choices the paper leaves open, stated:
+- Padding: conv1 pads by 2 (torchvision's choice), so a 224 input gives the paper's 55x55 map.
+- LRN: ``F.local_response_norm(size=5, alpha=1e-4, beta=0.75, k=2)``. PyTorch divides alpha by
+  size, as the authors' cuda-convnet code does; the paper's formula with alpha=1e-4 taken
+  literally would be alpha=5e-4 here. The window never crosses into the other tower.
+- Channels of tower t are the t-th contiguous block of every layer's channels, as in a grouped
+  convolution. With ``towers=1`` this is the paper's "one half-size tower" ablation.
+
+Tensor parallelism is applied afterwards, in one place: ``distalex.parallel.plan.parallelize``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Kernels (or fc units) per tower at width 1.0: the paper's numbers.
+PER_TOWER = {"conv1": 48, "conv2": 128, "conv3": 192, "conv4": 192, "conv5": 128, "fc": 2048}
+LRN_SIZE, LRN_ALPHA, LRN_BETA, LRN_K = 5, 1e-4, 0.75, 2.0
+BIAS_ONE_LAYERS = ("conv2", "conv4", "conv5", "fc6", "fc7")
+
+
+def conv_out(size: int, kernel: int, stride: int = 1, pad: int = 0) -> int:
+    return (size + 2 * pad - kernel) // stride + 1
+
+
+def feature_map_sizes(image_size: int) -> dict[str, int]:
+    """Spatial side after each stage for a square input: 224 -> conv1 55, pool1 27, pool2 13, pool5 6."""
+    c1 = conv_out(image_size, 11, 4, 2)
+    p1 = conv_out(c1, 3, 2)
+    p2 = conv_out(p1, 3, 2)  # conv2 keeps the size (5/1/2)
+    p5 = conv_out(p2, 3, 2)  # conv3-5 keep the size (3/1/1)
+    return {"conv1": c1, "pool1": p1, "conv2": p1, "pool2": p2, "conv5": p2, "pool5": p5}
+
+
+class TowerLRN(nn.Module):
+    """Local response normalisation across channels, with the window inside each tower.
+
+    b = a / (k + alpha/n * sum_{j in window} a_j^2)^beta over n=5 neighbouring channels.
+    """
+
+    def __init__(self, towers: int):
+        super().__init__()
+        self.towers = towers  # because tp: a rank holds towers/tp of them
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        # (B, C, H, W) -> (B*towers, C/towers, H, W): each tower normalised on its own.
+        y = F.local_response_norm(x.reshape(b * self.towers, c // self.towers, h, w), LRN_SIZE, LRN_ALPHA, LRN_BETA, LRN_K)
+        return y.reshape(b, c, h, w)
+
+    def extra_repr(self) -> str:
+        return f"towers={self.towers}, size={LRN_SIZE}, alpha={LRN_ALPHA}, beta={LRN_BETA}, k={LRN_K}"
+
+
+class SharedDropout(nn.Module):
+    """Inverted dropout whose mask comes from the module's own seeded generator.
+
+    The mask is always drawn for all ``features`` and the layer keeps columns ``[start, stop)``.
+    Because every tensor-parallel rank advances the same generator identically, a replicated
+    activation gets the same mask on every rank and a sharded one gets that rank's slice of the
+    serial model's mask: tp runs equal the serial run with dropout on.
+    """
+
+    def __init__(self, p: float, features: int, seed: int = 0):
+        super().__init__()
+        self.p, self.features = p, features
+        self.start, self.stop = 0, features  # because tp: set to this rank's slice
+        self.seed = seed
+        self.generator: torch.Generator | None = None
+
+    def reseed(self, seed: int) -> None:
+        self.seed, self.generator = seed, None
+
+    def _gen(self, device: torch.device) -> torch.Generator:
+        if self.generator is None or self.generator.device != device:
+            self.generator = torch.Generator(device=device).manual_seed(self.seed)
+        return self.generator
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        keep = 1.0 - self.p
+        noise = torch.rand((x.shape[0], self.features), generator=self._gen(x.device), device=x.device)
+        mask = (noise[:, self.start : self.stop] < keep).to(x.dtype)
+        return x * mask / keep
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, features={self.features}, keep=[{self.start}:{self.stop}]"
+
+
+class AlexNet(nn.Module):
+    """The two-tower AlexNet. ``width`` scales every channel count (1.0 is the paper's net)."""
+
+    def __init__(
+        self,
+        num_classes: int = 1000,
+        towers: int = 2,
+        width: float = 1.0,
+        image_size: int = 224,
+        dropout: float = 0.5,
+        lrn: bool = True,
+    ):
+        super().__init__()
+        self.towers, self.image_size = towers, image_size
+        ch = {k: towers * max(1, round(v * width)) for k, v in PER_TOWER.items()}
+        side = feature_map_sizes(image_size)["pool5"]
+        if side < 1:
+            raise ValueError(f"image_size={image_size} is too small: pool5 would be empty (need >= 63)")
+
+        self.conv1 = nn.Conv2d(3, ch["conv1"], 11, stride=4, padding=2)
+        self.lrn1 = TowerLRN(towers) if lrn else nn.Identity()
+        self.conv2 = nn.Conv2d(ch["conv1"], ch["conv2"], 5, padding=2, groups=towers)
+        self.lrn2 = TowerLRN(towers) if lrn else nn.Identity()
+        self.conv3 = nn.Conv2d(ch["conv2"], ch["conv3"], 3, padding=1)  # reads both towers
+        self.conv4 = nn.Conv2d(ch["conv3"], ch["conv4"], 3, padding=1, groups=towers)
+        self.conv5 = nn.Conv2d(ch["conv4"], ch["conv5"], 3, padding=1, groups=towers)
+        self.pool = nn.MaxPool2d(3, stride=2)
+        self.fc6 = nn.Linear(ch["conv5"] * side * side, ch["fc"])
+        self.drop6 = SharedDropout(dropout, ch["fc"], seed=6)
+        self.fc7 = nn.Linear(ch["fc"], ch["fc"])
+        self.drop7 = SharedDropout(dropout, ch["fc"], seed=7)
+        self.fc8 = nn.Linear(ch["fc"], num_classes)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The paper: weights N(0, 0.01); biases 1 in conv2, conv4, conv5, fc6, fc7, else 0."""
+        for name, m in self.named_children():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.normal_(m.weight, mean=0.0, std=0.01)
+                nn.init.constant_(m.bias, 1.0 if name in BIAS_ONE_LAYERS else 0.0)
+
+    def reseed_dropout(self, seed: int) -> None:
+        """Seed the dropout masks (the same seed on every tp rank of a data-parallel group)."""
+        for i, m in enumerate(m for m in self.modules() if isinstance(m, SharedDropout)):
+            m.reseed(seed * 1000 + i)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(self.lrn1(F.relu(self.conv1(x))))  # (B, 96, 27, 27) at 224
+        x = self.pool(self.lrn2(F.relu(self.conv2(x))))  # (B, 256, 13, 13)
+        x = F.relu(self.conv3(x))  # (B, 384, 13, 13)
+        x = F.relu(self.conv4(x))
+        x = self.pool(F.relu(self.conv5(x)))  # (B, 256, 6, 6)
+        # Channel-major flatten: tower t's features are one contiguous block of fc6's inputs
+        # (because tp shards fc6 by that block).
+        x = torch.flatten(x, 1)  # (B, 9216)
+        x = self.drop6(F.relu(self.fc6(x)))
+        x = self.drop7(F.relu(self.fc7(x)))
+        return self.fc8(x)  # (B, classes) logits
+
+
+def build_model(model_cfg) -> AlexNet:
+    """AlexNet from a ``ModelConfig``: the one place a config becomes a model."""
+    return AlexNet(
+        num_classes=model_cfg.num_classes,
+        towers=model_cfg.towers,
+        width=model_cfg.width,
+        image_size=model_cfg.image_size,
+        dropout=model_cfg.dropout,
+        lrn=model_cfg.lrn,
+    )
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,155 @@
+"""Autograd collectives over a tensor-parallel group: each one is a forward/backward pair.
+
+Megatron's vocabulary: ``copy_to_tp`` is ``f`` and ``reduce_from_tp`` is ``g``. Every function
+takes the group explicitly and returns its input unchanged on a one-rank group (or ``None``), so
+the serial model runs the same code with no communication.
+
+Do not use ``torch.distributed.nn.all_reduce`` here: its backward is another all-reduce, which
+makes the gradient tp times too large when every tp rank computes the same loss.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def group_size(group) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def group_rank(group) -> int:
+    return 0 if group is None else dist.get_rank(group)
+
+
+def _gather_op():
+    # torch 2.14 renamed all_gather_into_tensor / reduce_scatter_tensor (the old names warn);
+    # older releases have only the old names. Looked up per call so test spies see them.
+    return getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def _reduce_scatter_op():
+    return getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
+    x = x.contiguous()
+    dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
+    return x
+
+
+def _all_gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    """Concatenate every rank's ``x`` along ``dim``, in rank order."""
+    n = group_size(group)
+    # The flat all-gather stacks along dim 0: gather there, then move the rank axis into dim.
+    moved = x.movedim(dim, 0).contiguous()
+    out = torch.empty((n * moved.shape[0], *moved.shape[1:]), dtype=x.dtype, device=x.device)
+    _gather_op()(out, moved, group=group)
+    return out.movedim(0, dim)
+
+
+def _reduce_scatter(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    """Sum over ranks, then keep this rank's ``1/n`` chunk along ``dim``."""
+    n = group_size(group)
+    if x.shape[dim] % n != 0:
+        raise ValueError(f"reduce-scatter: size {x.shape[dim]} of dim {dim} is not divisible by {n} ranks")
+    moved = x.movedim(dim, 0).contiguous()
+    out = torch.empty((moved.shape[0] // n, *moved.shape[1:]), dtype=x.dtype, device=x.device)
+    _reduce_scatter_op()(out, moved, op=dist.ReduceOp.SUM, group=group)
+    return out.movedim(0, dim)
+
+
+def _split(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    """This rank's chunk of ``x`` along ``dim`` (no communication)."""
+    n = group_size(group)
+    if x.shape[dim] % n != 0:
+        raise ValueError(f"split: size {x.shape[dim]} of dim {dim} is not divisible by {n} ranks")
+    return x.chunk(n, dim=dim)[group_rank(group)].contiguous()
+
+
+class _CopyToTP(torch.autograd.Function):
+    """forward: identity. backward: all-reduce (sum) of the gradient.
+
+    Used where a replicated activation enters rank-specific weights (fc7's input): each rank's
+    gradient holds only its weights' share, and the true gradient is their sum.
+    """
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_reduce(grad, ctx.group), None
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    """forward: all-reduce (sum). backward: identity.
+
+    Used where partial sums over rank-specific inputs become one replicated activation (fc6, fc8):
+    the output is the same on every rank, so its gradient already is too.
+    """
+
+    @staticmethod
+    def forward(ctx, x, group):
+        return _all_reduce(x.clone(), group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _GatherFromTP(torch.autograd.Function):
+    """forward: all-gather along ``dim``. backward: reduce-scatter (sum) along ``dim``.
+
+    Used at conv3, where every rank's kernels read all towers' channels. The gathered tensor feeds
+    rank-specific weights, so the gradient of this rank's slice is the sum of every rank's
+    gradient for it: a reduce-scatter, not a plain slice.
+    """
+
+    @staticmethod
+    def forward(ctx, x, dim, group):
+        ctx.dim, ctx.group = dim, group
+        return _all_gather(x, dim, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _reduce_scatter(grad, ctx.dim, ctx.group), None, None
+
+
+class _ScatterToTP(torch.autograd.Function):
+    """forward: keep this rank's chunk along ``dim``. backward: all-gather along ``dim``.
+
+    The inverse pair of ``gather_from_tp`` for a replicated input whose gradient is replicated
+    downstream (each rank's chunk gradient is exact, the full one is their concatenation).
+    """
+
+    @staticmethod
+    def forward(ctx, x, dim, group):
+        ctx.dim, ctx.group = dim, group
+        return _split(x, dim, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_gather(grad, ctx.dim, ctx.group), None, None
+
+
+def copy_to_tp(x: torch.Tensor, group) -> torch.Tensor:
+    """Identity forward; all-reduce backward (Megatron's ``f``)."""
+    return x if group_size(group) == 1 else _CopyToTP.apply(x, group)
+
+
+def reduce_from_tp(x: torch.Tensor, group) -> torch.Tensor:
+    """All-reduce forward; identity backward (Megatron's ``g``)."""
+    return x if group_size(group) == 1 else _ReduceFromTP.apply(x, group)
+
+
+def gather_from_tp(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    """All-gather along ``dim`` forward; reduce-scatter along ``dim`` backward."""
+    return x if group_size(group) == 1 else _GatherFromTP.apply(x, dim, group)
+
+
+def scatter_to_tp(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    """Keep this rank's chunk along ``dim`` forward; all-gather backward."""
+    return x if group_size(group) == 1 else _ScatterToTP.apply(x, dim, group)

@@ -1,0 +1,87 @@
+"""Tensor-parallel layers, each built from the serial layer it replaces (same parameter names).
+
+A parameter that holds only this rank's part is marked ``tensor_model_parallel=True`` with its
+``partition_dim`` (the attributes Megatron and DeepSpeed read); a replicated one is marked False.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distalex.parallel.collectives import copy_to_tp, gather_from_tp, group_rank, group_size, reduce_from_tp
+
+
+def mark(param: nn.Parameter, sharded: bool, partition_dim: int = 0) -> nn.Parameter:
+    param.tensor_model_parallel = sharded
+    param.partition_dim = partition_dim
+    param.partition_stride = 1
+    return param
+
+
+def shard(tensor: torch.Tensor, dim: int, group) -> nn.Parameter:
+    """This rank's contiguous 1/tp block of a serial tensor, as a marked parameter."""
+    n, r = group_size(group), group_rank(group)
+    if tensor.shape[dim] % n:
+        raise ValueError(f"cannot shard size {tensor.shape[dim]} (dim {dim}) over {n} ranks")
+    return mark(nn.Parameter(tensor.detach().chunk(n, dim)[r].clone()), sharded=True, partition_dim=dim)
+
+
+def replicate(tensor: torch.Tensor) -> nn.Parameter:
+    return mark(nn.Parameter(tensor.detach().clone()), sharded=False)
+
+
+class ColumnParallelLinear(nn.Module):
+    """Y = X A^T + b with A split by output rows: A = [A_1; ...; A_p], b = [b_1, ..., b_p].
+
+    Rank i computes Y_i = X A_i^T + b_i, its slice of the outputs. X is replicated; its gradient
+    is the sum of every rank's share, hence ``copy_to_tp`` (identity / all-reduce).
+    """
+
+    def __init__(self, linear: nn.Linear, group):
+        super().__init__()
+        self.group = group
+        self.weight = shard(linear.weight, 0, group)  # (out/p, in)
+        self.bias = shard(linear.bias, 0, group)  # (out/p,)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(copy_to_tp(x, self.group), self.weight, self.bias)  # (B, out/p)
+
+
+class RowParallelLinear(nn.Module):
+    """Y = X A^T + b with A split by input columns: A = [A_1, ..., A_p], X = [X_1, ..., X_p].
+
+    Rank i holds X_i (its towers' features) and computes X_i A_i^T; the partial sums are
+    all-reduced (``reduce_from_tp``: all-reduce / identity) and the replicated bias b is added
+    once, after the reduction.
+    """
+
+    def __init__(self, linear: nn.Linear, group):
+        super().__init__()
+        self.group = group
+        self.weight = shard(linear.weight, 1, group)  # (out, in/p)
+        self.bias = replicate(linear.bias)  # (out,)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return reduce_from_tp(F.linear(x, self.weight), self.group) + self.bias  # (B, out)
+
+
+def shard_conv_out_channels(conv: nn.Conv2d, group) -> None:
+    """Keep this rank's block of output channels (its towers' kernels), in place.
+
+    A grouped conv (one group per tower) keeps groups/p groups and reads only its towers' input
+    channels; an ungrouped conv still reads every input channel.
+    """
+    n = group_size(group)
+    conv.weight = shard(conv.weight, 0, group)  # (out/p, in/groups, k, k)
+    conv.bias = shard(conv.bias, 0, group)
+    conv.out_channels //= n
+    if conv.groups > 1:
+        conv.groups //= n
+        conv.in_channels //= n
+
+
+def gather_input_channels(conv: nn.Conv2d, group) -> None:
+    """Make ``conv`` read all towers' channels: all-gather its input along dim 1 (reduce-scatter back)."""
+    conv.register_forward_pre_hook(lambda _module, args: (gather_from_tp(args[0], 1, group),))
