@@ -1,0 +1,203 @@
+"""The paper's augmentations (section 4.1), split where they are cheapest.
+
+On CPU workers, per image, from the JPEG bytes to uint8:
+  decode -> shorter side to ``data.resize`` -> central ``resize`` square -> random ``image_size``
+  crop -> horizontal flip (train), or the centre crop / the ten crops (eval).
+On the device, per batch (``normalize``): to float in [0, 1], PCA lighting (train), mean
+subtraction and division by the per-channel std.
+
+The resize happens at load time (``data.resize``), not at shard time: the shards keep the original
+JPEG bytes, so one set of shards serves the paper (256) and the small demo runs (e.g. 72).
+``make_shards --resize`` can shrink large sources once to save decode time.
+
+Decode and crop cost one JPEG decode (with PIL's DCT-domain ``draft`` downscale when the source is
+at least twice the target) and one resampling of just the crop's box: cropping before resizing
+gives the same pixels as resize-then-crop, at a fraction of the work.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import math
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image
+
+# PCA of ImageNet RGB pixels in [0, 1] (PAPER.md "Data"): rows R, G, B; columns are eigenvectors.
+PCA_EIGVAL = (0.2175, 0.0188, 0.0045)
+PCA_EIGVEC = (
+    (-0.5675, 0.7192, 0.4009),
+    (-0.5808, -0.0045, -0.8140),
+    (-0.5836, -0.6948, 0.4203),
+)
+# Used when the shards carry no statistics of their own (not written by make_shards).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class CorruptImage(ValueError):
+    """The bytes of a sample are not a decodable image."""
+
+
+# ------------------------------------------------------------------ CPU side: bytes -> uint8
+
+
+def open_rgb(data: bytes, min_side: int) -> Image.Image:
+    """Decode to RGB, letting libjpeg downscale by 2/4/8 while the shorter side stays >= min_side."""
+    try:
+        img = Image.open(io.BytesIO(data))
+        w, h = img.size
+        scale = min_side / min(w, h)
+        if scale < 0.5 and img.format == "JPEG":
+            img.draft("RGB", (math.ceil(w * scale), math.ceil(h * scale)))
+        img.load()
+        if img.mode != "RGB":
+            img = img.convert("RGB")
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error, ...
+        raise CorruptImage(f"{type(e).__name__}: {e}") from None
+    return img
+
+
+def _square(img: Image.Image) -> tuple[float, float, int]:
+    """Top-left corner and side of the central square, in the decoded image's pixels."""
+    w, h = img.size
+    side = min(w, h)
+    return (w - side) / 2, (h - side) / 2, side
+
+
+def train_crop(data: bytes, resize: int, size: int, u: float, v: float, flip: bool) -> np.ndarray:
+    """Random crop as in the paper: (size, size, 3) uint8.
+
+    Equals: shorter side to ``resize``, central resize x resize square, the size x size crop at
+    offset (floor(u * (resize - size + 1)), floor(v * (resize - size + 1))), mirrored if ``flip``.
+    u, v in [0, 1) are drawn by the caller so that skipping a sample (resume) costs no decode.
+    """
+    img = open_rgb(data, resize)
+    x0, y0, side = _square(img)
+    s = side / resize  # source pixels per output pixel
+    span = resize - size + 1
+    ox, oy = int(u * span), int(v * span)
+    box = (x0 + ox * s, y0 + oy * s, x0 + (ox + size) * s, y0 + (oy + size) * s)
+    out = img.resize((size, size), Image.BILINEAR, box=box)
+    if flip:
+        out = out.transpose(Image.FLIP_LEFT_RIGHT)
+    return np.asarray(out)
+
+
+def centre_square(data: bytes, resize: int) -> np.ndarray:
+    """Shorter side to ``resize`` and the central square: (resize, resize, 3) uint8."""
+    img = open_rgb(data, resize)
+    x0, y0, side = _square(img)
+    return np.asarray(img.resize((resize, resize), Image.BILINEAR, box=(x0, y0, x0 + side, y0 + side)))
+
+
+def crop_offsets(resize: int, size: int) -> list[tuple[int, int]]:
+    """(x, y) of the five patches: top-left, top-right, bottom-left, bottom-right, centre."""
+    m = resize - size
+    c = m // 2
+    return [(0, 0), (m, 0), (0, m), (m, m), (c, c)]
+
+
+def centre_crop(square: np.ndarray, size: int) -> np.ndarray:
+    """(R, R, C) -> (size, size, C), the central patch."""
+    c = (square.shape[0] - size) // 2
+    return square[c : c + size, c : c + size]
+
+
+def ten_crop(square: np.ndarray, size: int) -> np.ndarray:
+    """(R, R, C) -> (10, size, size, C): the five patches of ``crop_offsets``, then their mirrors.
+
+    Patch 5 + i is patch i flipped left-right (the paper: "the four corner patches and the center
+    patch as well as their horizontal reflections"). torchvision's ten_crop yields the same set of
+    ten in another order.
+    """
+    five = [square[y : y + size, x : x + size] for x, y in crop_offsets(square.shape[0], size)]
+    return np.stack(five + [p[:, ::-1] for p in five])
+
+
+def hwc_to_chw(arr: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.require(arr, requirements=["C", "W"])).movedim(-1, -3)  # PIL arrays are read-only
+
+
+# ------------------------------------------------------------------ device side: per batch
+
+
+def lighting_shift(n: int, std: float, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """PCA lighting, (n, 3): per image the RGB offset  sum_j alpha_j * lambda_j * p_j,  alpha_j ~ N(0, std^2).
+
+    Its covariance is  P diag(std^2 lambda^2) P^T  (P = PCA_EIGVEC, lambda = PCA_EIGVAL), in
+    units of pixels in [0, 1]. alpha is drawn on the generator's device, so tp peers holding the
+    same generator state get the same offsets.
+    """
+    gen_device = generator.device if generator is not None else torch.device(device)
+    alpha = torch.randn(n, 3, generator=generator, device=gen_device).to(device) * std  # (n, 3)
+    eigval = torch.tensor(PCA_EIGVAL, device=device)
+    eigvec = torch.tensor(PCA_EIGVEC, device=device)
+    return (alpha * eigval) @ eigvec.T  # (n, 3): row i = eigvec @ (alpha_i * eigval)
+
+
+@functools.lru_cache(maxsize=16)
+def _stats(train_shards: str, mean_mode: str, resize: int, size: int, ten: bool, device: str):
+    """(mean, std) to subtract and divide by, broadcastable to (3, S, S) or (10, 3, S, S)."""
+    from distalex.data.info import DataError, read_info
+
+    try:
+        info = read_info(train_shards)
+        stats = info.stats
+    except DataError:
+        info, stats = None, {}
+    if "mean_rgb" in stats and "std_rgb" in stats:
+        mean_rgb, std_rgb = stats["mean_rgb"], stats["std_rgb"]
+    else:
+        warnings.warn(
+            f"data.train_shards={train_shards!r}: no training statistics in _info.json; "
+            "using the usual ImageNet mean/std",
+            stacklevel=3,
+        )
+        mean_rgb, std_rgb = IMAGENET_MEAN, IMAGENET_STD
+    std = torch.tensor(std_rgb, dtype=torch.float32).view(3, 1, 1)
+    if mean_mode == "channel":
+        mean = torch.tensor(mean_rgb, dtype=torch.float32).view(3, 1, 1)
+    else:
+        if info is None or not stats.get("mean_image"):
+            raise DataError(f"data.mean=pixel needs the mean image of make_shards beside {train_shards!r}")
+        img = np.load(info.root / stats["mean_image"]).astype(np.float32)  # (H, W, 3) in [0, 1]
+        # The per-pixel mean at data.resize, cropped like the images. For random training crops
+        # the centre patch stands in for the crop's own patch: the ImageNet mean image is smooth,
+        # so this moves the mean by far less than the lighting noise does.
+        sq = torch.nn.functional.interpolate(
+            torch.from_numpy(img).permute(2, 0, 1)[None], size=(resize, resize), mode="bilinear",
+            antialias=True, align_corners=False,
+        )[0].permute(1, 2, 0).numpy()
+        crops = ten_crop(sq, size) if ten else centre_crop(sq, size)
+        mean = hwc_to_chw(crops)
+    return mean.to(device), std.to(device)
+
+
+def normalize(
+    images: torch.Tensor, train: bool, data_cfg, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """uint8 (B, 3, S, S) or (B, 10, 3, S, S) -> float32 ((x / 255 + lighting) - mean) / std.
+
+    Lighting (train only, ``data.lighting_std`` > 0) draws alpha from ``generator``: pass a
+    generator with the same state on every tp peer, or the towers see different pixels. Mean is
+    per channel or per pixel (``data.mean``); std is per channel. Statistics come from the training
+    shards' ``_info.json`` (measured by make_shards), else ImageNet's.
+    """
+    if images.dtype != torch.uint8:
+        raise TypeError(f"normalize expects uint8 images, got {images.dtype}")
+    if images.dim() not in (4, 5) or images.shape[-3] != 3:
+        raise ValueError(f"normalize expects (B, 3, S, S) or (B, 10, 3, S, S), got {tuple(images.shape)}")
+    x = images.float().div_(255)
+    b = x.shape[0]
+    if train and data_cfg.lighting_std > 0:
+        shift = lighting_shift(b, data_cfg.lighting_std, generator, x.device)  # (B, 3)
+        x.add_(shift.view(b, *([1] * (x.dim() - 4)), 3, 1, 1))
+    ten = x.dim() == 5
+    mean, std = _stats(
+        data_cfg.train_shards, data_cfg.mean, data_cfg.resize, x.shape[-1], ten, str(x.device)
+    )
+    return x.sub_(mean).div_(std)
