@@ -1,0 +1,161 @@
+"""The paper's augmentations: crop geometry, ten-crop, PCA lighting statistics, normalisation."""
+
+from __future__ import annotations
+
+import io
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from distalex.config import DataConfig
+from distalex.data import augment
+from distalex.data.augment import (
+    PCA_EIGVAL,
+    PCA_EIGVEC,
+    CorruptImage,
+    centre_crop,
+    centre_square,
+    lighting_shift,
+    normalize,
+    ten_crop,
+    train_crop,
+)
+
+
+def png(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "PNG")  # lossless, so pixels can be compared exactly
+    return buf.getvalue()
+
+
+def coords_image(w: int, h: int) -> np.ndarray:
+    """Each pixel holds its own (x, y): any crop or flip mistake changes the values."""
+    yy, xx = np.mgrid[0:h, 0:w]
+    return np.stack([xx, yy, (xx + 3 * yy) % 256], -1).astype(np.uint8)
+
+
+@pytest.mark.parametrize("w,h", [(80, 64), (64, 90)])
+@pytest.mark.parametrize("u,v,flip", [(0.0, 0.0, False), (0.99, 0.5, True), (0.3, 0.99, False)])
+def test_train_crop_is_the_papers_crop(w, h, u, v, flip):
+    # shorter side already == resize: the crop must be an exact window of the central square
+    arr = coords_image(w, h)
+    resize, size = 64, 48
+    out = train_crop(png(arr), resize, size, u, v, flip)
+    x0, y0 = (w - 64) // 2, (h - 64) // 2
+    ox, oy = int(u * 17), int(v * 17)
+    want = arr[y0 + oy : y0 + oy + size, x0 + ox : x0 + ox + size]
+    if flip:
+        want = want[:, ::-1]
+    assert out.shape == (size, size, 3) and out.dtype == np.uint8
+    np.testing.assert_array_equal(out, want)
+
+
+def test_train_crop_rescales_the_shorter_side():
+    # a 2x larger image: the same window, at half the resolution (up to bilinear rounding)
+    small = coords_image(80, 64).astype(np.float64)
+    big = np.asarray(Image.fromarray(coords_image(80, 64)).resize((160, 128), Image.NEAREST))
+    out = train_crop(png(big), 64, 48, 0.5, 0.25, False).astype(np.float64)
+    want = small[4 : 4 + 48, 8 + 8 : 8 + 8 + 48]
+    assert np.abs(out[..., :2] - want[..., :2]).max() <= 1.0
+
+
+def test_ten_crop_returns_corners_centre_and_mirrors():
+    sq = np.arange(10 * 10).reshape(10, 10, 1)
+    crops = ten_crop(sq, 6)
+    assert crops.shape == (10, 6, 6, 1)
+    tl, tr, bl, br, c = sq[0:6, 0:6], sq[0:6, 4:10], sq[4:10, 0:6], sq[4:10, 4:10], sq[2:8, 2:8]
+    for i, patch in enumerate([tl, tr, bl, br, c]):
+        np.testing.assert_array_equal(crops[i], patch)
+        np.testing.assert_array_equal(crops[5 + i], patch[:, ::-1])
+    np.testing.assert_array_equal(centre_crop(sq, 6), c)
+    # through the JPEG path: the square is shorter side -> resize, centred
+    arr = coords_image(90, 64)
+    np.testing.assert_array_equal(centre_square(png(arr), 64), arr[:, 13:77])
+
+
+def test_corrupt_bytes_raise_corrupt_image():
+    good = png(coords_image(40, 40))
+    for bad in (b"", b"garbage", good[: len(good) // 2]):
+        with pytest.raises(CorruptImage):
+            train_crop(bad, 32, 24, 0.1, 0.1, False)
+
+
+def test_lighting_noise_has_the_covariance_of_the_eigen_decomposition():
+    n, std = 200_000, 0.1
+    g = torch.Generator().manual_seed(1234)
+    shift = lighting_shift(n, std, g, torch.device("cpu")).double()  # (n, 3)
+    p = torch.tensor(PCA_EIGVEC, dtype=torch.float64)
+    lam = torch.tensor(PCA_EIGVAL, dtype=torch.float64)
+    want = p @ torch.diag((std * lam) ** 2) @ p.T
+    sd = want.diagonal().sqrt()
+    # mean: 0 within 5 standard errors per channel
+    assert (shift.mean(0).abs() < 5 * sd / n**0.5).all(), shift.mean(0)
+    cov = torch.cov(shift.T)
+    # each entry within 3% of the largest variance (sampling error is ~0.5% at this n)
+    assert (cov - want).abs().max() < 0.03 * want.max(), (cov, want)
+    # in the eigenbasis the noise is uncorrelated with variances (std * lambda)^2
+    eig = p.T @ cov @ p
+    np.testing.assert_allclose(eig.diagonal(), (std * lam) ** 2, rtol=0.03)
+    assert eig.triu(1).abs().max() < 0.03 * eig.diagonal().min() ** 0.5 * eig.diagonal().max() ** 0.5
+    # and it is not a degenerate draw: std 0 gives no noise, the wrong std shows
+    assert lighting_shift(10, 0.0, g, torch.device("cpu")).abs().max() == 0
+    assert (torch.cov(lighting_shift(n, 0.2, g, torch.device("cpu")).double().T) - want).abs().max() > 0.5 * want.max()
+
+
+def no_stats_cfg(**kw) -> DataConfig:
+    return DataConfig(train_shards="/nonexistent/imagenet-train-000000.tar", **kw)
+
+
+def test_normalize_applies_one_lighting_offset_per_image_and_channel_stats():
+    cfg = no_stats_cfg()
+    imgs = torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plain = normalize(imgs, False, cfg, None)
+        lit = normalize(imgs, True, cfg, torch.Generator().manual_seed(5))
+    mean = torch.tensor(augment.IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(augment.IMAGENET_STD).view(3, 1, 1)
+    torch.testing.assert_close(plain, (imgs.float() / 255 - mean) / std)
+    offset = (lit - plain) * std  # (6, 3, 8, 8), constant over the pixels of each image/channel
+    per_image = offset[:, :, 0, 0]
+    torch.testing.assert_close(offset, per_image[:, :, None, None].expand_as(offset), atol=1e-5, rtol=0)
+    torch.testing.assert_close(per_image, lighting_shift(6, 0.1, torch.Generator().manual_seed(5), "cpu"), atol=1e-5, rtol=0)
+    assert per_image.std(0).min() > 0, "each image draws its own alpha"
+    # same generator state -> identical output (what tp peers rely on); another state differs
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        again = normalize(imgs, True, cfg, torch.Generator().manual_seed(5))
+        other = normalize(imgs, True, cfg, torch.Generator().manual_seed(6))
+        ten = normalize(imgs.view(1, 6, 3, 8, 8).expand(2, 6, 3, 8, 8).contiguous(), False, cfg, None)
+    assert torch.equal(again, lit) and not torch.equal(other, lit)
+    assert ten.shape == (2, 6, 3, 8, 8) and torch.equal(ten[1], plain)
+    assert torch.equal(normalize(imgs, True, no_stats_cfg(lighting_std=0.0), None), plain)
+
+
+def test_normalize_uses_the_shards_statistics_per_pixel(tmp_path):
+    mean_img = np.zeros((256, 256, 3), np.float32)
+    mean_img[:, 128:] = 0.5  # left half 0, right half 0.5
+    np.save(tmp_path / "_mean_image.npy", mean_img)
+    info = {"classes": ["a"], "splits": {"train": {"count": 1, "shards": []}},
+            "stats": {"mean_rgb": [0.25] * 3, "std_rgb": [0.5] * 3, "mean_image": "_mean_image.npy"}}
+    (tmp_path / "_info.json").write_text(json.dumps(info))
+    imgs = torch.full((2, 3, 16, 16), 255, dtype=torch.uint8)
+    chan = normalize(imgs, False, DataConfig(train_shards=str(tmp_path), resize=32, mean="channel"), None)
+    assert torch.allclose(chan, torch.full_like(chan, (1 - 0.25) / 0.5))
+    pix = normalize(imgs, False, DataConfig(train_shards=str(tmp_path), resize=32, mean="pixel"), None)
+    # centre 16 of a 32 square: columns 0..7 left of the middle, 8..15 right of it
+    assert torch.allclose(pix[..., 2:6], torch.full_like(pix[..., 2:6], 1 / 0.5), atol=1e-3)
+    assert torch.allclose(pix[..., 10:14], torch.full_like(pix[..., 10:14], 0.5 / 0.5), atol=1e-3)
+    ten = normalize(imgs[:, None].expand(2, 10, 3, 16, 16).contiguous(), False,
+                    DataConfig(train_shards=str(tmp_path), resize=32, mean="pixel"), None)
+    # crop 0 is the top-left corner (left half), crop 1 the top-right (right half); the columns
+    # next to the middle are blended by the resize of the mean image
+    left, right = ten[..., :13], ten[..., 3:]
+    assert torch.allclose(left[:, 0], torch.full_like(left[:, 0], 2.0), atol=1e-3)
+    assert torch.allclose(right[:, 1], torch.full_like(right[:, 1], 1.0), atol=1e-3)
+    assert torch.allclose(left[:, 6], torch.full_like(left[:, 6], 1.0), atol=1e-3)  # mirror of crop 1
+    assert torch.equal(ten[:, 6], ten[:, 1].flip(-1))
