@@ -8,6 +8,7 @@ impossible value is a ``ConfigError`` that names the key and the file and sugges
 from __future__ import annotations
 
 import argparse
+import copy
 import difflib
 import sys
 from pathlib import Path
@@ -212,7 +213,9 @@ def _explain(err: ValidationError, origin_of: dict[str, str]) -> ConfigError:
     lines = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"])
-        origin = origin_of.get(key, origin_of.get("", "config"))
+        origin = origin_of.get(key) or next(
+            (o for k, o in origin_of.items() if k.startswith(key + ".")), origin_of[""]
+        )
         if e["type"] == "extra_forbidden":
             lines.append(f"{origin}: {key}: unknown key{_suggest(key)}")
         elif not key:
@@ -223,13 +226,26 @@ def _explain(err: ValidationError, origin_of: dict[str, str]) -> ConfigError:
     return ConfigError("\n".join(lines))
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """Defaults <- YAML file <- overrides, in that order. Raises ConfigError naming key and origin."""
-    tree: dict = {}
+def _merge(into: dict, update: dict) -> dict:
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(into.get(k), dict):
+            _merge(into[k], v)
+        else:
+            into[k] = v
+    return into
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = (), base: dict | None = None) -> Config:
+    """Defaults (or ``base``) <- YAML file <- overrides, in that order.
+
+    Raises ConfigError naming the key and where its value came from.
+    """
+    tree: dict = copy.deepcopy(base) if base else {}
     origin_of: dict[str, str] = {"": str(path) if path else "defaults"}
     if path is not None:
-        tree = _read_yaml(Path(path))
-        for key in _leaf_keys(tree):
+        from_file = _read_yaml(Path(path))
+        _merge(tree, from_file)
+        for key in _leaf_keys(from_file):
             origin_of[key] = str(path)
     for text in overrides:
         key, value = parse_override(text)

@@ -87,7 +87,7 @@ class SharedDropout(nn.Module):
     def reseed(self, seed: int) -> None:
         self.seed, self.generator = seed, None
 
-    def _gen(self, device: torch.device) -> torch.Generator:
+    def generator_on(self, device: torch.device) -> torch.Generator:
         if self.generator is None or self.generator.device != device:
             self.generator = torch.Generator(device=device).manual_seed(self.seed)
         return self.generator
@@ -96,7 +96,7 @@ class SharedDropout(nn.Module):
         if not self.training or self.p == 0:
             return x
         keep = 1.0 - self.p
-        noise = torch.rand((x.shape[0], self.features), generator=self._gen(x.device), device=x.device)
+        noise = torch.rand((x.shape[0], self.features), generator=self.generator_on(x.device), device=x.device)
         mask = (noise[:, self.start : self.stop] < keep).to(x.dtype)
         return x * mask / keep
 

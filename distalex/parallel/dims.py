@@ -81,6 +81,7 @@ class ParallelDims:
     local_rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     mesh: object | None = None  # torch.distributed.device_mesh.DeviceMesh when distributed
+    control_group: object | None = None  # gloo over the world: small host-side agreements, no device sync
 
     @property
     def world_size(self) -> int:
@@ -126,7 +127,15 @@ class ParallelDims:
 
     def barrier(self) -> None:
         if self.distributed:
-            dist.barrier()
+            dist.barrier(group=self.control_group)
+
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank if ``flag`` is True on any (a host-side all-reduce; no device sync)."""
+        if not self.distributed:
+            return flag
+        t = torch.tensor([int(flag)])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.control_group)
+        return bool(t.item())
 
     def describe(self) -> str:
         return f"world={self.world_size} (dp={self.dp} x tp={self.tp}) backend={backend_for(self.device)}"
@@ -170,7 +179,10 @@ def init_parallel(tp: int, towers: int, device: str = "auto", timeout_s: float =
             device_id=dev if dev.type == "cuda" else None,
         )
     mesh = init_device_mesh(dev.type, (dp, tp), mesh_dim_names=("dp", "tp"))
-    return ParallelDims(dp=dp, tp=tp, rank=launch.rank, local_rank=launch.local_rank, device=dev, mesh=mesh)
+    control = dist.new_group(backend="gloo") if dev.type == "cuda" else dist.group.WORLD
+    return ParallelDims(
+        dp=dp, tp=tp, rank=launch.rank, local_rank=launch.local_rank, device=dev, mesh=mesh, control_group=control
+    )
 
 
 def destroy_parallel() -> None:

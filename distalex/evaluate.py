@@ -1,0 +1,109 @@
+"""Top-1 / top-5 error on the validation shards, from the centre crop or the paper's 10 crops.
+
+    python -m distalex.evaluate runs/demo/checkpoints            # latest checkpoint, centre crop
+    python -m distalex.evaluate model.pt --ten-crop              # an exported model
+    torchrun --nproc_per_node=2 -m distalex.evaluate model.pt --set parallel.tp=2
+
+10-crop averages the softmax over the four corners, the centre and their mirrors (section 4.1).
+The validation samples are split over dp ranks and the counts summed once at the end, so the
+error is over every readable validation image exactly once (corrupt ones are skipped and counted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from distalex.config import Config, ConfigError, add_config_args, load_config
+from distalex.parallel.dims import ParallelDims
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, dims: ParallelDims, data_cfg, autocast=contextlib.nullcontext) -> dict[str, float]:
+    """Sum of (samples, top-1 hits, top-5 hits, loss) over this dp rank's batches, reduced over dp."""
+    from distalex.data.augment import normalize
+
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64, device=dims.device)  # samples, top1, top5, loss sum
+    skipped = 0
+    for batch in loader:
+        x = normalize(batch.images, train=False, data_cfg=data_cfg)
+        b = x.shape[0]
+        with autocast():
+            if x.dim() == 5:  # (B, 10, 3, S, S): average the softmax of the ten crops
+                logits = model(x.flatten(0, 1)).float()  # (B*10, classes)
+                probs = F.softmax(logits, dim=1).view(b, 10, -1).mean(1)
+            else:
+                probs = F.softmax(model(x).float(), dim=1)
+        top5 = probs.topk(min(5, probs.shape[1]), dim=1).indices
+        hits = top5 == batch.labels[:, None]
+        totals += torch.stack([
+            torch.tensor(float(b), device=dims.device, dtype=torch.float64),
+            hits[:, 0].sum().double(),
+            hits.any(1).sum().double(),
+            F.nll_loss(probs.clamp_min(1e-12).log(), batch.labels, reduction="sum").double(),
+        ])
+        skipped = batch.skipped
+    counts = torch.cat([totals, torch.tensor([float(skipped)], dtype=torch.float64, device=dims.device)])
+    if dims.dp_enabled:
+        dist.all_reduce(counts, group=dims.dp_group)  # tp peers already hold the same sums
+    model.train(was_training)
+    n, top1, top5, loss, skipped_total = counts.tolist()
+    if n == 0:
+        raise RuntimeError("evaluation saw no readable validation image")
+    return {"top1_error": 1 - top1 / n, "top5_error": 1 - top5 / n, "loss": loss / n, "samples": int(n), "skipped": int(skipped_total)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    from distalex.checkpoint import CheckpointError, load_serial_state
+    from distalex.data.info import DataError
+    from distalex.data.loader import ValLoader
+    from distalex.export import ExportError, load_serial_model
+    from distalex.model import build_model
+    from distalex.parallel.dims import ParallelConfigError, destroy_parallel, init_parallel
+    from distalex.parallel.plan import parallelize
+
+    parser = argparse.ArgumentParser(prog="python -m distalex.evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("model", help="a checkpoint folder, a checkpoint directory (latest), or an exported .pt")
+    parser.add_argument("--ten-crop", action="store_true", help="average the softmax over 10 crops (the paper's test)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    add_config_args(parser)
+    args = parser.parse_args(argv)
+    try:
+        if args.model.endswith(".pt"):
+            serial, blob = load_serial_model(args.model)
+            state = serial.state_dict()
+            base = Config(model=blob["model_config"]).model_dump()
+        else:
+            state, ckpt_cfg, _ = load_serial_state(args.model)
+            base = ckpt_cfg.model_dump()
+        # The model's own config (evaluated at tp=1 unless asked), then the file and --set given here.
+        base["parallel"]["tp"] = 1
+        cfg = load_config(args.config, args.overrides, base=base)
+        dims = init_parallel(cfg.parallel.tp, cfg.model.towers, cfg.parallel.device)
+        model = build_model(cfg.model)
+        model.load_state_dict(state)
+        model = parallelize(model, dims.tp_group).to(dims.device)
+        loader = ValLoader(cfg.data, dims, args.batch_size, cfg.model.image_size, ten_crop=args.ten_crop)
+        result = evaluate(model, loader, dims, cfg.data)
+    except (ConfigError, CheckpointError, ExportError, DataError, ParallelConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    if dims.is_main:
+        mode = "10-crop" if args.ten_crop else "centre crop"
+        print(
+            f"{args.model}: {mode}, {result['samples']} images: top-1 error {100 * result['top1_error']:.2f}%, "
+            f"top-5 error {100 * result['top5_error']:.2f}%" + (f" ({result['skipped']} unreadable skipped)" if result["skipped"] else "")
+        )
+    destroy_parallel()
+
+
+if __name__ == "__main__":
+    main()

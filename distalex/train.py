@@ -1,0 +1,343 @@
+"""Train the two-tower AlexNet: ``torchrun --nproc_per_node=2 -m distalex.train --config FILE``.
+
+train() -> train_epoch() -> engine.train_step(); validation, checkpoints and MLflow at the edges.
+Every rank runs this file; rank 0 alone prints, shows the progress bar and talks to MLflow.
+
+Exit status: 0 finished (or stopped by SIGTERM after saving), 2 bad config / layout / data /
+checkpoint (nothing started), 3 the loss went NaN or inf (the last good checkpoint is kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from distalex.checkpoint import CheckpointError, CheckpointManager, RandomStreams, TrainState
+from distalex.config import Config, ConfigError, add_config_args, config_from_args, to_yaml
+from distalex.data.augment import normalize
+from distalex.data.info import DataError, read_info
+from distalex.data.loader import TrainLoader, ValLoader
+from distalex.engine import Engine, autocast_dtype_for, build_engine
+from distalex.evaluate import evaluate
+from distalex.model import build_model
+from distalex.parallel.dims import ParallelConfigError, ParallelDims, destroy_parallel, init_parallel
+from distalex.parallel.plan import full_state_dict, gather_full, parallelize
+from distalex.tracking import (
+    METRIC_EPOCH_LOSS, METRIC_IMAGES_PER_S, METRIC_LOSS, METRIC_LR, METRIC_SKIPPED,
+    METRIC_TOP1, METRIC_TOP5, METRIC_VAL_LOSS, Tracker,
+)
+
+EXIT_BAD_INPUT, EXIT_DIVERGED = 2, 3
+
+
+class Diverged(RuntimeError):
+    """The loss became NaN or inf."""
+
+
+class StopRequested:
+    """Set by SIGTERM (torchrun and SLURM send it); the loop saves and exits at the next step.
+
+    The handler only sets a flag; ranks agree on stopping through ``dims.any_rank`` so they all
+    stop after the same step.
+    """
+
+    def __init__(self):
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+
+@dataclass
+class Run:
+    """What one training job holds, built in ``setup``."""
+
+    cfg: Config
+    dims: ParallelDims
+    engine: Engine
+    train_loader: TrainLoader
+    val_loader: ValLoader
+    checkpoints: CheckpointManager
+    state: TrainState
+    streams: RandomStreams
+    lighting: torch.Generator
+    tracker: Tracker
+    run_dir: Path
+    classes: list[str]
+    stop: StopRequested
+
+
+def run_dir_of(cfg: Config) -> Path:
+    return Path("runs") / cfg.run_name
+
+
+def per_dp_batch(cfg: Config, dims: ParallelDims) -> int:
+    if cfg.train.batch_size % dims.dp:
+        raise ParallelConfigError(f"train.batch_size={cfg.train.batch_size} is not divisible by dp={dims.dp}")
+    return cfg.train.batch_size // dims.dp
+
+
+def build_parallel_model(cfg: Config, dims: ParallelDims):
+    """The full model from one seed on every rank, then this rank's towers (init independent of tp)."""
+    torch.manual_seed(cfg.train.seed)
+    model = parallelize(build_model(cfg.model), dims.tp_group)
+    # Dropout masks: shared by the tp peers of a dp group, different across dp groups.
+    model.reseed_dropout(cfg.train.seed + 7919 * dims.dp_rank)
+    model = model.to(dims.device)
+    if dims.device.type == "cuda" and cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if cfg.train.compile:
+        model.compile()
+    return model
+
+
+def setup(cfg: Config, dims: ParallelDims) -> Run:
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True)
+    info = read_info(cfg.data.train_shards)
+    if info.num_classes != cfg.model.num_classes:
+        raise DataError(
+            f"{cfg.data.train_shards}: the shards hold {info.num_classes} classes but model.num_classes={cfg.model.num_classes}"
+        )
+    batch = per_dp_batch(cfg, dims)
+    train_loader = TrainLoader(cfg.data, dims, batch, cfg.model.image_size, cfg.train.seed)
+    val_loader = ValLoader(cfg.data, dims, batch, cfg.model.image_size, ten_crop=cfg.train.eval_ten_crop)
+    model = build_parallel_model(cfg, dims)
+    engine = build_engine(model, cfg, dims)
+    lighting = torch.Generator(device=dims.device).manual_seed(cfg.train.seed * 1_000_003 + dims.dp_rank)
+    streams = RandomStreams({"lighting": lighting, **{f"dropout{i}": m.generator_on(dims.device) for i, m in enumerate(dropouts(model))}})
+    checkpoints = CheckpointManager(cfg, dims, info.classes)
+    state = TrainState(lr=cfg.optim.lr)
+    resume = checkpoints.resume_path()
+    if resume is not None:
+        checkpoints.load(resume, engine, state, streams)
+        if dims.is_main:
+            print(f"resumed from {resume} (step {state.step}, epoch {state.epoch}, batch {state.step_in_epoch})", flush=True)
+    engine.lr = state.lr
+    run_dir = run_dir_of(cfg)
+    tracker = Tracker.start(cfg, dims, run_dir, run_id=state.mlflow_run_id)
+    state.mlflow_run_id = tracker.run_id if dims.is_main else None
+    state.mlflow_run_id = broadcast_str(state.mlflow_run_id, dims)
+    if dims.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        if resume is None:
+            tracker.log_text(to_yaml(cfg), "config.yaml")
+    return Run(cfg, dims, engine, train_loader, val_loader, checkpoints, state, streams, lighting, tracker, run_dir, info.classes, StopRequested())
+
+
+def dropouts(model):
+    from distalex.model import SharedDropout
+
+    return [m for m in model.modules() if isinstance(m, SharedDropout)]
+
+
+def broadcast_str(value: str | None, dims: ParallelDims) -> str | None:
+    if not dims.distributed:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0, group=dims.control_group)
+    return box[0]
+
+
+def train_epoch(run: Run, progress) -> tuple[float, bool]:
+    """One epoch from the saved data position. Returns (mean loss, stopped early)."""
+    cfg, dims, state, engine = run.cfg, run.dims, run.state, run.engine
+    steps = run.train_loader.steps_per_epoch
+    images_per_step = cfg.train.batch_size
+    # The loss stays on the device and is read every log_every steps: reading it is a sync.
+    window_sum, window_n, window_t = torch.zeros((), device=dims.device), 0, time.perf_counter()
+    epoch_sum, epoch_n = 0.0, 0
+    for batch in run.train_loader.epoch(state.epoch, start_step=state.step_in_epoch):
+        x = normalize(batch.images, train=True, data_cfg=cfg.data, generator=run.lighting)
+        if dims.device.type == "cuda" and cfg.train.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        loss = engine.train_step(x, batch.labels)
+        window_sum += loss
+        window_n += 1
+        state.step += 1
+        state.step_in_epoch += 1
+        state.skipped_samples = batch.skipped
+        last = state.step_in_epoch == steps or state.step == cfg.train.max_steps
+        if window_n == cfg.train.log_every or last:
+            mean = mean_over_dp(window_sum / window_n, dims)  # sync point
+            if not math.isfinite(mean):
+                raise Diverged(f"loss is {mean} at step {state.step} (epoch {state.epoch})")
+            elapsed = time.perf_counter() - window_t
+            ips = window_n * images_per_step / max(elapsed, 1e-9)
+            run.tracker.log_metrics(
+                {METRIC_LOSS: mean, METRIC_LR: engine.lr, METRIC_IMAGES_PER_S: ips, METRIC_SKIPPED: float(batch.skipped)},
+                step=state.step,
+            )
+            if progress is not None:
+                progress.set_postfix(loss=f"{mean:.4f}", lr=f"{engine.lr:.2e}", img_s=f"{ips:.0f}", refresh=False)
+            epoch_sum, epoch_n = epoch_sum + mean * window_n, epoch_n + window_n
+            window_sum.zero_()
+            window_n, window_t = 0, time.perf_counter()
+        if progress is not None:
+            progress.update(1)
+        stopping = dims.any_rank(run.stop.requested)
+        if not last and (stopping or (cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0)):
+            flush_window(run, window_sum, window_n)
+            save(run)
+        if stopping:
+            return epoch_sum / max(epoch_n, 1), True
+        if state.step == cfg.train.max_steps:
+            break
+    return epoch_sum / max(epoch_n, 1), False
+
+
+def flush_window(run: Run, window_sum: torch.Tensor, window_n: int) -> None:
+    """Before a checkpoint: make sure no NaN slipped in since the last check (a checkpoint is good)."""
+    if window_n and not math.isfinite(mean_over_dp(window_sum / window_n, run.dims)):
+        raise Diverged(f"loss is not finite before the checkpoint at step {run.state.step}")
+
+
+def mean_over_dp(value: torch.Tensor, dims: ParallelDims) -> float:
+    """The loss averaged over data-parallel groups (tp peers hold the same value)."""
+    if dims.dp_enabled:
+        value = value.detach().clone()
+        dist.all_reduce(value, group=dims.dp_group)
+        value /= dims.dp
+    return value.item()
+
+
+def save(run: Run) -> Path:
+    run.tracker.flush()
+    path = run.checkpoints.save(run.engine, run.state, run.streams)
+    if run.dims.is_main:
+        print(f"checkpoint: {path}", file=sys.stderr, flush=True)
+    return path
+
+
+def end_of_epoch(run: Run, train_loss: float, t0: float) -> None:
+    """Validate, adjust the LR on a plateau, log and print the epoch's line."""
+    cfg, dims, state, engine = run.cfg, run.dims, run.state, run.engine
+    result = evaluate(engine.module, run.val_loader, dims, cfg.data, autocast=engine.autocast)
+    improved = result["top1_error"] < state.best_top1_error - 1e-6
+    state.best_top1_error = min(state.best_top1_error, result["top1_error"])
+    state.epochs_since_best = 0 if improved else state.epochs_since_best + 1
+    if state.epochs_since_best > cfg.optim.lr_patience and state.lr > cfg.optim.min_lr:
+        state.lr = max(state.lr * cfg.optim.lr_drop_factor, cfg.optim.min_lr)
+        state.epochs_since_best = 0
+        engine.lr = state.lr
+    metrics = {
+        METRIC_EPOCH_LOSS: train_loss, METRIC_TOP1: result["top1_error"], METRIC_TOP5: result["top5_error"],
+        METRIC_VAL_LOSS: result["loss"], "epoch": float(state.epoch + 1),
+    }
+    run.tracker.log_metrics(metrics, step=state.step)
+    log_kernels(run)
+    if dims.is_main:
+        print(
+            f"epoch {state.epoch + 1}/{cfg.train.epochs}: train loss {train_loss:.4f}, "
+            f"val top-1 error {100 * result['top1_error']:.2f}%, top-5 error {100 * result['top5_error']:.2f}% "
+            f"({result['samples']} images{', 10-crop' if cfg.train.eval_ten_crop else ''}), "
+            f"lr {state.lr:.2e}, {time.perf_counter() - t0:.1f} s",
+            flush=True,
+        )
+
+
+def log_kernels(run: Run) -> None:
+    """The conv1 kernel picture (the paper's Figure 3) and each tower's colour statistic, to MLflow."""
+    from distalex.report import kernel_summary
+
+    conv1 = run.engine.module.conv1.weight
+    if run.dims.dp_rank != 0:
+        return
+    full = gather_full(conv1, True, 0, run.dims.tp_group)  # (96, 3, 11, 11) at width 1
+    if run.dims.is_main:
+        png = run.run_dir / "kernels" / f"conv1-step{run.state.step:08d}.png"
+        stats = kernel_summary(full.float().cpu(), run.cfg.model.towers, png)
+        run.tracker.log_metrics(stats, step=run.state.step)
+        run.tracker.log_artifact(png, "kernels")
+
+
+def finish(run: Run) -> Path | None:
+    """Export the serial model (rank 0 writes it) and log it as an artifact."""
+    from distalex.export import save_serial_model
+
+    if run.dims.dp_rank != 0:
+        return None
+    state = full_state_dict(run.engine.module, run.dims.tp_group)
+    if not run.dims.is_main:
+        return None
+    path = save_serial_model(run.run_dir / "model.pt", state, run.cfg.model, run.classes)
+    run.tracker.log_artifact(path)
+    return path
+
+
+def train(cfg: Config, dims: ParallelDims) -> int:
+    run = setup(cfg, dims)
+    state = run.state
+    steps = run.train_loader.steps_per_epoch
+    total = cfg.train.max_steps or cfg.train.epochs * steps
+    progress = None
+    if dims.is_main:
+        from tqdm import tqdm
+
+        print(f"distalex: {dims.describe()}, {steps} steps/epoch of {cfg.train.batch_size} images", flush=True)
+        progress = tqdm(total=total, initial=state.step, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
+    status = "FAILED"
+    try:
+        while state.epoch < cfg.train.epochs and (cfg.train.max_steps is None or state.step < cfg.train.max_steps):
+            t0 = time.perf_counter()
+            train_loss, stopped = train_epoch(run, progress)
+            if stopped:
+                status = "KILLED"
+                if dims.is_main:
+                    print(f"stopped by SIGTERM at step {state.step}; resume continues from the checkpoint", flush=True)
+                return 0
+            epoch_done = state.step_in_epoch == steps
+            if epoch_done or state.step == cfg.train.max_steps:
+                end_of_epoch(run, train_loss, t0)
+            if epoch_done:
+                state.epoch, state.step_in_epoch = state.epoch + 1, 0
+            save(run)
+        model_path = finish(run)
+        status = "FINISHED"
+        if dims.is_main:
+            progress.close()
+            print(f"run directory: {run.run_dir}\nmodel: {model_path}\ncheckpoints: {run.checkpoints.root}", flush=True)
+            run.tracker.print_location()
+        return 0
+    except Diverged as e:
+        if dims.is_main:
+            last = run.checkpoints.resume_path() if cfg.checkpoint.resume != "none" else None
+            print(f"error: {e}; stopping. The last good checkpoint is {last or '(none yet)'}", file=sys.stderr, flush=True)
+        return EXIT_DIVERGED
+    finally:
+        if progress is not None:
+            progress.close()
+        run.tracker.close(status)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m distalex.train", description=__doc__.split("\n\n")[0])
+    add_config_args(parser)
+    args = parser.parse_args(argv)
+    cfg = config_from_args(args)  # exits 2 on a bad config, before any process group exists
+    try:
+        dims = init_parallel(cfg.parallel.tp, cfg.model.towers, cfg.parallel.device, cfg.parallel.timeout_s)
+    except ParallelConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+    try:
+        code = train(cfg, dims)
+    except (ConfigError, DataError, CheckpointError, ParallelConfigError) as e:
+        print(f"error (rank {dims.rank}): {e}", file=sys.stderr, flush=True)
+        code = EXIT_BAD_INPUT
+    destroy_parallel()
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()
