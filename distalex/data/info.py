@@ -140,14 +140,17 @@ def count_samples(path: str) -> int:
     """Samples in a tar shard, by reading its headers only (members grouped by key)."""
     keys = 0
     last = None
-    with tarfile.open(path, mode="r:") as tf:
-        for ti in tf:
-            if ti.isreg():
-                key = sample_key(ti.name)
-                if key != last:
-                    keys += 1
-                    last = key
-            tf.members = []
+    try:
+        with tarfile.open(path, mode="r:") as tf:
+            for ti in tf:
+                if ti.isreg():
+                    key = sample_key(ti.name)
+                    if key != last:
+                        keys += 1
+                        last = key
+                tf.members = []
+    except tarfile.TarError as e:  # without _info.json a broken shard has no known size
+        raise DataError(f"{path}: not a readable tar ({e}); without _info.json its samples cannot be counted") from None
     return keys
 
 
