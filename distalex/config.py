@@ -57,17 +57,20 @@ class DataConfig(Section):
     workers: int = Field(4, ge=0)
     """DataLoader worker processes per loading rank (tp rank 0 of each dp group)."""
     shuffle_buffer: int = Field(2000, ge=0)
-    """Samples held in the in-memory shuffle buffer (0: no sample shuffle)."""
+    """Raw samples held in each worker's shuffle buffer (0: no sample shuffle; ~110 KB each on ImageNet)."""
     resize: int = Field(256, ge=1)
     """Shorter side rescaled to this, then the central square is kept (the paper: 256)."""
     lighting_std: float = Field(0.1, ge=0)
     """PCA lighting: alpha ~ N(0, lighting_std) per image per presentation (0 turns it off)."""
     mean: Literal["pixel", "channel"] = "channel"
-    """Subtract the training mean per channel or per pixel (the paper: per pixel)."""
+    """Subtract the training mean per channel or per pixel (the paper: per pixel). Both come from
+    make_shards' statistics; per channel is the default because the random crop's own patch of the
+    mean image is not known on the device (pixel uses the centre patch for training crops)."""
     flip: bool = True
     """Random horizontal flip on training crops."""
     train_samples: int | None = Field(None, ge=1)
-    """Training samples per epoch; default from the shards' _info.json."""
+    """Training samples per epoch; default from the shards' _info.json. More than the shards hold
+    repeats samples within the epoch, and then dp ranks may share some."""
 
 
 class OptimConfig(Section):

@@ -209,3 +209,22 @@ def test_cli_writes_info(layout, tmp_path):
     main([str(src), str(tmp_path / "out"), "--max-count", "3", "--workers", "1", "--no-progress"])
     info = json.loads((tmp_path / "out" / "_info.json").read_text())
     assert info["splits"]["val"]["count"] == 6 and len(info["splits"]["val"]["shards"]) == 2
+
+
+def test_demo_dataset_is_a_small_imagenet_layout(tmp_path):
+    from distalex.data.demo import class_name, write_demo
+
+    counts = write_demo(tmp_path / "src", train_per_class=4, val_per_class=2, size=40, seed=0)
+    assert counts == {"train": 40, "val": 20}
+    for split, n in (("train", 4), ("val", 2)):
+        folders = sorted((tmp_path / "src" / split).iterdir())
+        assert [f.name for f in folders] == [class_name(d) for d in range(10)]
+        for f in folders:
+            files = sorted(f.iterdir())
+            assert len(files) == n
+            img = Image.open(files[0])
+            assert (img.format, img.mode) == ("JPEG", "RGB") and 36 <= min(img.size) <= 44
+    info = make_shards(tmp_path / "src", tmp_path / "shards", max_count=15, stats_samples=10)
+    got = read_tars(tmp_path / "shards", "train")
+    assert len(got) == 40 and info["splits"]["val"]["count"] == 20
+    assert all(label == int(key[1:9]) for key, (label, _, _) in got.items()), "label = digit"
