@@ -320,7 +320,8 @@ def plot_curves(histories: dict[str, list[tuple[int, float]]], png_path: str | P
             if not points:
                 continue
             steps, values = zip(*points)
-            ax.plot(steps, values, marker="o" if len(points) < 30 else None, markersize=3, linewidth=1.2, label=name)
+            ax.plot(steps, values, marker="o" if len(points) < 30 else None, markersize=3, linewidth=1.2, label=name,
+                    drawstyle="steps-post" if log else "default")  # the LR is a step function
             drawn += 1
         if drawn:
             ax.legend(fontsize=7)
