@@ -24,6 +24,8 @@ STATE_DIR = Path(os.environ.get("DISTALEX_SLURM_DIR", "/tmp/distalex-slurm"))
 
 # apt-get on a fresh machine plus daemon start; later starts take about a second.
 START_TIMEOUT_S = 600
+# A requeued or cancelled job leaves COMPLETING within KillWait (30 s) of its SIGTERM.
+KILL_TIMEOUT_S = 45
 
 
 @dataclass
@@ -60,6 +62,18 @@ class SlurmCluster:
             info = self.job(job_id)
         return info
 
+    def start_requeued_now(self, job_id: int) -> None:
+        """Lift the BeginTime hold (cred_expire + 1 s) that `scontrol requeue` puts on a job.
+
+        Two traps of Slurm 22.05: an update while the job is still COMPLETING is overwritten when
+        the requeue finishes, so wait for PENDING; and slurmd refuses to relaunch a job within the
+        second its credential was revoked ("Job N already killed, do not launch batch job"), which
+        ends the job FAILED instead of running it, so let that second pass.
+        """
+        self.wait_for(job_id, {"PENDING"}, timeout=KILL_TIMEOUT_S)
+        time.sleep(2)
+        self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
+
     def config_value(self, key: str) -> str:
         """One entry of `scontrol show config`, e.g. KillWait or AuthInfo."""
         out = self.run("scontrol", "show", "config").stdout
@@ -80,6 +94,8 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
     was_up = _script("status").returncode == 0
     started = _script("start")
     if started.returncode != 0:
+        if not was_up:
+            _script("stop")  # whatever did start
         pytest.fail(
             f"local-cluster.sh start failed (exit {started.returncode}):\n"
             f"{started.stdout}\n{started.stderr}",

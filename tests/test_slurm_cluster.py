@@ -72,7 +72,7 @@ def _parse_time(value: str) -> float:
 
 def test_requeued_job_gets_sigterm_and_runs_again(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
     """scontrol requeue: SIGTERM to the batch shell and every step, a BeginTime of
-    cred_expire + 1 s later, and `scontrol update StartTime=now` starts it at once."""
+    cred_expire + 1 s later, and `scontrol update StartTime=now` starts it again at once."""
     counter, signals = tmp_path / "counter", tmp_path / "signals"
     script = _write(
         tmp_path / "requeue.sbatch",
@@ -106,9 +106,9 @@ fi
     assert cred_expire - 2 <= held_for <= cred_expire + 5, (held_for, cred_expire)
     assert sorted(_wait_for_file(signals, 2)) == ["batch-TERM", "step-TERM"]
 
-    slurm_cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
+    slurm_cluster.start_requeued_now(job_id)
     info = slurm_cluster.wait_for(job_id, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=30)
-    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1")
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), info
     assert counter.read_text().splitlines() == ["unset", "1"]
     assert "DUE TO JOB REQUEUE" in (tmp_path / "requeue.out").read_text()
 
@@ -153,7 +153,7 @@ wait
     assert (info["Reason"], info["Restarts"]) == ("BeginTime", "1")
     assert log.read_text().splitlines() == ["start 0", "USR1"]
 
-    slurm_cluster.run("scontrol", "update", f"JobId={victim_id}", "StartTime=now")
+    slurm_cluster.start_requeued_now(victim_id)
     info = slurm_cluster.wait_for(victim_id, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=30)
-    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0")
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), info
     assert log.read_text().splitlines() == ["start 0", "USR1", "start 1"]

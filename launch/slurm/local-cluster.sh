@@ -218,7 +218,7 @@ wait_idle() {
     done
     SLURM_CONF=$CONF sinfo -N -l >&2 || true
     log_tails
-    die "node not idle after ${TIMEOUT}s (last state: '${state:-no answer}')"
+    die "node not idle after ${TIMEOUT}s (last state: '${state:-no answer}'); '$0 stop' ends the daemons"
 }
 
 start_daemon() { # name, then the command line
@@ -238,7 +238,7 @@ start_daemon() { # name, then the command line
         sleep 0.1
     done
     log_tails
-    die "$name wrote no live pid file"
+    die "$name exited during start (its log is above); '$0 stop' ends what did start"
 }
 
 print_usage_hint() {
@@ -266,6 +266,11 @@ cmd_start() {
             stop_pid slurmd "$slurmd"
         fi
         rm -rf "$STATE_DIR"/state "$STATE_DIR"/spool
+        # Logs of the previous cluster go to *.prev, so that errors shown are this start's.
+        local f
+        for f in "$STATE_DIR"/log/*.log "$STATE_DIR"/log/*.out; do
+            [[ -e $f ]] && mv -f "$f" "$f.prev"
+        done
         write_conf
     else
         say "slurmctld already running (pid $ctld); keeping $CONF"
