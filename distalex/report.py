@@ -74,6 +74,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from distalex.tracking import (
+    METRIC_EPOCH_LOSS, METRIC_IMAGES_PER_S, METRIC_LOSS, METRIC_LR, METRIC_TOP1, METRIC_TOP5, METRIC_VAL_LOSS,
+)
+
 import matplotlib
 
 matplotlib.use("Agg")  # no screen; the pictures are files  # noqa: E402
@@ -96,9 +100,7 @@ CURVES_SIZE = (15, 8)
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
-# Metric names written by distalex.tracking / the training loop.
-TRAIN_LOSS, TRAIN_LR, TRAIN_IPS, TRAIN_EPOCH_LOSS = "train/loss", "train/lr", "train/images_per_s", "train/epoch_loss"
-VAL_TOP1, VAL_TOP5, VAL_LOSS = "val/top1_error", "val/top5_error", "val/loss"
+# The colour metrics this module defines (the loop logs them; the curves read them back).
 KERNEL_METRIC = "kernels/tower{t}_colour_energy"
 KERNEL_GAP_METRIC = "kernels/colour_energy_gap"
 
@@ -277,12 +279,12 @@ def _save(fig: Figure, path: str | Path) -> Path:
 
 
 CURVE_PANELS = (
-    ("loss", (TRAIN_LOSS, TRAIN_EPOCH_LOSS, VAL_LOSS), False),
-    ("top-1 error", (VAL_TOP1,), False),
-    ("top-5 error", (VAL_TOP5,), False),
-    ("learning rate", (TRAIN_LR,), True),
+    ("loss", (METRIC_LOSS, METRIC_EPOCH_LOSS, METRIC_VAL_LOSS), False),
+    ("top-1 error", (METRIC_TOP1,), False),
+    ("top-5 error", (METRIC_TOP5,), False),
+    ("learning rate", (METRIC_LR,), True),
     ("conv1 colour energy", ("kernels/",), False),
-    ("images/s", (TRAIN_IPS,), False),
+    ("images/s", (METRIC_IMAGES_PER_S,), False),
 )
 
 
@@ -512,6 +514,8 @@ class Source:
     classes: list[str] = field(default_factory=list)
     run_id: str | None = None
     tracking_uri: str | None = None
+    workdir: Path | None = None
+    """Where training ran: relative data paths in ``cfg`` are taken from there if not found here."""
     why: dict[str, str] = field(default_factory=dict)
 
 
@@ -554,27 +558,72 @@ def _from_checkpoint(path: Path, tracking_uri: str | None) -> Source:
     except (KeyError, TypeError, ValueError) as e:  # a meta.json or shard that lacks what it should
         raise ReportError(f"{path}: malformed checkpoint ({type(e).__name__}: {e})") from None
     src = Source(f"checkpoint {folder}", state=state, model_config=cfg.model.model_dump(), cfg=cfg, classes=list(classes))
+    src.workdir = _training_workdir(folder, cfg)
     src.run_id = meta.get("mlflow_run_id") or (meta.get("train_state") or {}).get("mlflow_run_id")
-    src.tracking_uri = tracking_uri or meta.get("tracking_uri") or cfg.tracking.uri
+    src.tracking_uri = tracking_uri or meta.get("tracking_uri") or _run_tracking_uri(cfg, src.workdir)
     if not src.run_id:
         src.why["curves"] = f"{folder / 'meta.json'} names no MLflow run (tracking was off?)"
     return src
 
 
+def _training_workdir(folder: Path, cfg) -> Path | None:
+    """The directory training ran in: relative paths in the config (shards, sqlite store) are relative to it.
+
+    Found by taking ``checkpoint.dir`` (e.g. ``runs/demo/checkpoints``) off the end of where the
+    checkpoint is; None when the checkpoint was moved or the directory was absolute.
+    """
+    rel = Path(cfg.checkpoint.dir.format(run_name=cfg.run_name))
+    root = folder.resolve().parent
+    if rel.is_absolute():
+        return None
+    n = len(rel.parts)
+    if root.parts[-n:] != rel.parts:
+        return None
+    return root.parents[n - 1]
+
+
+def _run_tracking_uri(cfg, workdir: Path | None) -> str:
+    """The tracking URI training used (``tracking.resolve_tracking_uri``), seen from the training directory."""
+    from distalex.tracking import resolve_tracking_uri
+    from distalex.train import run_dir_of
+
+    base = workdir or Path.cwd()
+    uri = cfg.tracking.uri
+    if uri and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):  # relative to training's directory
+        return "sqlite:///" + str(base / uri[len("sqlite:///") :])
+    return resolve_tracking_uri(cfg, base / run_dir_of(cfg))
+
+
 def _from_run(run_id: str, tracking_uri: str | None) -> Source:
     client, uri = _open_tracking(tracking_uri)
-    _get_run(client, uri, run_id)
+    run = _get_run(client, uri, run_id)
     src = Source(f"MLflow run {run_id}", run_id=run_id, tracking_uri=uri)
+    run_dir = run.data.tags.get("distalex.run_dir")  # absolute: <training directory>/runs/<name>
+    if run_dir:
+        src.workdir = Path(run_dir).parent.parent
     artifact = _find_model_artifact(client, run_id)
     if artifact is None:
         src.why["kernels"] = src.why["ten_crop"] = f"MLflow run {run_id} has no model file (*.pt) among its artifacts"
         return src
     with tempfile.TemporaryDirectory() as tmp:
-        local = client.download_artifacts(run_id, artifact, tmp)
-        exported = _from_export(Path(local))
+        exported = _from_export(Path(client.download_artifacts(run_id, artifact, tmp)))
+        src.cfg = _run_config(client, run_id, tmp)
     src.state, src.model_config, src.classes = exported.state, exported.model_config, exported.classes
     src.label += f" (model artifact {artifact})"
     return src
+
+
+def _run_config(client, run_id: str, tmp: str):
+    """The resolved config the loop stores with the run (``config.yaml``), or None."""
+    import yaml
+
+    from distalex.config import Config
+
+    try:
+        text = Path(client.download_artifacts(run_id, "config.yaml", tmp)).read_text()
+        return Config.model_validate(yaml.safe_load(text))
+    except Exception:  # noqa: BLE001 - absent (MLflow's own error), unreadable or invalid: no config
+        return None
 
 
 def _find_model_artifact(client, run_id: str, folder: str | None = None) -> str | None:
@@ -667,6 +716,9 @@ def _data_config(source: Source, val_shards: str | None, resize: int | None):
     from distalex.config import DataConfig
 
     data = source.cfg.data.model_copy() if source.cfg is not None else DataConfig()
+    if source.workdir is not None:
+        data.train_shards = _rebase(data.train_shards, source.workdir)
+        data.val_shards = _rebase(data.val_shards, source.workdir)
     if val_shards:
         data.val_shards = val_shards
         if source.cfg is None:
@@ -676,6 +728,23 @@ def _data_config(source: Source, val_shards: str | None, resize: int | None):
     elif source.cfg is None:
         data.resize = round(source.model_config["image_size"] * 256 / 224)  # the paper's 256 for 224
     return data
+
+
+def _rebase(spec: str, workdir: Path) -> str:
+    """A relative shard spec that does not exist from here, taken relative to the training directory."""
+    import braceexpand
+
+    def found(first: Path) -> bool:  # a path, or a glob whose folder exists
+        return first.exists() or (any(c in str(first) for c in "*?[") and first.parent.is_dir())
+
+    items = []
+    for item in (s.strip() for s in spec.split(",")):
+        if item and "://" not in item and not Path(item).is_absolute():
+            first = Path(next(iter(braceexpand.braceexpand(item)), item))
+            if not found(first) and found(workdir / first):
+                item = str(workdir / item)
+        items.append(item)
+    return ",".join(items)
 
 
 def main(argv: list[str] | None = None) -> None:

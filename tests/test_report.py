@@ -1,9 +1,8 @@
 """The report's pictures: kernel grid per tower, colour statistic, curves, 10-crop; clear errors.
 
-A tp=2 checkpoint is written here by the project's own pieces (init_parallel, the training loop's
-build_parallel_model, the DDP engine, CheckpointManager) on 2 gloo processes after two SGD steps,
-so each tower's kernels live in a different shard file; its MLflow run is a sqlite store with the
-loop's metric names and the exported model as an artifact.
+The run-level tests use one real tiny training run (tp=2 under torchrun, one epoch of the demo
+config shortened): its checkpoint holds each tower's kernels in a different shard file, its MLflow
+run has the loop's metrics and the exported model, and the loop logged the kernel statistic.
 """
 
 from __future__ import annotations
@@ -22,10 +21,7 @@ from distalex import report
 from distalex.config import Config, ModelConfig
 from distalex.export import save_serial_model
 from distalex.model import AlexNet
-from tests.distributed import run_workers
-
-CLASSES = [f"n{i:08d}" for i in range(10)]
-
+from tests.runs import launch, tiny_overrides, tiny_shards  # noqa: F401 - fixture
 
 def read_png(path: Path) -> np.ndarray:
     assert path.is_file() and path.stat().st_size > 1000, f"{path}: missing or empty"
@@ -139,82 +135,36 @@ def test_kernel_summary_rejects_a_weight_that_is_not_conv1(tmp_path):
 # ------------------------------------------------------------------ a tiny tp=2 run
 
 
-def _tp2_checkpoint(cfg_dict: dict, run_id: str) -> dict:
-    """On each of 2 ranks: the loop's model (this rank's tower), 2 SGD steps, then a checkpoint."""
-    from distalex.checkpoint import CheckpointManager, RandomStreams, TrainState
-    from distalex.engine import build_engine
-    from distalex.parallel.dims import init_parallel
-    from distalex.train import build_parallel_model
-
-    cfg = Config.model_validate(cfg_dict)
-    dims = init_parallel(cfg.parallel.tp, cfg.model.towers, "cpu")
-    model = build_parallel_model(cfg, dims)
-    engine = build_engine(model, cfg, dims)
-    g = torch.Generator().manual_seed(5)  # the same batch on both ranks
-    for _ in range(2):
-        x = torch.randn(8, 3, cfg.model.image_size, cfg.model.image_size, generator=g)
-        y = torch.randint(0, cfg.model.num_classes, (8,), generator=g)
-        engine.train_step(x, y)
-    path = CheckpointManager(cfg, dims, CLASSES).save(engine, TrainState(step=2, mlflow_run_id=run_id), RandomStreams())
-    return {"path": str(path), "conv1": model.conv1.weight.detach().clone()}
-
-
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    from distalex.data.demo import write_demo
-    from distalex.data.make_shards import make_shards
+def tiny(tmp_path_factory, tiny_shards):
+    """One epoch (7 steps) of the demo config shortened, tp=2 on 2 gloo ranks under torchrun.
 
-    root = tmp_path_factory.mktemp("report-data")
-    write_demo(root / "src", train_per_class=3, val_per_class=2, size=80)
-    make_shards(root / "src", root / "shards", max_count=20, stats_samples=30)
-    return root / "shards"
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory, shards):
-    """A tp=2 checkpoint, its exported serial model, and its MLflow run (metrics + model artifact)."""
+    The shards are given as a relative path (data/shards in the run's directory) and the MLflow
+    store is the default sqlite file there, so the report must find both from the checkpoint alone.
+    """
     import mlflow
 
-    root = tmp_path_factory.mktemp("report-run")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    client = mlflow.tracking.MlflowClient(uri)
-    exp = client.create_experiment("distalex", artifact_location=(root / "artifacts").as_uri())
-    run_id = client.create_run(exp, run_name="tiny").info.run_id
+    from distalex.checkpoint import complete_checkpoints, read_meta
 
-    cfg = Config.model_validate({
-        "run_name": "tiny",
-        "model": {"num_classes": 10, "towers": 2, "width": 0.125, "image_size": 64},
-        "parallel": {"tp": 2, "device": "cpu"},
-        "data": {"train_shards": str(shards), "val_shards": str(shards), "resize": 72},
-        "checkpoint": {"dir": str(root / "runs" / "tiny" / "checkpoints")},
-        "tracking": {"uri": uri},
+    workdir = tmp_path_factory.mktemp("report-run")
+    (workdir / "data").mkdir()
+    (workdir / "data" / "shards").symlink_to(tiny_shards)
+    overrides = tiny_overrides(tiny_shards, run_name="tiny", **{
+        "train.epochs": 1, "data.train_shards": "data/shards", "data.val_shards": "data/shards",
     })
-    ranks = run_workers(_tp2_checkpoint, 2, cfg.model_dump(), run_id)
-    ckpt = Path(ranks[0]["path"])
+    proc = launch(workdir, overrides)
+    assert proc.returncode == 0, f"tiny run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    run = workdir / "runs" / "tiny"
+    ckpt = complete_checkpoints(run / "checkpoints")[-1]
+    run_id = read_meta(ckpt)["train_state"]["mlflow_run_id"]
+    uri = f"sqlite:///{workdir / 'runs' / 'mlflow.db'}"
+    assert run_id and mlflow.tracking.MlflowClient(uri).get_run(run_id).info.status == "FINISHED"
+    return {"workdir": workdir, "ckpt": ckpt, "model_pt": run / "model.pt", "run_id": run_id, "uri": uri}
 
-    from distalex.checkpoint import load_serial_state
 
-    state, ckpt_cfg, classes = load_serial_state(ckpt)
-    model_pt = save_serial_model(root / "model.pt", state, ckpt_cfg.model, classes)
-
-    metrics = {
-        "train/loss": [(s, 2.3 / (1 + 0.1 * s)) for s in range(2, 21, 2)],
-        "train/lr": [(s, 0.01 if s < 12 else 0.001) for s in range(2, 21, 2)],
-        "train/images_per_s": [(s, 300.0 + s) for s in range(2, 21, 2)],
-        "train/epoch_loss": [(10, 2.0), (20, 1.5)],
-        "val/top1_error": [(10, 0.8), (20, 0.6)],
-        "val/top5_error": [(10, 0.4), (20, 0.2)],
-        "val/loss": [(10, 2.1), (20, 1.7)],
-        "kernels/tower0_colour_energy": [(10, 0.66), (20, 0.5)],
-        "kernels/tower1_colour_energy": [(10, 0.67), (20, 0.7)],
-    }
-    for name, points in metrics.items():
-        for step, value in points:
-            client.log_metric(run_id, name, value, step=step)
-    client.log_artifact(run_id, str(model_pt))
-    client.set_terminated(run_id)
-    return {"root": root, "uri": uri, "run_id": run_id, "ckpt": ckpt, "model_pt": model_pt, "ranks": ranks,
-            "metrics": metrics, "state": state}
+def shard_kernels(ckpt: Path) -> list[torch.Tensor]:
+    """conv1 as each tp rank saved it: model-tp00.pt holds tower 0's kernels, model-tp01.pt tower 1's."""
+    return [torch.load(ckpt / f"model-tp{r:02d}.pt", weights_only=True)["model"]["conv1.weight"] for r in range(2)]
 
 
 def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
@@ -227,74 +177,108 @@ def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
     return code, out.out, out.err
 
 
-def test_report_on_tp2_checkpoint_writes_all_three_pictures(tiny, tmp_path, capsys):
-    code, out, err = run_cli([str(tiny["ckpt"]), "--out", str(tmp_path), "--num-images", "3"], capsys)
+def test_report_on_tp2_checkpoint_writes_all_three_pictures(tiny, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    code, out, err = run_cli([str(tiny["ckpt"].parent), "--out", str(tmp_path), "--num-images", "3"], capsys)
     assert code == 0, err
-    conv1 = tiny["state"]["conv1.weight"]
-    layout = report.kernel_layout(conv1.shape, 2)
+    assert "skipped" not in out, out  # curves found through the checkpoint, images through its config
+    layout = report.kernel_layout(torch.cat(shard_kernels(tiny["ckpt"])).shape, 2)
     assert read_png(tmp_path / "kernels.png").shape == (layout.height, layout.width, 3)
     assert read_png(tmp_path / "curves.png").shape == (800, 1500, 3)
     assert read_png(tmp_path / "ten_crop.png").shape == (40 + 190 * 3, 1600, 3)
-    assert "skipped" not in out, out
 
 
 def test_tp2_checkpoint_blocks_are_the_ranks_shards(tiny, tmp_path, capsys):
-    """Tower t's block shows exactly the kernels that tp rank t held in the run."""
+    """Tower t's block shows exactly the kernels that tp rank t saved."""
     assert run_cli([str(tiny["ckpt"]), "--out", str(tmp_path)], capsys)[0] == 0
-    png = read_png(tmp_path / "kernels.png")
-    rank_kernels = [r["conv1"] for r in tiny["ranks"]]
-    assert rank_kernels[0].shape[0] == 6 and not torch.equal(rank_kernels[0], rank_kernels[1])
-    assert_grid_holds(png, torch.cat(rank_kernels), towers=2)
+    per_rank = shard_kernels(tiny["ckpt"])
+    assert per_rank[0].shape == (6, 3, 11, 11) and not torch.equal(per_rank[0], per_rank[1])
+    assert_grid_holds(read_png(tmp_path / "kernels.png"), torch.cat(per_rank), towers=2)
 
 
 def test_tp2_checkpoint_and_its_export_give_the_same_picture(tiny, tmp_path, capsys):
+    from distalex.export import main as export_main
+
+    exported = tmp_path / "exported.pt"
+    export_main([str(tiny["ckpt"]), str(exported)])
+    sources = {"ckpt": tiny["ckpt"], "export": exported, "loop_export": tiny["model_pt"], "run": tiny["run_id"]}
     pictures = {}
-    for name, src in (("ckpt", tiny["ckpt"]), ("export", tiny["model_pt"]), ("run", tiny["run_id"])):
+    for name, src in sources.items():
         code, out, err = run_cli([str(src), "--out", str(tmp_path / name), "--tracking-uri", tiny["uri"]], capsys)
         assert code == 0, err
         pictures[name] = read_png(tmp_path / name / "kernels.png")
     # Only the title line names the source; everything below it is identical.
     below = report.TITLE_H
-    assert np.array_equal(pictures["ckpt"][below:], pictures["export"][below:])
-    assert np.array_equal(pictures["ckpt"][below:], pictures["run"][below:])  # via the run's model artifact
+    for name in ("export", "loop_export", "run"):  # "run": through the run's model.pt artifact
+        assert np.array_equal(pictures["ckpt"][below:], pictures[name][below:]), name
     assert not np.array_equal(pictures["ckpt"][:below], pictures["export"][:below])
 
 
-def test_curves_read_the_runs_metric_histories(tiny):
+def test_loop_logged_the_kernel_statistic_of_its_weights(tiny):
+    """Item 2: at the epoch end the loop logged kernel_summary's metrics and picture to MLflow."""
     import mlflow
 
     client = mlflow.tracking.MlflowClient(tiny["uri"])
     histories = report.read_histories(client, tiny["run_id"])
-    assert {k: sorted(v) for k, v in histories.items()} == pytest.approx(tiny["metrics"])
+    assert len(histories["train/loss"]) >= 3 and len(histories["val/top1_error"]) == 1
+    expected = report.kernel_metrics(report.tower_colour_energy(torch.cat(shard_kernels(tiny["ckpt"])), 2))
+    for name, value in expected.items():
+        (step, logged), = histories[name]
+        assert step == 7 and logged == pytest.approx(value, rel=1e-6), name
+    kernels = [a.path for a in client.list_artifacts(tiny["run_id"], "kernels")]
+    assert kernels and all(p.endswith(".png") for p in kernels)
 
 
 def test_run_id_gives_curves_and_export_says_it_has_none(tiny, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tiny["uri"])  # the run id form reads the environment
-    code, out, err = run_cli([tiny["run_id"], "--out", str(tmp_path / "run")], capsys)
-    assert code == 0, err
+    code, out, err = run_cli([tiny["run_id"], "--out", str(tmp_path / "run"), "--num-images", "1"], capsys)
+    assert code == 0 and "skipped" not in out, out + err  # model.pt and config.yaml artifacts: all three
     assert read_png(tmp_path / "run" / "curves.png").shape == (800, 1500, 3)
-    assert "ten_crop: skipped: no validation images" in out  # an artifact model has no data config
+    assert read_png(tmp_path / "run" / "ten_crop.png").shape == (40 + 190, 1600, 3)
     code, out, err = run_cli([str(tiny["model_pt"]), "--out", str(tmp_path / "export")], capsys)
     assert code == 0 and "curves: skipped: an exported model file has no metric history" in out
+    assert "ten_crop: skipped: no validation images" in out
     assert not (tmp_path / "export" / "curves.png").exists()
 
 
-def test_ten_crop_from_image_files(tiny, shards, tmp_path, capsys):
-    folder = tmp_path / "images" / CLASSES[3]
-    folder.mkdir(parents=True)
-    src = sorted((shards.parent / "src" / "val" / CLASSES[3]).iterdir())
-    for f in src:
-        (folder / f.name).write_bytes(f.read_bytes())
-    examples = report.examples_from_files([str(tmp_path / "images")], 5, CLASSES)
-    assert [e.label for e in examples] == [3] * len(src)  # the class is the parent folder's name
-    model = report._build_model(report.load_source(str(tiny["model_pt"])))
-    result = report.ten_crop_predict(model, examples, 72, Config(data={"train_shards": str(shards)}).data)
-    assert result.crops.shape == (len(src), 10, 64, 64, 3)
-    assert torch.allclose(result.probs, result.crop_probs.mean(1)) and torch.allclose(result.probs.sum(1), torch.ones(len(src)))
-    code, out, err = run_cli([str(tiny["model_pt"]), "--out", str(tmp_path / "o"), "--images", str(tmp_path / "images"),
-                              "--resize", "72"], capsys)
+def test_curves_cover_every_metric_the_run_has():
+    available = ["train/loss", "train/lr", "val/top1_error", "kernels/tower1_colour_energy", "kernels/tower0_colour_energy",
+                 "train/skipped_samples", "epoch"]
+    assert report.curve_metric_names(available) == [
+        "train/loss", "val/top1_error", "train/lr", "kernels/tower0_colour_energy", "kernels/tower1_colour_energy"]
+
+
+def test_ten_crop_from_image_files(tiny, tiny_shards, tmp_path, capsys):
+    from distalex.data.info import read_info
+    from distalex.data.loader import Segment, parse_sample, read_segment
+
+    # two validation JPEGs, filed under their class folders as in an ImageNet val/ layout
+    info = read_info(tiny_shards)
+    name = next(iter(info.splits["val"].shards))
+    samples = list(read_segment(Segment(str(tiny_shards / name), 0, 2), lambda n, why: None))
+    for key, members in samples:
+        data, label = parse_sample(key, members)
+        folder = tmp_path / "images" / info.classes[label]
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{key}.jpg").write_bytes(data)
+    examples = report.examples_from_files([str(tmp_path / "images")], 5, info.classes)
+    assert sorted(e.label for e in examples) == sorted(parse_sample(k, m)[1] for k, m in samples)
+    source = report.load_source(str(tiny["model_pt"]))
+    model = report._build_model(source)
+    data_cfg = Config.model_validate({"data": {"train_shards": str(tiny_shards)}}).data
+    result = report.ten_crop_predict(model, examples, 72, data_cfg)
+    assert result.crops.shape == (2, 10, 64, 64, 3)
+    assert torch.allclose(result.probs, result.crop_probs.mean(1))
+    assert torch.allclose(result.probs.sum(1), torch.ones(2, dtype=result.probs.dtype))
+    # the centre patch is what the evaluation's loader feeds the model for a centre-crop pass
+    from distalex.data.augment import centre_crop, centre_square
+
+    assert np.array_equal(result.crops[0, 4], centre_crop(centre_square(examples[0].data, 72), 64))
+    with pytest.warns(UserWarning, match="no training statistics"):  # an export carries no data config
+        code, out, err = run_cli([str(tiny["model_pt"]), "--out", str(tmp_path / "o"), "--images", str(tmp_path / "images"),
+                                  "--resize", "72"], capsys)
     assert code == 0, err
-    assert read_png(tmp_path / "o" / "ten_crop.png").shape == (40 + 190 * len(src), 1600, 3)
+    assert read_png(tmp_path / "o" / "ten_crop.png").shape == (40 + 190 * 2, 1600, 3)
 
 
 # ------------------------------------------------------------------ clear errors, no tracebacks
