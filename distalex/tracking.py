@@ -487,19 +487,24 @@ class Tracker:
                 return
 
     def _send(self, items: list[tuple[Any, str | None]]) -> bool:
-        """Send in order: runs of metric lists as batches of up to 1000 points, other items one by one."""
-        metrics: list = []
-        for item, what in items + [(None, None)]:
+        """Send in order: consecutive metric lists as log_batch calls of up to 1000 points, every
+        other item (an upload, the end of the run) by itself. True when the stop item was reached."""
+        points: list = []
+
+        def send_points() -> None:
+            for chunk in _chunks(points, _MAX_METRICS_PER_BATCH):
+                self._call(lambda c: c.log_batch(self._run_id, metrics=chunk), f"log {len(chunk)} metric points")
+            points.clear()
+
+        for item, what in items:
             if isinstance(item, list):
-                metrics += item
+                points.extend(item)
                 continue
-            for chunk in _chunks(metrics, _MAX_METRICS_PER_BATCH):
-                self._call(lambda c, ms=chunk: c.log_batch(self._run_id, metrics=ms), f"log {len(chunk)} metric points")
-            metrics = []
+            send_points()
             if item is _STOP:
                 return True
-            if item is not None:
-                self._call(item, what)
+            self._call(item, what)
+        send_points()
         return False
 
     def _wait(self, target: int, timeout: float, give_up_on_failure: bool) -> bool:
