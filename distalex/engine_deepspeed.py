@@ -1,0 +1,204 @@
+"""DeepSpeed ZeRO stage 1/2 over the data-parallel group only.
+
+DeepSpeed is told the job's layout by an ``mpu`` object (Megatron's name for it) built from
+``ParallelDims``. Without one, DeepSpeed takes the world group as its data-parallel group: it would
+broadcast tower 0's weights over tower 1 at start-up and then average the two towers' different
+gradients together, with no error. With it:
+
+- gradients are averaged, and optimizer state (ZeRO-1) plus gradients (ZeRO-2) partitioned, over
+  ``dims.dp_group`` only; the start-up broadcast goes from dp rank 0 over that group too;
+- the gradient norm sums each sharded (``tensor_model_parallel=True``) parameter over the tp group
+  and counts each replicated one once (from tp rank 0);
+- ``save_checkpoint`` writes one model file per tp rank (``mp_rank_XX``) and one optimizer
+  partition per (dp, tp) rank.
+
+The optimizer is the paper's SGD from ``distalex.engine.build_optimizer``; ZeRO wraps it and keeps
+its hyper-parameters in the same ``param_groups``. The model stays float32 inside DeepSpeed (its
+weights are the master weights); on CUDA the forward runs under bf16 autocast exactly as in
+``DDPEngine``, so the two engines compute the same numbers and differ only in who averages the
+gradients and who holds the momentum.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from distalex.config import Config
+from distalex.engine import Engine, autocast_dtype_for, build_optimizer, shard_file
+from distalex.parallel.dims import ParallelDims
+
+CHECKPOINT_DIR, CHECKPOINT_TAG = "deepspeed", "zero"
+"""Everything DeepSpeed writes goes under ``<folder>/deepspeed/``: ``zero/mp_rank_XX_model_states.pt``
+(one per tp rank), ``zero/zero_pp_rank_D_mp_rank_XX_optim_states.pt`` (one per dp x tp rank) and its
+``zero_to_fp32.py`` recovery script. The tp-shard model files ``model-tpXX.pt`` sit in ``<folder>``."""
+
+
+class ParallelDimsMPU:
+    """The model-parallel unit DeepSpeed queries, answered from ``ParallelDims``.
+
+    "Model parallel" is our tensor parallelism (no pipeline stages). These are the methods
+    DeepSpeed 0.19 calls on an mpu for ZeRO-1/2 training and checkpoints; the optional ones it
+    probes with ``hasattr`` (sequence parallelism, ``initialize_sequence_parallel``) are left out
+    on purpose, because their presence switches DeepSpeed to other code paths.
+    """
+
+    def __init__(self, dims: ParallelDims):
+        self.dims = dims
+        # One process without a launcher has no mesh: its groups are the (1-process) world.
+        self._tp_group = dims.tp_group if dims.mesh is not None else dist.group.WORLD
+        self._dp_group = dims.dp_group if dims.mesh is not None else dist.group.WORLD
+
+    # tensor ("model") parallel: the ranks that hold different towers
+    def get_model_parallel_rank(self) -> int:
+        return self.dims.tp_rank
+
+    def get_model_parallel_world_size(self) -> int:
+        return self.dims.tp
+
+    def get_model_parallel_group(self):
+        return self._tp_group
+
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+    get_tensor_model_parallel_group = get_model_parallel_group
+
+    def get_tensor_model_parallel_src_rank(self) -> int:
+        return self.dims.tp_src
+
+    # data parallel: the ranks that hold the same towers
+    def get_data_parallel_rank(self) -> int:
+        return self.dims.dp_rank
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.dims.dp
+
+    def get_data_parallel_group(self):
+        return self._dp_group
+
+    def get_data_parallel_group_ranks(self) -> list[int]:
+        return dist.get_process_group_ranks(self._dp_group)
+
+    # no pipeline parallelism
+    def get_pipeline_model_parallel_world_size(self) -> int:
+        return 1
+
+    def get_pipeline_model_parallel_rank(self) -> int:
+        return 0
+
+    get_pipe_parallel_world_size = get_pipeline_model_parallel_world_size
+
+
+def _import_deepspeed(device: torch.device):
+    """Import DeepSpeed with the accelerator that matches ``device`` (DS_ACCELERATOR=cpu on the CPU)."""
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.utils import logger as ds_logger
+
+    ds_logger.setLevel(logging.WARNING)
+    accel = get_accelerator().device_name()
+    if accel != device.type:
+        raise RuntimeError(
+            f"DeepSpeed's accelerator is {accel!r} but the device is {device.type!r}: "
+            f"set DS_ACCELERATOR={device.type} (or unset it) before deepspeed is first imported"
+        )
+    return deepspeed
+
+
+def deepspeed_config(cfg: Config, dims: ParallelDims) -> dict:
+    """The DeepSpeed config for one run: ZeRO over dp, the per-dp-rank batch, no clipping, fp32 weights."""
+    if cfg.train.batch_size % dims.dp:
+        raise ValueError(f"train.batch_size={cfg.train.batch_size} is not divisible by dp={dims.dp}")
+    micro = cfg.train.batch_size // dims.dp
+    return {
+        "train_batch_size": micro * dims.dp,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 0.0,
+        "zero_optimization": {"stage": cfg.train.zero_stage},
+        "zero_allow_untested_optimizer": True,  # torch SGD is not on DeepSpeed's list
+        # bf16 is torch autocast around the forward (Engine.autocast), not DeepSpeed's bf16 mode
+        "bf16": {"enabled": False},
+        "fp16": {"enabled": False},
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+        "log_level": "warning",
+        # The tag is a constant; validating it would all-reduce a hash over the world group.
+        "checkpoint": {"tag_validation": "Ignore"},
+    }
+
+
+def _ensure_process_group(dims: ParallelDims) -> None:
+    """DeepSpeed needs torch.distributed and LOCAL_RANK; give a lone process (no launcher) a 1-rank
+    gloo group here, so that DeepSpeed finds one initialised and never creates its own."""
+    if dist.is_initialized():
+        return
+    if dims.distributed:
+        raise RuntimeError("ParallelDims says distributed but torch.distributed is not initialised")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    dist.init_process_group(backend="gloo", store=dist.HashStore(), rank=0, world_size=1)
+
+
+class DeepSpeedEngine(Engine):
+    """ZeRO stage ``cfg.train.zero_stage`` (1 or 2) over ``dims.dp_group``, the paper's SGD inside."""
+
+    def __init__(self, module: nn.Module, cfg: Config, dims: ParallelDims):
+        deepspeed = _import_deepspeed(dims.device)
+        _ensure_process_group(dims)
+        self.module = module
+        self.mpu = ParallelDimsMPU(dims)
+        self.optimizer = build_optimizer(module.parameters(), cfg)
+        self.autocast_dtype = autocast_dtype_for(cfg, dims.device)
+        self.model, self.ds_optimizer, _, _ = deepspeed.initialize(
+            model=module,
+            optimizer=self.optimizer,
+            config=deepspeed_config(cfg, dims),
+            mpu=self.mpu,
+            dist_init_required=False,  # init_parallel (or _ensure_process_group) made the group
+        )
+        if self.model.dp_world_size != dims.dp or self.model.mp_world_size != dims.tp:
+            raise RuntimeError(
+                f"DeepSpeed took dp={self.model.dp_world_size} x mp={self.model.mp_world_size}, "
+                f"the layout is dp={dims.dp} x tp={dims.tp}"
+            )
+
+    def train_step(self, images, labels):
+        with self.autocast():
+            loss = F.cross_entropy(self.model(images), labels)
+        self.model.backward(loss)  # ZeRO averages (ZeRO-2: reduce-scatters) gradients over dp here
+        self.model.step()  # SGD on this dp rank's partition, then all-gather of the weights over dp
+        return loss.detach()
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        for group in self.optimizer.param_groups:  # the groups ZeRO steps with (it wraps this SGD)
+            group["lr"] = value
+
+    def save(self, folder: Path, dims: ParallelDims) -> None:
+        folder = Path(folder)
+        self.model.save_checkpoint(str(folder / CHECKPOINT_DIR), tag=CHECKPOINT_TAG, save_latest=False)
+        if dims.dp_rank == 0:
+            # The same tp-shard file DDPEngine writes, for the export tool. ZeRO's parameters are
+            # views into one flat buffer: clone so each tensor is saved on its own.
+            model = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+            torch.save({"model": model}, shard_file(folder, dims.tp_rank))
+
+    def load(self, folder: Path, dims: ParallelDims) -> None:
+        folder = Path(folder)
+        path, _ = self.model.load_checkpoint(
+            str(folder / CHECKPOINT_DIR), tag=CHECKPOINT_TAG, load_optimizer_states=True, load_lr_scheduler_states=False
+        )
+        if path is None:
+            raise FileNotFoundError(f"{folder / CHECKPOINT_DIR / CHECKPOINT_TAG}: no DeepSpeed checkpoint to load")
