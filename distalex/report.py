@@ -7,14 +7,19 @@ RUN_OR_CHECKPOINT is one of
 
     a checkpoint folder (step-N), a checkpoint   kernels and 10-crop examples from its weights (images
     directory (its latest complete checkpoint)   from the config's data.val_shards); curves from the
-    or a run folder holding checkpoints/         MLflow run its meta.json names, if that store is reachable
+    or a run folder holding checkpoints/         MLflow run its meta.json names, in the store training
+                                                 used (--tracking-uri, else the config's tracking.uri,
+                                                 else $MLFLOW_TRACKING_URI, else runs/mlflow.db beside
+                                                 the run folder)
     an exported model file (distalex.export)     kernels; 10-crop with --images or --val-shards; no curves
     an MLflow run id (32 hex digits; with        curves; kernels and 10-crop as well if the run logged a
     --tracking-uri or $MLFLOW_TRACKING_URI)      model file (*.pt) as an artifact
 
 and DIR (default ``report``) gets those of ``kernels.png``, ``curves.png`` and ``ten_crop.png``
-that the source allows; each one left out is printed with the reason. A missing run, an unreadable
-file, a checkpoint without conv1 and the like are one line on stderr and exit status 2.
+that the source allows; each one left out is printed with the reason. Relative paths in a run's
+config (shards, a sqlite store) are looked up from where training ran, so the report works from
+any directory. A missing run, an unreadable file, a checkpoint without conv1 and the like are one
+line on stderr and exit status 2.
 
 The kernel picture (``kernels.png``, also ``kernel_summary`` for the training loop)
 -----------------------------------------------------------------------------------
@@ -361,9 +366,20 @@ def _get_run(client, uri: str, run_id: str):
 
 
 def read_histories(client, run_id: str) -> dict[str, list[tuple[int, float]]]:
+    """{metric: [(step, value), ...] by step} for the metrics curves.png draws.
+
+    A resumed job logs the steps after its checkpoint again; per step the value logged last wins,
+    so the curve is the one the finished run followed.
+    """
     run = client.get_run(run_id)
-    names = curve_metric_names(list(run.data.metrics))
-    return {n: [(m.step, m.value) for m in client.get_metric_history(run_id, n)] for n in names}
+    out = {}
+    for name in curve_metric_names(list(run.data.metrics)):
+        latest: dict[int, tuple[int, float]] = {}
+        for m in client.get_metric_history(run_id, name):
+            if m.step not in latest or m.timestamp >= latest[m.step][0]:
+                latest[m.step] = (m.timestamp, m.value)
+        out[name] = [(step, value) for step, (_, value) in sorted(latest.items())]
+    return out
 
 
 # ================================================================== 10-crop examples
@@ -750,6 +766,7 @@ def _rebase(spec: str, workdir: Path) -> str:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(
         prog="python -m distalex.report", description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 2)[2].split("\nThe kernel picture")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("source", metavar="RUN_OR_CHECKPOINT",

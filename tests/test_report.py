@@ -248,6 +248,25 @@ def test_curves_cover_every_metric_the_run_has():
         "train/loss", "val/top1_error", "train/lr", "kernels/tower0_colour_energy", "kernels/tower1_colour_energy"]
 
 
+def test_resumed_steps_keep_the_value_logged_last():
+    """A job resumed from step 4 logs steps 5.. again; the curve follows the later values."""
+    from types import SimpleNamespace as NS
+
+    history = [NS(step=s, value=float(s), timestamp=s) for s in range(1, 8)]
+    history += [NS(step=s, value=-float(s), timestamp=100 + s) for s in range(5, 10)]
+
+    class Client:
+        def get_run(self, run_id):
+            return NS(data=NS(metrics={"train/loss": 0.0, "train/skipped_samples": 0.0}))
+
+        def get_metric_history(self, run_id, name):
+            assert name == "train/loss"
+            return history
+
+    assert report.read_histories(Client(), "r") == {
+        "train/loss": [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0)] + [(s, -float(s)) for s in range(5, 10)]}
+
+
 def test_ten_crop_from_image_files(tiny, tiny_shards, tmp_path, capsys):
     from distalex.data.info import read_info
     from distalex.data.loader import Segment, parse_sample, read_segment
