@@ -79,15 +79,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+# A Figure on the Agg canvas directly, never pyplot: no screen needed, no global backend or figure
+# state changed in the process that imports this (the training loop).
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
 from distalex.tracking import (
     METRIC_EPOCH_LOSS, METRIC_IMAGES_PER_S, METRIC_LOSS, METRIC_LR, METRIC_TOP1, METRIC_TOP5, METRIC_VAL_LOSS,
 )
-
-import matplotlib
-
-matplotlib.use("Agg")  # no screen; the pictures are files  # noqa: E402
-from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
 
 DPI = 100
 
@@ -693,25 +692,28 @@ def build_report(
         except ReportError as e:
             if model is None:  # the run is all there is: nothing to show
                 raise
-            results["curves"] = str(e)
+            results["curves"] = f"{e} (pass --tracking-uri)"
     else:
         results["curves"] = source.why.get("curves", "no MLflow run")
 
-    # 10-crop examples.
+    # 10-crop examples. Images the user named must work; the run's own shards may have moved.
     if model is None:
         results["ten_crop"] = source.why.get("ten_crop", "no weights")
+    elif not (images or val_shards or source.cfg is not None):
+        results["ten_crop"] = "no validation images: pass --images or --val-shards"
     else:
         data_cfg = _data_config(source, val_shards, resize)
-        if images:
-            examples = examples_from_files(images, num_images, source.classes)
-        elif val_shards or source.cfg is not None:
-            examples = examples_from_shards(data_cfg.val_shards, num_images)
-        else:
-            examples = []
-            results["ten_crop"] = "no validation images: pass --images or --val-shards"
-        if examples:
+        try:
+            if images:
+                examples = examples_from_files(images, num_images, source.classes)
+            else:
+                examples = examples_from_shards(data_cfg.val_shards, num_images)
             result = ten_crop_predict(model, examples, data_cfg.resize, data_cfg)
             results["ten_crop"] = plot_ten_crop(result, examples, source.classes, out / "ten_crop.png")
+        except ReportError as e:
+            if images or val_shards:
+                raise
+            results["ten_crop"] = f"{e} (pass --images or --val-shards)"
     return results
 
 

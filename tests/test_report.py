@@ -332,6 +332,22 @@ def test_checkpoint_without_conv1_is_a_clear_error(tiny, tmp_path, capsys):
     assert code == 2 and "conv1.weight" in err, err
 
 
+def test_moved_checkpoint_still_gives_kernels_and_says_what_is_missing(tiny, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    moved = tmp_path / "elsewhere" / tiny["ckpt"].name
+    shutil.copytree(tiny["ckpt"], moved)  # without the run's data/ and runs/mlflow.db beside it
+    code, out, err = run_cli([str(moved), "--out", str(tmp_path / "o")], capsys)
+    assert code == 0, err
+    assert read_png(tmp_path / "o" / "kernels.png").size > 0
+    assert "curves: skipped: " in out and "no MLflow database" in out
+    assert "ten_crop: skipped: " in out and "not found" in out and "--val-shards" in out
+    # naming the images explicitly makes a bad path an error, not a skip
+    code, out, err = run_cli([str(moved), "--out", str(tmp_path / "o"), "--val-shards", str(tmp_path / "nowhere")], capsys)
+    assert code == 2 and "nowhere" in err
+
+
 def test_unreadable_and_missing_files_are_clear_errors(tiny, tmp_path, capsys):
     junk = tmp_path / "model.pt"
     junk.write_bytes(b"not a torch file at all")
