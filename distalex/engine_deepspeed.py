@@ -14,13 +14,16 @@ gradients together, with no error. With it:
 
 The optimizer is the paper's SGD from ``distalex.engine.build_optimizer``; ZeRO wraps it and keeps
 its hyper-parameters in the same ``param_groups``. The model stays float32 inside DeepSpeed (its
-weights are the master weights); on CUDA the forward runs under bf16 autocast exactly as in
-``DDPEngine``, so the two engines compute the same numbers and differ only in who averages the
-gradients and who holds the momentum.
+weights are the master weights). With bf16 (CUDA), the forward runs under torch autocast as in
+``DDPEngine``, but through DeepSpeed's ``torch_autocast`` section: DeepSpeed's forward turns an
+autocast opened outside it *off* unless that section is enabled. Its ``lower_precision_safe_modules``
+is empty so that every gradient is still averaged in float32, as DDP does; the two engines then
+compute the same numbers and differ only in who averages the gradients and who holds the momentum.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -113,8 +116,9 @@ def _import_deepspeed(device: torch.device):
     return deepspeed
 
 
-def deepspeed_config(cfg: Config, dims: ParallelDims) -> dict:
-    """The DeepSpeed config for one run: ZeRO over dp, the per-dp-rank batch, no clipping, fp32 weights."""
+def deepspeed_config(cfg: Config, dims: ParallelDims, autocast_dtype: torch.dtype | None = None) -> dict:
+    """The DeepSpeed config for one run: ZeRO over dp, the per-dp-rank batch, no clipping, fp32
+    weights and gradient averaging, torch autocast to ``autocast_dtype`` in the forward if given."""
     if cfg.train.batch_size % dims.dp:
         raise ValueError(f"train.batch_size={cfg.train.batch_size} is not divisible by dp={dims.dp}")
     micro = cfg.train.batch_size // dims.dp
@@ -125,9 +129,14 @@ def deepspeed_config(cfg: Config, dims: ParallelDims) -> dict:
         "gradient_clipping": 0.0,
         "zero_optimization": {"stage": cfg.train.zero_stage},
         "zero_allow_untested_optimizer": True,  # torch SGD is not on DeepSpeed's list
-        # bf16 is torch autocast around the forward (Engine.autocast), not DeepSpeed's bf16 mode
+        # Mixed precision is torch autocast in the forward, not DeepSpeed's bf16 mode (bf16 weights).
         "bf16": {"enabled": False},
         "fp16": {"enabled": False},
+        "torch_autocast": {
+            "enabled": autocast_dtype is not None,
+            "dtype": str(autocast_dtype or torch.float32),
+            "lower_precision_safe_modules": [],  # no parameter's gradient is reduced in bf16
+        },
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
         "log_level": "warning",
@@ -156,11 +165,12 @@ class DeepSpeedEngine(Engine):
         self.module = module
         self.mpu = ParallelDimsMPU(dims)
         self.optimizer = build_optimizer(module.parameters(), cfg)
+        self.device = dims.device
         self.autocast_dtype = autocast_dtype_for(cfg, dims.device)
         self.model, self.ds_optimizer, _, _ = deepspeed.initialize(
             model=module,
             optimizer=self.optimizer,
-            config=deepspeed_config(cfg, dims),
+            config=deepspeed_config(cfg, dims, self.autocast_dtype),
             mpu=self.mpu,
             dist_init_required=False,  # init_parallel (or _ensure_process_group) made the group
         )
@@ -170,10 +180,17 @@ class DeepSpeedEngine(Engine):
                 f"the layout is dp={dims.dp} x tp={dims.tp}"
             )
 
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
     def train_step(self, images, labels):
+        # DeepSpeed's forward opens its own autocast (same dtype); this one is for the loss, which
+        # autocast computes in float32 from the bf16 logits, as in DDPEngine.
         with self.autocast():
             loss = F.cross_entropy(self.model(images), labels)
-        self.model.backward(loss)  # ZeRO averages (ZeRO-2: reduce-scatters) gradients over dp here
+        self.model.backward(loss)  # ZeRO averages gradients over dp here (ZeRO-2 keeps its partition only)
         self.model.step()  # SGD on this dp rank's partition, then all-gather of the weights over dp
         return loss.detach()
 

@@ -5,11 +5,14 @@ DeepSpeed's start-up is the slow part: the ``ddp`` engine, then for each ZeRO st
 ``deepspeed`` engine that trains, saves half way and trains on, and a freshly built one that loads
 the checkpoint and trains the second half. Same seed, dropout off, the paper's SGD (momentum,
 weight decay) with an LR drop half way, set through ``engine.lr`` as the training loop does.
+At dp=2 a last engine runs the bf16 path CUDA takes (autocast inside DeepSpeed's forward, float32
+gradient averaging) on the CPU.
 
 Tolerances:
 - ddp vs deepspeed, per rank: losses and gathered weights within ENGINE_RTOL = 1e-6 relative
   (max|a - b| <= 1e-6 * max|b|). Both average two gradients over dp and run torch's SGD on the
-  same values; only ZeRO's flat buffers and its reduction order could differ (measured: equal).
+  same values; only ZeRO's flat buffers and its reduction order could differ (measured: bitwise equal,
+  both stages, both layouts).
 - vs the serial net (tp=1, one process, whole batch): RTOL = 1e-5 relative, as in
   test_tensor_parallel.py (the reductions' summation order differs).
 - resume vs uninterrupted: exactly equal (same process layout, same operations).
@@ -211,7 +214,40 @@ def engines_worker(tp: int, folder: str) -> dict:
         res["resumed_local_losses"] = run_steps(fresh, x, y, range(SAVE_AFTER, STEPS))
         res["resumed_local_weights"] = local_state(fresh.module)
         out[f"zero{stage}"] = res
+    if tp == 1:  # last: DeepSpeed keeps process-wide state once its autocast is on
+        out["bf16"] = bf16_step(dims, x, y)
     return out
+
+
+def bf16_step(dims, x, y) -> dict:
+    """The bf16 path CUDA takes, run on the CPU: bf16 inside the model, float32 loss and gradient
+    averaging. (DeepSpeed's forward switches off an autocast opened outside it unless configured.)"""
+    import distalex.engine_deepspeed as eds
+
+    eds.autocast_dtype_for = lambda cfg, device: torch.bfloat16  # what CUDA gets; this process only
+    engine = eds.DeepSpeedEngine(parallelize(tiny_model(), dims.tp_group), make_cfg("deepspeed", 1), dims)
+    dtypes = {}
+
+    def record(name):
+        def hook(_module, _inputs, output):
+            dtypes[name] = output.dtype
+
+        return hook
+
+    for name in ("conv1", "fc8"):
+        getattr(engine.module, name).register_forward_hook(record(name))
+    with torch.no_grad():
+        engine.model(x)  # DeepSpeed's forward alone, no autocast opened outside it
+    inner = dict(dtypes)
+    loss = engine.train_step(x, y)
+    return {
+        "inner_activation_dtypes": inner,
+        "activation_dtypes": dtypes,
+        "loss_dtype": loss.dtype,
+        "loss": loss.item(),
+        "reduce_dtypes": set(engine.model.optimizer.ipg_buckets),
+        "param_dtypes": {p.dtype for p in engine.module.parameters()},
+    }
 
 
 # ---------------------------------------------------------------------------- tests
@@ -301,3 +337,20 @@ def test_resume_equals_uninterrupted(layout, stage):
         model = ds["shard_file"]["model"]
         assert model.keys() == ds["saved_weights"].keys()
         assert all(torch.equal(model[k], ds["saved_weights"][k]) for k in model)
+
+
+def test_bf16_computes_in_bf16_and_averages_in_fp32(layout):
+    name, runs = layout
+    if "bf16" not in runs[0]:
+        assert LAYOUTS[name][1] > 1  # checked at tp=1 only (the dp2 layout)
+        return
+    for run in runs:
+        bf16 = run["bf16"]
+        # DeepSpeed's forward autocasts by itself (on CUDA it would switch an outer autocast off)
+        assert bf16["inner_activation_dtypes"] == {"conv1": torch.bfloat16, "fc8": torch.bfloat16}
+        assert bf16["activation_dtypes"] == {"conv1": torch.bfloat16, "fc8": torch.bfloat16}
+        assert bf16["loss_dtype"] == torch.float32
+        assert bf16["reduce_dtypes"] == {torch.float32}
+        assert bf16["param_dtypes"] == {torch.float32}
+        fp32 = run["ddp"]["local_losses"][0]
+        assert bf16["loss"] != fp32 and abs(bf16["loss"] - fp32) < 0.05 * fp32, (bf16["loss"], fp32)
