@@ -46,10 +46,13 @@ CHECKPOINT_DIR, CHECKPOINT_TAG = "deepspeed", "zero"
 class ParallelDimsMPU:
     """The model-parallel unit DeepSpeed queries, answered from ``ParallelDims``.
 
-    "Model parallel" is our tensor parallelism (no pipeline stages). These are the methods
-    DeepSpeed 0.19 calls on an mpu for ZeRO-1/2 training and checkpoints; the optional ones it
-    probes with ``hasattr`` (sequence parallelism, ``initialize_sequence_parallel``) are left out
-    on purpose, because their presence switches DeepSpeed to other code paths.
+    "Model parallel" is our tensor parallelism (no pipeline stages). DeepSpeed 0.19, for ZeRO-1/2
+    training and checkpoints, calls get_data_parallel_{group,world_size},
+    get_model_parallel_{group,rank,world_size}, get_tensor_model_parallel_{rank,world_size} and
+    get_pipeline_model_parallel_world_size; the rest below serve its other paths (data loader,
+    broadcasts) and Megatron-style callers. The ones it probes with ``hasattr``
+    (``initialize_sequence_parallel``, get_sequence_[data_]parallel_*) are left out on purpose: their
+    presence switches DeepSpeed to sequence-parallel code paths.
     """
 
     def __init__(self, dims: ParallelDims):
