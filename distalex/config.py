@@ -39,6 +39,8 @@ class ModelConfig(Section):
     """Dropout on fc6 and fc7 outputs (the paper: 0.5)."""
     lrn: bool = True
     """Local response normalisation after conv1 and conv2 (the paper: on)."""
+    init: Literal["paper", "kaiming"] = "paper"
+    """paper: N(0, 0.01) weights, biases 1 in conv2/4/5 and fc6/7. kaiming: for narrow variants."""
 
 
 class ParallelConfig(Section):

@@ -115,8 +115,10 @@ class AlexNet(nn.Module):
         image_size: int = 224,
         dropout: float = 0.5,
         lrn: bool = True,
+        init: str = "paper",
     ):
         super().__init__()
+        self.init = init
         self.towers, self.image_size = towers, image_size
         ch = {k: towers * max(1, round(v * width)) for k, v in PER_TOWER.items()}
         side = feature_map_sizes(image_size)["pool5"]
@@ -139,11 +141,23 @@ class AlexNet(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """The paper: weights N(0, 0.01); biases 1 in conv2, conv4, conv5, fc6, fc7, else 0."""
+        """``paper``: weights N(0, 0.01); biases 1 in conv2, conv4, conv5, fc6, fc7, else 0.
+
+        ``kaiming``: weights N(0, 2 / fan_in), biases 0. For narrow variants (width < 1), where a
+        fixed std of 0.01 shrinks the signal layer after layer until the constant biases decide
+        every output and the loss sits at ln(classes).
+        """
+        if self.init not in ("paper", "kaiming"):
+            raise ValueError(f"init must be 'paper' or 'kaiming', got {self.init!r}")
         for name, m in self.named_children():
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
+            if not isinstance(m, (nn.Conv2d, nn.Linear)):
+                continue
+            if self.init == "paper":
                 nn.init.normal_(m.weight, mean=0.0, std=0.01)
                 nn.init.constant_(m.bias, 1.0 if name in BIAS_ONE_LAYERS else 0.0)
+            else:
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+                nn.init.zeros_(m.bias)
 
     def reseed_dropout(self, seed: int) -> None:
         """Seed the dropout masks (the same seed on every tp rank of a data-parallel group)."""
@@ -173,6 +187,7 @@ def build_model(model_cfg) -> AlexNet:
         image_size=model_cfg.image_size,
         dropout=model_cfg.dropout,
         lrn=model_cfg.lrn,
+        init=model_cfg.init,
     )
 
 
