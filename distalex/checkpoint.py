@@ -250,6 +250,8 @@ def load_serial_state(path: str | Path) -> tuple[dict[str, torch.Tensor], Config
             raise CheckpointError(f"{f}: unreadable shard ({type(e).__name__}: {e})") from None
     state = {}
     for name, dim in meta["partition"].items():
+        if any(name not in s for s in shards):
+            raise CheckpointError(f"{folder}: {META} lists {name} but a shard lacks it")
         parts = [s[name] for s in shards]
         state[name] = parts[0] if dim is None else torch.cat(parts, dim=dim)
     return state, cfg, meta.get("classes", [])

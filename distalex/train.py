@@ -100,7 +100,7 @@ def build_parallel_model(cfg: Config, dims: ParallelDims):
     return model
 
 
-def setup(cfg: Config, dims: ParallelDims) -> Run:
+def setup(cfg: Config, dims: ParallelDims, stop: StopRequested) -> Run:
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
     info = read_info(cfg.data.train_shards)
@@ -132,7 +132,7 @@ def setup(cfg: Config, dims: ParallelDims) -> Run:
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
         if resume is None:
             tracker.log_text(to_yaml(cfg), "config.yaml")
-    return Run(cfg, dims, engine, train_loader, val_loader, checkpoints, state, streams, lighting, tracker, run_dir, info.classes, StopRequested())
+    return Run(cfg, dims, engine, train_loader, val_loader, checkpoints, state, streams, lighting, tracker, run_dir, info.classes, stop)
 
 
 def dropouts(model):
@@ -169,9 +169,7 @@ def train_epoch(run: Run, progress) -> tuple[float, bool]:
         state.skipped_samples = batch.skipped
         last = state.step_in_epoch == steps or state.step == cfg.train.max_steps
         if window_n == cfg.train.log_every or last:
-            mean = mean_over_dp(window_sum / window_n, dims)  # sync point
-            if not math.isfinite(mean):
-                raise Diverged(f"loss is {mean} at step {state.step} (epoch {state.epoch})")
+            mean = checked_loss(window_sum, window_n, run)  # sync point
             elapsed = time.perf_counter() - window_t
             ips = window_n * images_per_step / max(elapsed, 1e-9)
             run.tracker.log_metrics(
@@ -187,7 +185,8 @@ def train_epoch(run: Run, progress) -> tuple[float, bool]:
             progress.update(1)
         stopping = dims.any_rank(run.stop.requested)
         if not last and (stopping or (cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0)):
-            flush_window(run, window_sum, window_n)
+            if window_n:  # a checkpoint is only written from finite losses
+                checked_loss(window_sum, window_n, run)
             save(run)
         if stopping:
             return epoch_sum / max(epoch_n, 1), True
@@ -196,10 +195,12 @@ def train_epoch(run: Run, progress) -> tuple[float, bool]:
     return epoch_sum / max(epoch_n, 1), False
 
 
-def flush_window(run: Run, window_sum: torch.Tensor, window_n: int) -> None:
-    """Before a checkpoint: make sure no NaN slipped in since the last check (a checkpoint is good)."""
-    if window_n and not math.isfinite(mean_over_dp(window_sum / window_n, run.dims)):
-        raise Diverged(f"loss is not finite before the checkpoint at step {run.state.step}")
+def checked_loss(window_sum: torch.Tensor, window_n: int, run: Run) -> float:
+    """The mean loss of the window over all dp groups; raises Diverged if it is NaN or inf."""
+    mean = mean_over_dp(window_sum / window_n, run.dims)
+    if not math.isfinite(mean):
+        raise Diverged(f"loss is {mean} at step {run.state.step} (epoch {run.state.epoch + 1})")
+    return mean
 
 
 def mean_over_dp(value: torch.Tensor, dims: ParallelDims) -> float:
@@ -275,8 +276,8 @@ def finish(run: Run) -> Path | None:
     return path
 
 
-def train(cfg: Config, dims: ParallelDims) -> int:
-    run = setup(cfg, dims)
+def train(cfg: Config, dims: ParallelDims, stop: StopRequested) -> int:
+    run = setup(cfg, dims, stop)
     state = run.state
     steps = run.train_loader.steps_per_epoch
     total = cfg.train.max_steps or cfg.train.epochs * steps
@@ -324,6 +325,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m distalex.train", description=__doc__.split("\n\n")[0])
     add_config_args(parser)
     args = parser.parse_args(argv)
+    stop = StopRequested()  # first: a SIGTERM during start-up still ends in a clean save and exit
     cfg = config_from_args(args)  # exits 2 on a bad config, before any process group exists
     try:
         dims = init_parallel(cfg.parallel.tp, cfg.model.towers, cfg.parallel.device, cfg.parallel.timeout_s)
@@ -331,7 +333,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
     try:
-        code = train(cfg, dims)
+        code = train(cfg, dims, stop)
     except (ConfigError, DataError, CheckpointError, ParallelConfigError) as e:
         print(f"error (rank {dims.rank}): {e}", file=sys.stderr, flush=True)
         code = EXIT_BAD_INPUT
