@@ -29,6 +29,7 @@ class Engine:
     """Forward, backward and optimizer step for one training batch, plus save/load of this rank's share."""
 
     module: nn.Module  # the (tensor-parallel) AlexNet itself, unwrapped
+    optimizer: torch.optim.Optimizer  # the paper's SGD (build_optimizer)
     autocast_dtype: torch.dtype | None = None
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -37,11 +38,12 @@ class Engine:
 
     @property
     def lr(self) -> float:
-        raise NotImplementedError
+        return self.optimizer.param_groups[0]["lr"]
 
     @lr.setter
     def lr(self, value: float) -> None:
-        raise NotImplementedError
+        for group in self.optimizer.param_groups:  # with ZeRO too: it steps with these groups
+            group["lr"] = value
 
     def save(self, folder: Path, dims: ParallelDims) -> None:
         """Write this rank's model shard and optimizer state into ``folder`` (every rank calls)."""
@@ -91,15 +93,6 @@ class DDPEngine(Engine):
         loss.backward()  # DDP averages gradients over the dp group here
         self.optimizer.step()
         return loss.detach()
-
-    @property
-    def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
-
-    @lr.setter
-    def lr(self, value: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = value
 
     def save(self, folder: Path, dims: ParallelDims) -> None:
         if dims.dp_rank == 0:

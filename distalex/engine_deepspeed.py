@@ -197,15 +197,6 @@ class DeepSpeedEngine(Engine):
         self.model.step()  # SGD on this dp rank's partition, then all-gather of the weights over dp
         return loss.detach()
 
-    @property
-    def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
-
-    @lr.setter
-    def lr(self, value: float) -> None:
-        for group in self.optimizer.param_groups:  # the groups ZeRO steps with (it wraps this SGD)
-            group["lr"] = value
-
     def save(self, folder: Path, dims: ParallelDims) -> None:
         folder = Path(folder)
         self.model.save_checkpoint(str(folder / CHECKPOINT_DIR), tag=CHECKPOINT_TAG, save_latest=False)
