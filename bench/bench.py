@@ -1,0 +1,394 @@
+"""Training-step images/s of distalex's AlexNet and torchvision's, on whatever device is present.
+
+    python bench/bench.py                       # full size: width 1, 224 px, batch 128
+    python bench/bench.py --tiny                # CI smoke: width 1/16, 64 px, batch 8, < 60 s on a CPU
+    python bench/bench.py --only distalex/eager --batch 32 --json out.json
+
+One process, one row per setting, each a full training step (forward, cross-entropy, backward,
+SGD with momentum and weight decay) on a fixed random batch already on the device:
+
+- distalex's model (tp=1, towers=2: the paper's net in one process) and torchvision's ``alexnet``
+  side by side (below width 1, torchvision's modules with every width scaled alike); eager and
+  ``torch.compile``'d;
+- on CUDA: float32 and bf16 autocast, each in NCHW and channels_last; on the CPU: float32, and
+  channels_last eager where it runs;
+- distalex with ``model.lrn=False``, to show what LRN costs;
+- the tp=2 step on 2 processes (2 GPUs with nccl; with no GPU, 2 gloo CPU ranks with 1 thread each,
+  against the tp=1 rows' ``--threads``), global batch unchanged;
+- the input pipeline (bench/data.py's functions): JPEG decode + crop + flip in one process, and the
+  whole ``TrainLoader`` through shards with ``--data-workers`` workers.
+
+Timing: ``--warmup`` steps (compilation happens there, and is reported as ``first_step_s``), then
+``--windows`` windows of ``--iters`` steps, each closed by ``torch.cuda.synchronize()`` on CUDA;
+images/s is the median over the windows (all windows are in the JSON). Peak memory: on CUDA
+``torch.cuda.max_memory_allocated`` (reset per row); on the CPU the process's peak RSS (VmHWM,
+reset per row through /proc/self/clear_refs; else ru_maxrss since start), which includes the
+Python and torch runtime (~0.3-0.5 GB) as well as the model.
+
+Benchmarks print numbers; nothing here gates on timing. Exit status 1 only if a row that should
+run fails (an error, not a slow number).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import re
+import resource
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from results import provenance  # noqa: E402
+
+CLASSES = 1000
+FULL = dict(width=1.0, size=224, batch=128, warmup=3, iters=5, windows=5, data_images=400, compile_backend="inductor")
+TINY = dict(width=1 / 16, size=64, batch=8, warmup=1, iters=2, windows=3, data_images=24, compile_backend="aot_eager")
+
+
+# ------------------------------------------------------------------ memory
+
+
+def _vm_hwm_bytes() -> int | None:
+    try:
+        m = re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text())
+        return int(m.group(1)) * 1024 if m else None
+    except OSError:
+        return None
+
+
+def reset_peak(device: torch.device) -> str:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        return "cuda_max_memory_allocated"
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (and ru_maxrss) to the current RSS
+        return "peak_rss_since_row_start"
+    except OSError:
+        return "ru_maxrss_since_process_start"
+
+
+def peak_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated()
+    hwm = _vm_hwm_bytes()
+    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# ------------------------------------------------------------------ timing
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(step, images_per_step: int, warmup: int, iters: int, windows: int, device: torch.device) -> dict:
+    """Warm-up, then ``windows`` timed windows of ``iters`` steps; images/s = median over windows.
+
+    Also images per CPU-second of this process (all its threads), median over the windows: on a
+    CPU shared with other jobs it moves less than the wall-clock rate."""
+    t0 = time.perf_counter()
+    step()
+    sync(device)
+    first = time.perf_counter() - t0
+    for _ in range(warmup - 1):
+        step()
+    sync(device)
+    rates, cpu_rates = [], []
+    for _ in range(windows):
+        t0, c0 = time.perf_counter(), time.process_time()
+        for _ in range(iters):
+            step()
+        sync(device)
+        rates.append(images_per_step * iters / (time.perf_counter() - t0))
+        cpu_rates.append(images_per_step * iters / max(time.process_time() - c0, 1e-9))
+    med = statistics.median(rates)
+    return {"images_per_s": med, "step_ms": 1e3 * images_per_step / med, "window_images_per_s": rates,
+            "images_per_cpu_s": statistics.median(cpu_rates), "first_step_s": first}
+
+
+def make_model(kind: str, width: float, size: int, lrn: bool = True):
+    if kind == "distalex":
+        from distalex.model import AlexNet
+
+        return AlexNet(num_classes=CLASSES, towers=2, width=width, image_size=size, lrn=lrn)
+    if kind == "torchvision":
+        return torchvision_alexnet(width)
+    raise ValueError(kind)
+
+
+def torchvision_alexnet(width: float = 1.0):
+    """torchvision's ``alexnet`` (one tower, 64/192/384/256/256, no LRN, 4096-wide fc); below width 1
+    the same modules with every channel and fc width times ``width`` (torchvision has no such knob)."""
+    from torch import nn
+    from torchvision.models import alexnet
+
+    model = alexnet(num_classes=CLASSES)
+    if width == 1.0:
+        return model
+    ch = lambda c: max(1, round(c * width))  # noqa: E731
+    prev = 3
+    for i, m in enumerate(model.features):
+        if isinstance(m, nn.Conv2d):
+            model.features[i] = nn.Conv2d(prev, ch(m.out_channels), m.kernel_size, m.stride, m.padding)
+            prev = ch(m.out_channels)
+    linears = [i for i, m in enumerate(model.classifier) if isinstance(m, nn.Linear)]
+    fan_in = prev * 6 * 6  # after torchvision's AdaptiveAvgPool2d((6, 6))
+    for i in linears:
+        out = CLASSES if i == linears[-1] else ch(model.classifier[i].out_features)
+        model.classifier[i] = nn.Linear(fan_in, out)
+        fan_in = out
+    return model
+
+
+def train_step_fn(model, x, y, autocast_dtype, device):
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+
+    def step():
+        if autocast_dtype is not None:
+            with torch.autocast(device_type=device.type, dtype=autocast_dtype):
+                loss = F.cross_entropy(model(x), y)
+        else:
+            loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def batch_on(device, batch: int, size: int, channels_last: bool, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 3, size, size, generator=g).to(device)
+    y = torch.randint(0, CLASSES, (batch,), generator=g).to(device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, y
+
+
+def run_single(row: dict, a, device: torch.device) -> dict:
+    """One tp=1 row in this process."""
+    torch.manual_seed(0)
+    mem_kind = reset_peak(device)
+    model = make_model(row["model"], a.width, a.size, lrn=row["lrn"]).to(device).train()
+    if row["channels_last"]:
+        model = model.to(memory_format=torch.channels_last)
+    if row["compiled"]:
+        model = torch.compile(model, backend=a.compile_backend)
+    x, y = batch_on(device, a.batch, a.size, row["channels_last"])
+    dtype = torch.bfloat16 if row["dtype"] == "bf16" else None
+    out = measure(train_step_fn(model, x, y, dtype, device), a.batch, a.warmup, a.iters, a.windows, device)
+    out.update(peak_mem_bytes=peak_bytes(device), peak_mem_kind=mem_kind)
+    del model, x, y
+    return out
+
+
+# ------------------------------------------------------------------ tp=2
+
+
+def tp_worker(device_type: str, width: float, size: int, batch: int, warmup: int, iters: int, windows: int) -> dict:
+    """tp=2 on 2 processes (spawned by tests/distributed.run_workers: 1 CPU thread each)."""
+    from distalex.model import AlexNet
+    from distalex.parallel.dims import init_parallel
+    from distalex.parallel.plan import parallelize
+
+    dims = init_parallel(tp=2, towers=2, device=device_type)
+    device = dims.device
+    mem_kind = reset_peak(device)
+    torch.manual_seed(0)
+    model = parallelize(AlexNet(num_classes=CLASSES, towers=2, width=width, image_size=size), dims.tp_group).to(device).train()
+    x, y = batch_on(device, batch, size, channels_last=False)
+    out = measure(train_step_fn(model, x, y, None, device), batch, warmup, iters, windows, device)
+    out.update(peak_mem_bytes=peak_bytes(device), peak_mem_kind=mem_kind, rank=dims.rank)
+    return out
+
+
+def run_tp2(row: dict, a) -> dict:
+    from tests.distributed import run_workers
+
+    outs = run_workers(tp_worker, 2, row["device"], a.width, a.size, a.batch, a.warmup, a.iters, a.windows, timeout=a.tp_timeout)
+    # The ranks step in lockstep (every step has blocking collectives): report rank 0's rate and
+    # the larger of the two peaks.
+    out = dict(outs[0])
+    out["peak_mem_bytes"] = max(o["peak_mem_bytes"] for o in outs)
+    out["per_rank_images_per_s"] = [o["images_per_s"] for o in outs]
+    # CPU-seconds of the job are both ranks': images per (sum of their CPU time)
+    out["images_per_cpu_s"] = 1 / sum(1 / o["images_per_cpu_s"] for o in outs)
+    out.pop("rank", None)
+    return out
+
+
+# ------------------------------------------------------------------ input pipeline
+
+
+def run_data(row: dict, a, jpegs_cache: dict) -> dict:
+    import data  # bench/data.py
+
+    if "jpegs" not in jpegs_cache:
+        jpegs_cache["jpegs"] = data.imagenet_like(a.data_images)
+    jpegs = jpegs_cache["jpegs"]
+    mem_kind = reset_peak(torch.device("cpu"))
+    resize, size = a.data_resize, a.data_size
+    if row["name"].endswith("1proc"):
+        data._crop_all((jpegs[: min(10, len(jpegs))], resize, size, 1))  # warm-up
+        rates = []
+        for w in range(a.windows):
+            n, wall, cpu = data._crop_all((jpegs, resize, size, w))
+            rates.append(n / wall)
+        out = {"images_per_s": statistics.median(rates), "window_images_per_s": rates, "images_per_cpu_s": n / cpu}
+    else:
+        n, wall, cpu = data.bench_loader(jpegs, a.data_workers, resize, size, min(a.batch, 32))
+        out = {"images_per_s": n / wall, "window_images_per_s": [n / wall], "images_per_cpu_s": n / cpu,
+               "note": "one epoch, worker start-up included"}
+    out.update(step_ms=None, first_step_s=None, peak_mem_bytes=peak_bytes(torch.device("cpu")), peak_mem_kind=mem_kind + " (main process)")
+    return out
+
+
+# ------------------------------------------------------------------ the rows
+
+
+def plan_rows(device: torch.device, a) -> list[dict]:
+    rows = []
+
+    def add(model, compiled, dtype="fp32", channels_last=False, lrn=True, optional=False):
+        label = model if lrn else f"{model}-nolrn"
+        name = f"{label}/{'compiled' if compiled else 'eager'}/{dtype}" + ("/channels_last" if channels_last else "")
+        rows.append(dict(name=name, kind="step", model=model, compiled=compiled, dtype=dtype, channels_last=channels_last,
+                         lrn=lrn, tp=1, optional=optional))
+
+    if device.type == "cuda":
+        for model in ("distalex", "torchvision"):
+            for compiled in (False, True):
+                for dtype in ("fp32", "bf16"):
+                    for cl in (False, True):
+                        add(model, compiled, dtype, cl)
+        for compiled in (False, True):
+            add("distalex", compiled, "fp32", lrn=False)
+            add("distalex", compiled, "bf16", True, lrn=False)
+    else:
+        for model in ("distalex", "torchvision"):
+            add(model, False)
+            add(model, True)
+            add(model, False, channels_last=True, optional=True)  # "if it works" on the CPU
+        add("distalex", False, lrn=False)
+        add("distalex", True, lrn=False)
+
+    n_gpu = torch.cuda.device_count() if device.type == "cuda" else 0
+    tp_device = {"auto": "cuda" if n_gpu >= 2 else ("cpu" if device.type == "cpu" else None)}.get(a.tp2, a.tp2)
+    tp_row = dict(name="distalex-tp2/eager/fp32", kind="tp2", model="distalex", compiled=False, dtype="fp32",
+                  channels_last=False, lrn=True, tp=2, device=tp_device, optional=False)
+    if tp_device is None or tp_device == "off":
+        tp_row["skip"] = "off" if tp_device == "off" else f"needs 2 GPUs, found {n_gpu} (--tp2 cpu runs it on 2 CPU ranks)"
+    elif tp_device == "cuda" and n_gpu < 2:
+        tp_row["skip"] = f"needs 2 GPUs, found {n_gpu}"
+    rows.append(tp_row)
+    for name in ("data/decode+crop+flip/1proc", f"data/TrainLoader/{a.data_workers}workers"):
+        rows.append(dict(name=name, kind="data", model="-", compiled=False, dtype="uint8", channels_last=False, lrn=None,
+                         tp=None, optional=False, **({"skip": "--no-data"} if a.no_data else {})))
+    if a.only:
+        keep = [s for s in a.only.split(",") if s]
+        rows = [r for r in rows if any(k in r["name"] for k in keep)]
+    return rows
+
+
+def fmt_bytes(n) -> str:
+    return "-" if n is None else f"{n / 2**20:,.0f} MiB"
+
+
+def print_table(rows: list[dict]) -> None:
+    nan = float("nan")
+    print(f"\n{'row':42s} {'images/s':>10s} {'windows min-max':>17s} {'img/CPU-s':>10s} {'step ms':>9s} {'1st step s':>10s} "
+          f"{'peak mem':>11s}  status")
+    for r in rows:
+        w = r.get("window_images_per_s") or [nan]
+        val = lambda k: nan if r.get(k) is None else r[k]  # noqa: E731
+        print(f"{r['name']:42s} {val('images_per_s'):10.1f} {min(w):8.1f}-{max(w):<8.1f} {val('images_per_cpu_s'):10.1f} "
+              f"{val('step_ms'):9.1f} {val('first_step_s'):10.2f} {fmt_bytes(r.get('peak_mem_bytes')):>11s}  {r['status']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tiny", action="store_true", help="width 1/16, 64 px, batch 8, few iterations (CI smoke)")
+    p.add_argument("--width", type=float)
+    p.add_argument("--size", type=int, help="input side (224 full)")
+    p.add_argument("--batch", type=int, help="global batch per step (128 full)")
+    p.add_argument("--warmup", type=int)
+    p.add_argument("--iters", type=int, help="steps per timed window")
+    p.add_argument("--windows", type=int, help="timed windows; images/s is their median")
+    p.add_argument("--compile-backend", help="torch.compile backend (full: inductor; --tiny: aot_eager, which skips codegen)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads in this process (default: torch's)")
+    p.add_argument("--tp2", choices=("auto", "cpu", "cuda", "off"), default="auto",
+                   help="auto: 2 GPUs if present, 2 CPU ranks without CUDA, skipped on 1 GPU")
+    p.add_argument("--tp-timeout", type=float, default=900)
+    p.add_argument("--data-images", type=int)
+    p.add_argument("--data-workers", type=int, default=min(4, os.cpu_count() or 1))
+    p.add_argument("--no-data", action="store_true", help="skip the input-pipeline rows")
+    p.add_argument("--only", default="", help="comma-separated substrings: keep rows whose name contains one")
+    p.add_argument("--json", default=None, help="default bench/results-<device>.json")
+    a = p.parse_args(argv)
+    for k, v in (TINY if a.tiny else FULL).items():
+        if getattr(a, k, None) is None:
+            setattr(a, k, v)
+    a.data_resize, a.data_size = (72, 64) if a.tiny else (256, 224)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    prov = provenance(argv)
+    config = {k: getattr(a, k) for k in ("tiny", "width", "size", "batch", "warmup", "iters", "windows", "compile_backend",
+                                          "data_images", "data_workers", "data_resize", "data_size")}
+    config.update(device=str(device), torch_threads=torch.get_num_threads())
+    print(f"{prov['machine']}; torch {prov['torch']}; {prov['commit']}; load {prov['load_average_at_start']}")
+    print("config: " + ", ".join(f"{k}={v}" for k, v in config.items()), flush=True)
+
+    rows, failed, jpegs = plan_rows(device, a), False, {}
+    t_start = time.perf_counter()
+    for row in rows:
+        t0 = time.perf_counter()
+        if "skip" in row:
+            row["status"] = "skipped: " + row.pop("skip")
+        else:
+            try:
+                if row["kind"] == "step":
+                    row.update(run_single(row, a, device))
+                elif row["kind"] == "tp2":
+                    row.update(run_tp2(row, a))
+                else:
+                    row.update(run_data(row, a, jpegs))
+                row["status"] = "ok"
+            except Exception as e:  # noqa: BLE001 - a row's failure is reported, the others still run
+                msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+                if row["optional"]:
+                    row["status"] = "unsupported: " + msg
+                else:
+                    row["status"] = "error: " + msg
+                    failed = True
+                    traceback.print_exc()
+        row["row_wall_s"] = time.perf_counter() - t0
+        row.pop("optional", None)
+        print(f"  {row['name']:42s} {row.get('images_per_s', float('nan')):10.1f} images/s  "
+              f"({row['row_wall_s']:.1f} s)  {row['status']}", flush=True)
+    print_table(rows)
+
+    path = Path(a.json) if a.json else Path(__file__).resolve().parent / f"results-{device.type}.json"
+    path.write_text(json.dumps({"provenance": prov, "config": config, "rows": rows,
+                                "total_wall_s": time.perf_counter() - t_start}, indent=1, default=str))
+    print(f"\nwrote {path} ({time.perf_counter() - t_start:.0f} s)")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""A spy on torch.distributed: each collective's kind, group, tensors, phase and layer, for benchmarks.
+
+    with CollectiveSpy() as spy:
+        label_layers(model, spy)          # optional: which module each call belongs to
+        spy.phase = "fwd"; out = model(x)
+        spy.phase = "bwd"; loss.backward()
+    spy.calls  # [Call(kind, ranks, phase, layer, tensors=[(shape, dtype), ...]), ...]
+
+It wraps the real functions, which still run: nothing is faked. DDP's built-in gradient hook
+calls C++ directly; register ``recording_allreduce_hook`` on the DDP model to see it.
+(tests/test_tensor_parallel.py keeps its own, smaller spy: tests do not import bench/.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+SPIED = ("all_reduce", "all_gather_into_tensor", "reduce_scatter_tensor", "all_gather_single",
+         "reduce_scatter_single", "all_gather", "broadcast", "reduce_scatter", "all_to_all",
+         "all_to_all_single", "gather", "scatter", "reduce")
+# One kind for the old and the new (torch >= 2.14) names of the flat-tensor collectives.
+KIND = {"all_gather_single": "all_gather_into_tensor", "reduce_scatter_single": "reduce_scatter_tensor"}
+
+
+def _tensors(obj) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, (list, tuple)):
+        return [t for o in obj for t in _tensors(o)]
+    return []
+
+
+def nbytes(shape, dtype: torch.dtype) -> int:
+    return torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+
+
+@dataclass
+class Call:
+    kind: str
+    ranks: tuple[int, ...]
+    phase: str
+    layer: str
+    tensors: list[tuple[tuple[int, ...], torch.dtype]] = field(default_factory=list)
+    """Every tensor argument, in call order: (output, input) for the flat gather/reduce-scatter."""
+
+    @property
+    def n(self) -> int:
+        return len(self.ranks)
+
+    @property
+    def full_bytes(self) -> int:
+        """The size of the whole (un-split) tensor the collective is about: all-reduce and broadcast
+        its one buffer, all-gather its output, reduce-scatter its input."""
+        sizes = [nbytes(s, d) for s, d in self.tensors]
+        return max(sizes) if sizes else 0
+
+    @property
+    def sent_bytes(self) -> int:
+        """Bytes each rank sends with a ring (bandwidth-optimal) algorithm, for n ranks and a full
+        tensor of S bytes: all-reduce 2(n-1)/n S, all-gather and reduce-scatter (n-1)/n S,
+        broadcast S from the root (its peers relay in a pipelined ring; with n=2 they send 0)."""
+        s, n = self.full_bytes, self.n
+        if n <= 1:
+            return 0
+        if self.kind == "all_reduce":
+            return 2 * (n - 1) * s // n
+        if self.kind in ("all_gather_into_tensor", "reduce_scatter_tensor", "all_gather", "reduce_scatter"):
+            return (n - 1) * s // n
+        return s  # broadcast and the rest: the root's share, an upper bound for the others
+
+
+class CollectiveSpy:
+    """Records every torch.distributed collective made inside the ``with`` block."""
+
+    def __init__(self):
+        self.calls: list[Call] = []
+        self.phase, self.layer = "-", "-"
+        self._saved: dict[str, object] = {}
+
+    def __enter__(self):
+        for kind in SPIED:
+            real = getattr(dist, kind, None)
+            if real is None:
+                continue
+            self._saved[kind] = real
+
+            def spy(*args, _kind=KIND.get(kind, kind), _real=real, **kwargs):
+                group = kwargs.get("group")
+                ranks = tuple(dist.get_process_group_ranks(group)) if group is not None else tuple(range(dist.get_world_size()))
+                tensors = [t for a in (*args, *kwargs.values()) for t in _tensors(a)]
+                self.calls.append(Call(_kind, ranks, self.phase, self.layer, [(tuple(t.shape), t.dtype) for t in tensors]))
+                return _real(*args, **kwargs)
+
+            setattr(dist, kind, spy)
+        return self
+
+    def __exit__(self, *exc):
+        for kind, real in self._saved.items():
+            setattr(dist, kind, real)
+        self._saved.clear()
+
+
+def label_layers(model: torch.nn.Module, spy: CollectiveSpy) -> list:
+    """Name the module a collective belongs to, forward and backward.
+
+    Forward: a pre-hook, put first (before the hooks that gather an input), sets ``spy.layer``
+    (and ``spy.phase = "fwd"``). Backward: a hook on the module's output gradient sets them
+    (``"bwd"``) when autograd reaches the module;
+    on a chain (AlexNet) the module's own backward, and the collectives of its autograd pairs, run
+    next. Returns the handles (``h.remove()`` to undo).
+    """
+    handles = []
+    for name, mod in model.named_modules():
+        if not name or any(True for _ in mod.children()):
+            continue  # leaves only
+
+        def pre(_m, _args, name=name):
+            spy.phase, spy.layer = "fwd", name
+
+        def post(_m, _args, out, name=name):
+            if isinstance(out, torch.Tensor) and out.requires_grad:
+                out.register_hook(lambda _g: (setattr(spy, "phase", "bwd"), setattr(spy, "layer", name)) and None)
+
+        handles.append(mod.register_forward_pre_hook(pre, prepend=True))
+        handles.append(mod.register_forward_hook(post))
+    return handles
+
+
+def recording_allreduce_hook(group, spy: CollectiveSpy, layer: str = "DDP gradient bucket"):
+    """A DDP comm hook that averages each bucket over ``group`` with dist.all_reduce (what DDP's
+    default hook does in C++), so the spy sees the data-parallel gradient reduction too."""
+
+    def hook(state, bucket):
+        spy.layer = layer
+        buf = bucket.buffer().div_(dist.get_world_size(group))
+        return dist.all_reduce(buf, group=group, async_op=True).get_future().then(lambda fut: fut.value()[0])
+
+    return hook
