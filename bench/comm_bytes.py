@@ -151,7 +151,7 @@ def table(run: dict, scale: float) -> tuple[str, dict]:
         full = sum(b[1] for b in dp_buckets)
         sent = sum(b[2] for b in dp_buckets)
         ranks = list(dp_buckets[0][0].ranks)
-        lines.append(f"| all parameters ({len(dp_buckets)} DDP buckets) | all_reduce | bwd | dp {ranks} | "
+        lines.append(f"| all parameters (DDP buckets on the first step: {len(dp_buckets)}) | all_reduce | bwd | dp {ranks} | "
                      f"{full // 4:,} float32 gradients | {full:,} ({human(full)}) | {sent:,} ({human(sent)}) |")
     return "\n".join(lines), dict(totals)
 
