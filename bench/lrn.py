@@ -195,13 +195,13 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
-def check(fn, shape, scales=(1.0, 30.0, 300.0)) -> dict[str, float]:
+def check(fn, shape, device: torch.device, scales=(1.0, 30.0, 300.0)) -> dict[str, float]:
     """Worst output and input-gradient error against F.local_response_norm, over input scales."""
     worst_y = worst_g = 0.0
     small = (min(shape[0], 4), *shape[1:])
     for scale in scales:
-        x = relu_like(small, scale, seed=1).requires_grad_()
-        g = torch.randn(small, generator=torch.Generator().manual_seed(2))
+        x = relu_like(small, scale, seed=1).to(device).requires_grad_()
+        g = torch.randn(small, generator=torch.Generator().manual_seed(2)).to(device)
         y_ref = lrn_torch(x)
         (gx_ref,) = torch.autograd.grad(y_ref, x, g)
         y = fn(x)
@@ -210,19 +210,24 @@ def check(fn, shape, scales=(1.0, 30.0, 300.0)) -> dict[str, float]:
     return {"out_rel_err": worst_y, "grad_rel_err": worst_g}
 
 
-def _timed(step) -> tuple[float, float]:
-    """(wall seconds, CPU seconds of this process) of one call."""
+def _timed(step, device: torch.device) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) of one call; on CUDA both are wall, synchronised."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     t0, c0 = time.perf_counter(), time.process_time()
     step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return (time.perf_counter() - t0,) * 2
     return time.perf_counter() - t0, time.process_time() - c0
 
 
-def time_variants(fns: dict, shape, repeats: int, warmup: int = 2) -> dict[str, dict[str, float]]:
+def time_variants(fns: dict, shape, repeats: int, device: torch.device, warmup: int = 2) -> dict[str, dict[str, float]]:
     """Forward and forward+backward of every variant, round-robin (so load from other processes
     hits every variant alike); medians of wall and of CPU time, in ms."""
-    x = relu_like(shape, 30.0)
+    x = relu_like(shape, 30.0).to(device)
     xg = x.clone().requires_grad_()
-    g = torch.randn(shape)
+    g = torch.randn(shape).to(device)
     steps = {}
     for name, fn in fns.items():
         def fwd(fn=fn):
@@ -237,7 +242,7 @@ def time_variants(fns: dict, shape, repeats: int, warmup: int = 2) -> dict[str, 
     for i in range(warmup + repeats):
         for name in fns:
             for kind, step in steps[name].items():
-                wall, cpu = _timed(step)
+                wall, cpu = _timed(step, device)
                 if i >= warmup:
                     samples[name][kind][0].append(wall)
                     samples[name][kind][1].append(cpu)
@@ -254,22 +259,24 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd torch and shift (inductor)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (on CUDA the 'CPU' columns are synchronised wall time)")
     p.add_argument("--json", default=None, help="write the rows here too")
     a = p.parse_args(argv)
+    device = torch.device(a.device)
     torch.set_num_threads(a.threads)
     names = [n for n in a.variants.split(",") if n]
     fns = {n: VARIANTS[n] for n in names}
     if a.compile:
         fns.update({f"{n}+compile": torch.compile(VARIANTS[n], dynamic=False) for n in ("torch", "shift") if n in names})
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), float32, batch {a.batch}; median of {a.repeats} "
+    print(f"torch {torch.__version__}, {device}, {torch.get_num_threads()} thread(s), float32, batch {a.batch}; median of {a.repeats} "
           f"round-robin runs; speed-up = {names[0]} CPU time / variant CPU time")
     rows = []
     for layer, shape in paper_shapes(a.batch).items():
         print(f"\n{layer} {tuple(shape)}  ({torch.Size(shape).numel() * 4 / 2**20:.0f} MiB float32)")
         print(f"  {'variant':16s} {'fwd ms':>15s} {'fwd+bwd ms':>15s} {'speed-up (CPU)':>15s} {'out err':>9s} {'grad err':>9s}")
         print(f"  {'':16s} {'wall':>7s} {'CPU':>7s} {'wall':>7s} {'CPU':>7s} {'fwd':>7s} {'f+b':>7s}")
-        errs = {name: check(fn, shape) for name, fn in fns.items()}
-        times = time_variants(fns, shape, a.repeats)
+        errs = {name: check(fn, shape, device) for name, fn in fns.items()}
+        times = time_variants(fns, shape, a.repeats, device)
         base = times[names[0]]
         for name in fns:
             t, err = times[name], errs[name]
