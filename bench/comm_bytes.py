@@ -173,7 +173,8 @@ def main(argv: list[str] | None = None) -> None:
     full_param_bytes = count_parameters(AlexNet()) * 4
     scale = a.report_batch / a.batch
     out = [f"Measured on: {prov['machine']}; {prov['date']}; commit {prov['commit']}; torch {prov['torch']}.",
-           f"Command: `{prov['command']}`", ""]
+           f"Command: `{prov['command']}`", "",
+           'Columns: "tensor bytes" is the whole tensor a collective is about (all-reduce, broadcast: the buffer; all-gather: its output; reduce-scatter: its input); "sent/rank (ring)" is what each rank puts on the wire with a ring algorithm, 2(n-1)/n of it for an all-reduce and (n-1)/n for all-gather and reduce-scatter; a broadcast\'s root sends all of it (with n=2 its peer sends nothing). dir: fwd/bwd of the training step, data = the TrainLoader\'s batch broadcast, loop = the per-step stop flag.', ""]
     if scale != 1:
         out.append(f"**Run at global batch {a.batch} and scaled linearly to {a.report_batch}** (activation and input "
                    "collectives only; the dp gradient all-reduce does not depend on the batch).\n")
