@@ -6,7 +6,7 @@ The paper's AlexNet (width 1, 224 input, 2 towers) with tp=2 runs one real train
 gloo CPU processes (spawned like tests/distributed.py: dp x 2 of them), through the code a run
 uses: ``TrainLoader`` on JPEG shards (its uint8 batch broadcast over the tp group), ``normalize``,
 ``build_parallel_model`` and the engine's ``train_step`` (forward, backward, SGD), and the loop's
-per-step stop flag. A spy (bench/spy.py) wraps every torch.distributed collective and records its
+per-step stop flag. A spy (distalex/parallel/trace.py) wraps every torch.distributed collective and records its
 kind, group, tensors (shape, dtype), phase and layer; nothing is computed by hand.
 
 Global batch ``--batch`` (the paper: 128) is split over dp: dp=1 is one tp pair with 128 images,
@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 from results import RESULTS_MD, provenance, write_section  # noqa: E402
-from spy import Call, nbytes  # noqa: E402
+from distalex.parallel.trace import Call, nbytes  # noqa: E402
 
 TP = 2
 
@@ -63,7 +63,7 @@ def step_worker(global_batch: int, shards: str) -> dict:
     """One training step on this rank, under the spy. Runs in a spawned process."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import torch.distributed as dist
-    from spy import CollectiveSpy, label_layers, recording_allreduce_hook
+    from distalex.parallel.trace import CollectiveSpy, label_layers, recording_allreduce_hook
 
     from distalex.config import load_config
     from distalex.data.augment import normalize

@@ -20,7 +20,6 @@ Tolerances:
 
 from __future__ import annotations
 
-import inspect
 import os
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from distalex.config import Config
 from distalex.engine import DDPEngine, shard_file
 from distalex.parallel.dims import ParallelDims, init_parallel
 from distalex.parallel.plan import full_state_dict, parallelize
+from distalex.parallel.trace import CollectiveSpy
 from tests.distributed import run_workers
 from tests.test_tensor_parallel import BATCH, LR, MOMENTUM, RTOL, WD, assert_close_rel, data, tiny_model
 
@@ -75,57 +75,6 @@ def serial_reference() -> dict:
         losses += run_steps(engine, x, y, [step])
         norms.append(grad_norm(engine.module))
     return {"losses": losses, "grad_norms": norms, "weights": full_state_dict(engine.module, None)}
-
-
-# ---------------------------------------------------------------------------- collective spy
-
-SPIED = ("all_reduce", "all_gather_into_tensor", "reduce_scatter_tensor", "all_gather_single",
-         "reduce_scatter_single", "all_gather", "broadcast", "reduce_scatter", "reduce", "barrier",
-         "all_reduce_coalesced", "all_gather_object", "broadcast_object_list", "gather", "scatter",
-         "all_to_all", "all_to_all_single", "send", "recv", "isend", "irecv")
-
-
-class GroupSpy:
-    """Records (function, global ranks of its group) of each torch.distributed call while active.
-
-    DeepSpeed passes tensors by keyword and keeps references to some functions from its start-up,
-    so this wraps each function with its own signature to find ``group``, and is installed before
-    the engine is built. Calls nested inside a spied call (old names forwarding to new ones) are
-    recorded once. The real functions still run.
-    """
-
-    def __init__(self):
-        self.calls, self.active, self._depth, self._saved = [], False, 0, {}
-
-    def install(self):
-        for name in SPIED:
-            real = getattr(dist, name, None)
-            if real is None:
-                continue
-            self._saved[name] = real
-            setattr(dist, name, self._wrap(name, real))
-        self.active = True
-        return self
-
-    def _wrap(self, name, real):
-        sig = inspect.signature(real)
-
-        def spy(*args, **kwargs):
-            if self.active and self._depth == 0:
-                group = sig.bind(*args, **kwargs).arguments.get("group") or dist.group.WORLD
-                self.calls.append((name, tuple(dist.get_process_group_ranks(group))))
-            self._depth += 1
-            try:
-                return real(*args, **kwargs)
-            finally:
-                self._depth -= 1
-
-        return spy
-
-    def uninstall(self):
-        self.active = False
-        for name, real in self._saved.items():
-            setattr(dist, name, real)
 
 
 # ---------------------------------------------------------------------------- worker
@@ -173,7 +122,7 @@ def engines_worker(tp: int, folder: str) -> dict:
     for stage in STAGES:
         ckpt = os.path.join(folder, f"zero{stage}")
         world_pg = dist.group.WORLD
-        spy = GroupSpy().install()
+        spy = CollectiveSpy().install()
         try:
             ds = DeepSpeedEngine(parallelize(tiny_model(), dims.tp_group), make_cfg("deepspeed", tp, stage), dims)
             losses, norms = [], []
@@ -195,7 +144,7 @@ def engines_worker(tp: int, folder: str) -> dict:
             "grad_norms": norms,
             "weights": full_state_dict(ds.module, dims.tp_group),
             "local_weights": local_state(ds.module),
-            "collectives": spy.calls,
+            "collectives": [(c.kind, c.ranks) for c in spy.calls],
             "shard_file": torch.load(shard_file(Path(ckpt), dims.tp_rank), weights_only=True),
             "saved_weights": saved["weights"],
         }

@@ -17,6 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 from distalex.model import AlexNet, feature_map_sizes
 from distalex.parallel.dims import init_parallel
 from distalex.parallel.plan import full_grads, full_state_dict, parallelize
+from distalex.parallel.trace import CollectiveSpy, recording_allreduce_hook
 from tests.distributed import run_workers
 
 SEED, STEPS, BATCH, CLASSES, SIZE, WIDTH = 0, 3, 8, 10, 64, 1 / 16
@@ -72,55 +73,7 @@ def assert_runs_equal(run, ref):
         assert_close_rel(run["weights"][name], ref["weights"][name], f"weight {name}")
 
 
-# ---------------------------------------------------------------------------- collective spy
-
-SPIED = ("all_reduce", "all_gather_into_tensor", "reduce_scatter_tensor", "all_gather_single",
-         "reduce_scatter_single", "all_gather", "broadcast", "reduce_scatter", "all_to_all",
-         "all_to_all_single", "gather", "scatter", "reduce")
-# One kind for the old and new (torch >= 2.14) names of the flat-tensor collectives.
-KIND = {"all_gather_single": "all_gather_into_tensor", "reduce_scatter_single": "reduce_scatter_tensor"}
-
-
-class CollectiveLog:
-    """Records (kind, group's global ranks, tensor shape) of each torch.distributed call.
-
-    It wraps the real functions, which still run: nothing is faked.
-    """
-
-    def __init__(self):
-        self.calls, self._saved = [], {}
-
-    def __enter__(self):
-        for kind in SPIED:
-            real = getattr(dist, kind, None)
-            if real is None:
-                continue
-            self._saved[kind] = real
-
-            def spy(tensor, *args, _kind=KIND.get(kind, kind), _real=real, **kwargs):
-                group = kwargs.get("group")
-                ranks = tuple(dist.get_process_group_ranks(group)) if group is not None else tuple(range(dist.get_world_size()))
-                shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else ("list", len(tensor))
-                self.calls.append((_kind, ranks, shape))
-                return _real(tensor, *args, **kwargs)
-
-            setattr(dist, kind, spy)
-        return self
-
-    def __exit__(self, *exc):
-        for kind, real in self._saved.items():
-            setattr(dist, kind, real)
-
-
-def recording_dp_hook(dp_group):
-    """A DDP comm hook that averages each gradient bucket over the dp group with dist.all_reduce,
-    so the spy sees the data-parallel reduction too (DDP's built-in hook calls C++ directly)."""
-
-    def hook(state, bucket):
-        buf = bucket.buffer().div_(dist.get_world_size(dp_group))
-        return dist.all_reduce(buf, group=dp_group, async_op=True).get_future().then(lambda fut: fut.value()[0])
-
-    return hook
+# ---------------------------------------------------------------------------- collectives
 
 
 def expected_tp_calls(model: AlexNet, batch: int, tp_ranks: tuple) -> list:
@@ -131,7 +84,6 @@ def expected_tp_calls(model: AlexNet, batch: int, tp_ranks: tuple) -> list:
     fc, classes = model.fc6.weight.shape[0], model.fc8.weight.shape[0]
     tp = len(tp_ranks)
     return [
-        # (the spy records the first argument: the output of the flat gather and reduce-scatter)
         ("all_gather_into_tensor", tp_ranks, (c2_local * tp, batch, side, side)),
         ("all_reduce", tp_ranks, (batch, fc)),
         ("all_reduce", tp_ranks, (batch, classes)),
@@ -151,8 +103,9 @@ def tp_worker(tp: int, dropout: float = 0.0):
         per = BATCH // dims.dp
         x, y = x[dims.dp_rank * per : (dims.dp_rank + 1) * per], y[dims.dp_rank * per : (dims.dp_rank + 1) * per]
         model = DistributedDataParallel(model, process_group=dims.dp_group)
-        model.register_comm_hook(None, recording_dp_hook(dims.dp_group))
-    with CollectiveLog() as log:
+    with CollectiveSpy() as spy:
+        if dims.dp_enabled:  # DDP's own hook calls C++ directly; this one goes through the spy
+            model.register_comm_hook(None, recording_allreduce_hook(dims.dp_group, spy))
         F.cross_entropy(model(x), y).backward()
     model.zero_grad(set_to_none=True)
     result = train(model, x, y, dims.tp_group)
@@ -168,7 +121,8 @@ def tp_worker(tp: int, dropout: float = 0.0):
     tp_ranks = tuple(dist.get_process_group_ranks(dims.tp_group))
     dp_ranks = tuple(dist.get_process_group_ranks(dims.dp_group)) if dims.dp_enabled else ()
     result.update(
-        calls=log.calls,
+        # (kind, group, first tensor: the output of the flat gather and reduce-scatter)
+        calls=[(c.kind, c.ranks, c.tensors[0][0]) for c in spy.calls],
         expected_tp=expected_tp_calls(_module(model), x.shape[0], tp_ranks),
         tp_ranks=tp_ranks,
         dp_ranks=dp_ranks,

@@ -1,4 +1,4 @@
-"""A spy on torch.distributed: each collective's kind, group, tensors, phase and layer, for benchmarks.
+"""Record the collectives a piece of code makes: kind, group, tensors, phase and layer.
 
     with CollectiveSpy() as spy:
         label_layers(model, spy)          # optional: which module each call belongs to
@@ -6,21 +6,25 @@
         spy.phase = "bwd"; loss.backward()
     spy.calls  # [Call(kind, ranks, phase, layer, tensors=[(shape, dtype), ...]), ...]
 
-It wraps the real functions, which still run: nothing is faked. DDP's built-in gradient hook
-calls C++ directly; register ``recording_allreduce_hook`` on the DDP model to see it.
-(tests/test_tensor_parallel.py keeps its own, smaller spy: tests do not import bench/.)
+It wraps the real torch.distributed functions, which still run: nothing is faked. Each wrapper
+binds the function's own signature to find ``group`` (libraries such as DeepSpeed pass tensors by
+keyword), and a call made inside a spied call (an old name forwarding to a new one) is recorded
+once. DDP's built-in gradient hook calls C++ directly: register ``recording_allreduce_hook`` on the
+DDP model to see the data-parallel reduction too. Used by the tests and by bench/comm_bytes.py.
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
 SPIED = ("all_reduce", "all_gather_into_tensor", "reduce_scatter_tensor", "all_gather_single",
-         "reduce_scatter_single", "all_gather", "broadcast", "reduce_scatter", "all_to_all",
-         "all_to_all_single", "gather", "scatter", "reduce")
+         "reduce_scatter_single", "all_gather", "broadcast", "reduce_scatter", "reduce", "barrier",
+         "all_reduce_coalesced", "all_gather_object", "broadcast_object_list", "gather", "scatter",
+         "all_to_all", "all_to_all_single", "send", "recv", "isend", "irecv")
 # One kind for the old and the new (torch >= 2.14) names of the flat-tensor collectives.
 KIND = {"all_gather_single": "all_gather_into_tensor", "reduce_scatter_single": "reduce_scatter_tensor"}
 
@@ -73,34 +77,49 @@ class Call:
 
 
 class CollectiveSpy:
-    """Records every torch.distributed collective made inside the ``with`` block."""
+    """Records every torch.distributed call made while installed (``with`` block, or install/uninstall)."""
 
     def __init__(self):
         self.calls: list[Call] = []
         self.phase, self.layer = "-", "-"
         self._saved: dict[str, object] = {}
+        self._depth = 0
 
-    def __enter__(self):
-        for kind in SPIED:
-            real = getattr(dist, kind, None)
-            if real is None:
-                continue
-            self._saved[kind] = real
-
-            def spy(*args, _kind=KIND.get(kind, kind), _real=real, **kwargs):
-                group = kwargs.get("group")
-                ranks = tuple(dist.get_process_group_ranks(group)) if group is not None else tuple(range(dist.get_world_size()))
-                tensors = [t for a in (*args, *kwargs.values()) for t in _tensors(a)]
-                self.calls.append(Call(_kind, ranks, self.phase, self.layer, [(tuple(t.shape), t.dtype) for t in tensors]))
-                return _real(*args, **kwargs)
-
-            setattr(dist, kind, spy)
+    def install(self) -> "CollectiveSpy":
+        for name in SPIED:
+            real = getattr(dist, name, None)
+            if real is not None:
+                self._saved[name] = real
+                setattr(dist, name, self._wrap(KIND.get(name, name), real))
         return self
 
-    def __exit__(self, *exc):
-        for kind, real in self._saved.items():
-            setattr(dist, kind, real)
+    def uninstall(self) -> None:
+        for name, real in self._saved.items():
+            setattr(dist, name, real)
         self._saved.clear()
+
+    __enter__ = install
+
+    def __exit__(self, *exc):
+        self.uninstall()
+
+    def _wrap(self, kind, real):
+        sig = inspect.signature(real)
+
+        def spy(*args, **kwargs):
+            if self._depth == 0:
+                bound = sig.bind(*args, **kwargs).arguments
+                group = bound.get("group") or dist.group.WORLD
+                tensors = [t for a in bound.values() for t in _tensors(a)]
+                ranks = tuple(dist.get_process_group_ranks(group))
+                self.calls.append(Call(kind, ranks, self.phase, self.layer, [(tuple(t.shape), t.dtype) for t in tensors]))
+            self._depth += 1
+            try:
+                return real(*args, **kwargs)
+            finally:
+                self._depth -= 1
+
+        return spy
 
 
 def label_layers(model: torch.nn.Module, spy: CollectiveSpy) -> list:
