@@ -32,6 +32,7 @@ one after it (and its ``skipped`` count starts lower).
 from __future__ import annotations
 
 import logging
+import signal
 import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -243,6 +244,11 @@ class _TrainStream(IterableDataset):
 
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # the workers decode with PIL; torch ops here are tiny copies
+    # torchrun (killpg) and SLURM (every process of the step) send SIGTERM to these workers too;
+    # torch's worker handler dies on a SIGTERM that is not from its parent, and the training
+    # process then raises "DataLoader worker ... killed by signal" mid-checkpoint. The training
+    # process stops them itself after saving; SIGKILL still ends them.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _make_loader(dataset: IterableDataset, workers: int, device: torch.device) -> DataLoader:
