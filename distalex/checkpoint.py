@@ -50,6 +50,8 @@ class TrainState:
     epochs_since_best: int = 0
     mlflow_run_id: str | None = None
     skipped_samples: int = 0
+    epoch_loss_sum: float = 0.0  # loss x steps logged so far this epoch (the epoch's mean survives a restart)
+    epoch_loss_steps: int = 0
 
     def state_dict(self) -> dict:
         d = asdict(self)

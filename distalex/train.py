@@ -149,14 +149,12 @@ def broadcast_str(value: str | None, dims: ParallelDims) -> str | None:
     return box[0]
 
 
-def train_epoch(run: Run, progress) -> tuple[float, bool]:
-    """One epoch from the saved data position. Returns (mean loss, stopped early)."""
+def train_epoch(run: Run, progress) -> bool:
+    """The rest of the current epoch from the saved data position. Returns True if stopped by SIGTERM."""
     cfg, dims, state, engine = run.cfg, run.dims, run.state, run.engine
     steps = run.train_loader.steps_per_epoch
-    images_per_step = cfg.train.batch_size
     # The loss stays on the device and is read every log_every steps: reading it is a sync.
     window_sum, window_n, window_t = torch.zeros((), device=dims.device), 0, time.perf_counter()
-    epoch_sum, epoch_n = 0.0, 0
     for batch in run.train_loader.epoch(state.epoch, start_step=state.step_in_epoch):
         x = normalize(batch.images, train=True, data_cfg=cfg.data, generator=run.lighting)
         if dims.device.type == "cuda" and cfg.train.channels_last:
@@ -168,31 +166,32 @@ def train_epoch(run: Run, progress) -> tuple[float, bool]:
         state.step_in_epoch += 1
         state.skipped_samples = batch.skipped
         last = state.step_in_epoch == steps or state.step == cfg.train.max_steps
-        if window_n == cfg.train.log_every or last:
-            mean = checked_loss(window_sum, window_n, run)  # sync point
-            elapsed = time.perf_counter() - window_t
-            ips = window_n * images_per_step / max(elapsed, 1e-9)
+        stopping = dims.any_rank(run.stop.requested)  # agreed by every rank: they stop after the same step
+        if window_n == cfg.train.log_every or last or stopping:
+            mean = checked_loss(window_sum, window_n, run)  # sync point; a checkpoint only follows finite losses
+            ips = window_n * cfg.train.batch_size / max(time.perf_counter() - window_t, 1e-9)
             run.tracker.log_metrics(
                 {METRIC_LOSS: mean, METRIC_LR: engine.lr, METRIC_IMAGES_PER_S: ips, METRIC_SKIPPED: float(batch.skipped)},
                 step=state.step,
             )
             if progress is not None:
                 progress.set_postfix(loss=f"{mean:.4f}", lr=f"{engine.lr:.2e}", img_s=f"{ips:.0f}", refresh=False)
-            epoch_sum, epoch_n = epoch_sum + mean * window_n, epoch_n + window_n
+            state.epoch_loss_sum += mean * window_n
+            state.epoch_loss_steps += window_n
             window_sum.zero_()
             window_n, window_t = 0, time.perf_counter()
         if progress is not None:
             progress.update(1)
-        stopping = dims.any_rank(run.stop.requested)
-        if not last and (stopping or (cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0)):
-            if window_n:  # a checkpoint is only written from finite losses
+        periodic = cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0
+        if stopping or (periodic and not last):  # the epoch's end is saved after validation
+            if window_n:
                 checked_loss(window_sum, window_n, run)
             save(run)
         if stopping:
-            return epoch_sum / max(epoch_n, 1), True
+            return True
         if state.step == cfg.train.max_steps:
             break
-    return epoch_sum / max(epoch_n, 1), False
+    return False
 
 
 def checked_loss(window_sum: torch.Tensor, window_n: int, run: Run) -> float:
@@ -220,9 +219,10 @@ def save(run: Run) -> Path:
     return path
 
 
-def end_of_epoch(run: Run, train_loss: float, t0: float) -> None:
+def end_of_epoch(run: Run, t0: float) -> None:
     """Validate, adjust the LR on a plateau, log and print the epoch's line."""
     cfg, dims, state, engine = run.cfg, run.dims, run.state, run.engine
+    train_loss = state.epoch_loss_sum / max(state.epoch_loss_steps, 1)  # over restarts too
     result = evaluate(engine.module, run.val_loader, dims, cfg.data, autocast=engine.autocast)
     improved = result["top1_error"] < state.best_top1_error - 1e-6
     state.best_top1_error = min(state.best_top1_error, result["top1_error"])
@@ -291,17 +291,17 @@ def train(cfg: Config, dims: ParallelDims, stop: StopRequested) -> int:
     try:
         while state.epoch < cfg.train.epochs and (cfg.train.max_steps is None or state.step < cfg.train.max_steps):
             t0 = time.perf_counter()
-            train_loss, stopped = train_epoch(run, progress)
-            if stopped:
+            if train_epoch(run, progress):
                 status = "KILLED"
                 if dims.is_main:
                     print(f"stopped by SIGTERM at step {state.step}; resume continues from the checkpoint", flush=True)
                 return 0
             epoch_done = state.step_in_epoch == steps
             if epoch_done or state.step == cfg.train.max_steps:
-                end_of_epoch(run, train_loss, t0)
+                end_of_epoch(run, t0)
             if epoch_done:
                 state.epoch, state.step_in_epoch = state.epoch + 1, 0
+                state.epoch_loss_sum, state.epoch_loss_steps = 0.0, 0
             save(run)
         model_path = finish(run)
         status = "FINISHED"
