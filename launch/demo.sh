@@ -17,12 +17,20 @@ if [ ! -f "$DATA/shards/_info.json" ]; then
   $PYTHON -m distalex.data.make_shards "$DATA/src" "$DATA/shards" --max-count 300 --overwrite
 fi
 
+# A fresh run every time: a previous run's checkpoints would otherwise stay in runs/demo/checkpoints,
+# and when they have higher step numbers (a longer earlier run) they count as the latest, so
+# checkpoint.keep prunes the new run's checkpoints and the report draws the old run.
+rm -rf runs/demo
+
 echo "== training: torchrun --nproc_per_node=2 -m distalex.train --config configs/demo.yaml $*"
-$PYTHON -m torch.distributed.run --nproc_per_node=2 --max-restarts=0 \
+# --standalone: a free rendezvous port on this machine (plain torchrun wants port 29500 free)
+$PYTHON -m torch.distributed.run --standalone --nproc_per_node=2 --max-restarts=0 \
   -m distalex.train --config configs/demo.yaml --set checkpoint.resume=none "$@"
 
 echo "== evaluation of the exported serial model (tp=1), 10 crops"
-$PYTHON -m distalex.evaluate runs/demo/model.pt --ten-crop --set data.val_shards=$DATA/shards --set data.train_shards=$DATA/shards
+# The exported model carries only its model config: the data settings (shards, data.resize, mean)
+# come from the run's resolved config, else they would be the ImageNet defaults (resize 256).
+$PYTHON -m distalex.evaluate runs/demo/model.pt --ten-crop --config runs/demo/config.yaml --set parallel.tp=1
 
 echo "== report: conv1 kernels per tower, learning curves, 10-crop examples"
 $PYTHON -m distalex.report runs/demo/checkpoints --out runs/demo/report
