@@ -1,0 +1,41 @@
+"""The README's main job, run as the README says: it trains, evaluates and tracks the run.
+
+This is the longest test (a few minutes): the real demo config, the real script.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from tests.runs import REPO, run_env
+
+pytestmark = pytest.mark.slow
+
+# The README promises this (section "The demo"): far above chance (90% top-1 error).
+MAX_TOP1_ERROR = 25.0
+
+
+def test_demo_reaches_the_stated_accuracy_and_is_tracked():
+    proc = subprocess.run(["bash", "launch/demo.sh"], cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    line = [ln for ln in proc.stdout.splitlines() if "10-crop" in ln and "top-1 error" in ln][-1]
+    top1 = float(re.search(r"top-1 error ([\d.]+)%", line).group(1))
+    assert top1 <= MAX_TOP1_ERROR, line
+
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{REPO / 'runs' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("distalex")
+    run = client.search_runs([exp.experiment_id], filter_string="tags.mlflow.runName = 'demo'",
+                             order_by=["attributes.start_time DESC"], max_results=1)[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["parallel.tp"] == "2" and run.data.params["model.num_classes"] == "10"
+    assert len(client.get_metric_history(run.info.run_id, "train/loss")) >= 10
+    top1_curve = client.get_metric_history(run.info.run_id, "val/top1_error")
+    assert len(top1_curve) >= 2 and top1_curve[-1].value < top1_curve[0].value
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"model.pt", "config.yaml", "kernels"} <= artifacts
+    assert (REPO / "runs" / "demo" / "report" / "kernels.png").stat().st_size > 0
