@@ -336,6 +336,7 @@ def test_moved_checkpoint_still_gives_kernels_and_says_what_is_missing(tiny, tmp
     import shutil
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)  # no runs/mlflow.db in the working directory either (make demo leaves one)
     moved = tmp_path / "elsewhere" / tiny["ckpt"].name
     shutil.copytree(tiny["ckpt"], moved)  # without the run's data/ and runs/mlflow.db beside it
     code, out, err = run_cli([str(moved), "--out", str(tmp_path / "o")], capsys)
