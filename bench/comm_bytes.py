@@ -22,7 +22,6 @@ reduce-scatter (n-1)/n of it; a broadcast's root sends it all (its n=2 peer send
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
@@ -35,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 from results import RESULTS_MD, provenance, write_section  # noqa: E402
-from distalex.parallel.trace import Call, nbytes  # noqa: E402
+from distalex.parallel.trace import Call  # noqa: E402
 
 TP = 2
 

@@ -25,7 +25,7 @@ from distalex.config import Config, ConfigError, add_config_args, config_from_ar
 from distalex.data.augment import normalize
 from distalex.data.info import DataError, read_info
 from distalex.data.loader import TrainLoader, ValLoader
-from distalex.engine import Engine, autocast_dtype_for, build_engine
+from distalex.engine import Engine, build_engine
 from distalex.evaluate import evaluate
 from distalex.model import build_model
 from distalex.parallel.dims import ParallelConfigError, ParallelDims, destroy_parallel, init_parallel

@@ -11,7 +11,6 @@ import json
 import tarfile
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import webdataset as wds

@@ -33,7 +33,7 @@ from distalex.parallel.dims import ParallelDims, init_parallel
 from distalex.parallel.plan import full_state_dict, parallelize
 from distalex.parallel.trace import CollectiveSpy
 from tests.distributed import run_workers
-from tests.test_tensor_parallel import BATCH, LR, MOMENTUM, RTOL, WD, assert_close_rel, data, tiny_model
+from tests.test_tensor_parallel import BATCH, LR, MOMENTUM, WD, assert_close_rel, data, tiny_model
 
 STEPS, SAVE_AFTER = 4, 2  # checkpoint after step 2 of 4
 LR_DROP = 0.1  # engine.lr = LR * LR_DROP from step SAVE_AFTER on
