@@ -69,14 +69,14 @@ def step_worker(global_batch: int, shards: str) -> dict:
     from distalex.data.loader import TrainLoader
     from distalex.engine import build_engine
     from distalex.parallel.dims import init_parallel
-    from distalex.train import build_parallel_model, per_dp_batch
+    from distalex.train import build_parallel_model
 
     cfg = load_config(None, [
         f"train.batch_size={global_batch}", f"parallel.tp={TP}", "parallel.device=cpu",
         f"data.train_shards={shards}", "data.workers=0", "data.shuffle_buffer=0", "model.num_classes=1000",
     ])
     dims = init_parallel(tp=TP, towers=cfg.model.towers, device="cpu")
-    batch = per_dp_batch(cfg, dims)
+    batch = dims.per_dp_batch(cfg.train.batch_size)
     loader = TrainLoader(cfg.data, dims, batch, cfg.model.image_size, cfg.train.seed)
     model = build_parallel_model(cfg, dims)
     engine = build_engine(model, cfg, dims)

@@ -21,13 +21,16 @@ import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from distalex.config import Config
-from distalex.engine import Engine, shard_file
 from distalex.parallel.dims import ParallelDims
+
+if TYPE_CHECKING:
+    from distalex.engine.base import Engine
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 META = "meta.json"
@@ -85,8 +88,9 @@ class RandomStreams:
             g.set_state(state["own"][k])
 
 
-def checkpoint_root(cfg: Config) -> Path:
-    return Path(cfg.checkpoint.dir.format(run_name=cfg.run_name))
+def shard_file(folder: Path, tp_rank: int) -> Path:
+    """The model (and, with DDP, optimizer) file of one tensor-parallel shard in a checkpoint folder."""
+    return folder / f"model-tp{tp_rank:02d}.pt"
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -159,7 +163,7 @@ class CheckpointManager:
 
     def __init__(self, cfg: Config, dims: ParallelDims, classes: list[str] | None = None):
         self.cfg, self.dims, self.classes = cfg, dims, list(classes or [])
-        self.root = checkpoint_root(cfg)
+        self.root = cfg.checkpoint_dir
 
     def resume_path(self) -> Path | None:
         """``checkpoint.resume``: auto (latest complete, if any), none, or an explicit path."""

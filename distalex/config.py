@@ -129,6 +129,13 @@ class TrackingConfig(Section):
     run_name: str | None = None
 
 
+def towers_per_rank(towers: int, tp: int) -> int:
+    """Whole towers each tensor-parallel rank holds; a ValueError naming both keys if tp does not divide towers."""
+    if towers % tp:
+        raise ValueError(f"model.towers={towers} is not divisible by parallel.tp={tp}: each rank must hold whole towers")
+    return towers // tp
+
+
 class Config(Section):
     run_name: str = "alexnet"
     """Names the run directory runs/<run_name> and the MLflow run."""
@@ -142,12 +149,18 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _layout(self) -> "Config":
-        if self.model.towers % self.parallel.tp != 0:
-            raise ValueError(
-                f"parallel.tp={self.parallel.tp} does not divide model.towers={self.model.towers}: "
-                "each rank must hold whole towers"
-            )
+        towers_per_rank(self.model.towers, self.parallel.tp)
         return self
+
+    @property
+    def run_dir(self) -> Path:
+        """``runs/<run_name>``: the resolved config, kernel pictures and the exported model."""
+        return Path("runs") / self.run_name
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        """``checkpoint.dir`` with the run name filled in."""
+        return Path(self.checkpoint.dir.format(run_name=self.run_name))
 
 
 # ------------------------------------------------------------------ loading and overrides

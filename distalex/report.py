@@ -587,7 +587,7 @@ def _training_workdir(folder: Path, cfg) -> Path | None:
     Found by taking ``checkpoint.dir`` (e.g. ``runs/demo/checkpoints``) off the end of where the
     checkpoint is; None when the checkpoint was moved or the directory was absolute.
     """
-    rel = Path(cfg.checkpoint.dir.format(run_name=cfg.run_name))
+    rel = cfg.checkpoint_dir
     root = folder.resolve().parent
     if rel.is_absolute():
         return None
@@ -600,13 +600,12 @@ def _training_workdir(folder: Path, cfg) -> Path | None:
 def _run_tracking_uri(cfg, workdir: Path | None) -> str:
     """The tracking URI training used (``tracking.resolve_tracking_uri``), seen from the training directory."""
     from distalex.tracking import resolve_tracking_uri
-    from distalex.train import run_dir_of
 
     base = workdir or Path.cwd()
     uri = cfg.tracking.uri
     if uri and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):  # relative to training's directory
         return "sqlite:///" + str(base / uri[len("sqlite:///") :])
-    return resolve_tracking_uri(cfg, base / run_dir_of(cfg))
+    return resolve_tracking_uri(cfg, base / cfg.run_dir)
 
 
 def _from_run(run_id: str, tracking_uri: str | None) -> Source:

@@ -76,16 +76,6 @@ class Run:
     stop: StopRequested
 
 
-def run_dir_of(cfg: Config) -> Path:
-    return Path("runs") / cfg.run_name
-
-
-def per_dp_batch(cfg: Config, dims: ParallelDims) -> int:
-    if cfg.train.batch_size % dims.dp:
-        raise ParallelConfigError(f"train.batch_size={cfg.train.batch_size} is not divisible by dp={dims.dp}")
-    return cfg.train.batch_size // dims.dp
-
-
 def build_parallel_model(cfg: Config, dims: ParallelDims):
     """The full model from one seed on every rank, then this rank's towers (init independent of tp)."""
     torch.manual_seed(cfg.train.seed)
@@ -108,7 +98,7 @@ def setup(cfg: Config, dims: ParallelDims, stop: StopRequested) -> Run:
         raise DataError(
             f"{cfg.data.train_shards}: the shards hold {info.num_classes} classes but model.num_classes={cfg.model.num_classes}"
         )
-    batch = per_dp_batch(cfg, dims)
+    batch = dims.per_dp_batch(cfg.train.batch_size)
     train_loader = TrainLoader(cfg.data, dims, batch, cfg.model.image_size, cfg.train.seed)
     val_loader = ValLoader(cfg.data, dims, batch, cfg.model.image_size, ten_crop=cfg.train.eval_ten_crop)
     model = build_parallel_model(cfg, dims)
@@ -123,7 +113,7 @@ def setup(cfg: Config, dims: ParallelDims, stop: StopRequested) -> Run:
         if dims.is_main:
             print(f"resumed from {resume} (step {state.step}, epoch {state.epoch}, batch {state.step_in_epoch})", flush=True)
     engine.lr = state.lr
-    run_dir = run_dir_of(cfg)
+    run_dir = cfg.run_dir
     tracker = Tracker.start(cfg, dims, run_dir, run_id=state.mlflow_run_id)
     state.mlflow_run_id = tracker.run_id if dims.is_main else None
     state.mlflow_run_id = broadcast_str(state.mlflow_run_id, dims)

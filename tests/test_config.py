@@ -38,7 +38,7 @@ def test_wrong_type_and_impossible_value(tmp_path):
         load_config(None, ["train.batch_size=abc"])
     with pytest.raises(ConfigError, match=r"optim.momentum: .*less than 1"):
         load_config(write(tmp_path, "optim:\n  momentum: 1.5\n"))
-    with pytest.raises(ConfigError, match=r"parallel.tp=2 does not divide model.towers=3"):
+    with pytest.raises(ConfigError, match=r"model.towers=3 is not divisible by parallel.tp=2"):
         load_config(None, ["model.towers=3"])
 
 

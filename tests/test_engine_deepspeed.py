@@ -27,8 +27,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from distalex.checkpoint import shard_file
 from distalex.config import Config
-from distalex.engine import DDPEngine, shard_file
+from distalex.engine import DDPEngine
 from distalex.parallel.dims import ParallelDims, init_parallel
 from distalex.parallel.plan import full_state_dict, parallelize
 from distalex.parallel.trace import CollectiveSpy
@@ -117,7 +118,7 @@ def engines_worker(tp: int, folder: str) -> dict:
     losses = run_steps(ddp, x, y, range(STEPS))
     out["ddp"] = {"local_losses": losses, "losses": dp_mean(losses, dims), "weights": full_state_dict(ddp.module, dims.tp_group)}
 
-    from distalex.engine_deepspeed import DeepSpeedEngine
+    from distalex.engine.deepspeed import DeepSpeedEngine
 
     for stage in STAGES:
         ckpt = os.path.join(folder, f"zero{stage}")
@@ -171,7 +172,7 @@ def engines_worker(tp: int, folder: str) -> dict:
 def bf16_step(dims, x, y) -> dict:
     """The bf16 path CUDA takes, run on the CPU: bf16 inside the model, float32 loss and gradient
     averaging. (DeepSpeed's forward switches off an autocast opened outside it unless configured.)"""
-    import distalex.engine_deepspeed as eds
+    import distalex.engine.deepspeed as eds
 
     eds.autocast_dtype_for = lambda cfg, device: torch.bfloat16  # what CUDA gets; this process only
     engine = eds.DeepSpeedEngine(parallelize(tiny_model(), dims.tp_group), make_cfg("deepspeed", 1), dims)

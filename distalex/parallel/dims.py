@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from distalex.config import towers_per_rank
+
 
 class ParallelConfigError(ValueError):
     """A parallel layout that cannot work; raised before any collective is called."""
@@ -56,10 +58,10 @@ def check_layout(world_size: int, tp: int, towers: int) -> int:
         raise ParallelConfigError(f"parallel.tp must be >= 1, got {tp}")
     if towers < 1:
         raise ParallelConfigError(f"model.towers must be >= 1, got {towers}")
-    if towers % tp != 0:
-        raise ParallelConfigError(
-            f"model.towers={towers} is not divisible by parallel.tp={tp}: each rank must hold whole towers"
-        )
+    try:
+        towers_per_rank(towers, tp)
+    except ValueError as e:
+        raise ParallelConfigError(str(e)) from None
     if world_size % tp != 0:
         raise ParallelConfigError(
             f"world size {world_size} is not divisible by parallel.tp={tp}: "
@@ -100,10 +102,6 @@ class ParallelDims:
         return self.world_size > 1
 
     @property
-    def tp_enabled(self) -> bool:
-        return self.tp > 1
-
-    @property
     def dp_enabled(self) -> bool:
         return self.dp > 1
 
@@ -124,6 +122,12 @@ class ParallelDims:
     def tp_src(self) -> int:
         """Global rank of tp rank 0 in this process's tensor-parallel group (the data loader)."""
         return self.dp_rank * self.tp
+
+    def per_dp_batch(self, global_batch: int) -> int:
+        """Images per data-parallel group of ``train.batch_size`` (tp peers share their group's batch)."""
+        if global_batch % self.dp:
+            raise ParallelConfigError(f"train.batch_size={global_batch} is not divisible by dp={self.dp}")
+        return global_batch // self.dp
 
     def barrier(self) -> None:
         if self.distributed:

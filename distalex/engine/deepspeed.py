@@ -12,7 +12,7 @@ gradients together, with no error. With it:
 - ``save_checkpoint`` writes one model file per tp rank (``mp_rank_XX``) and one optimizer
   partition per (dp, tp) rank.
 
-The optimizer is the paper's SGD from ``distalex.engine.build_optimizer``; ZeRO wraps it and keeps
+The optimizer is the paper's SGD from ``distalex.engine.base.build_optimizer``; ZeRO wraps it and keeps
 its hyper-parameters in the same ``param_groups``. The model stays float32 inside DeepSpeed (its
 weights are the master weights). With bf16 (CUDA), the forward runs under torch autocast as in
 ``DDPEngine``, but through DeepSpeed's ``torch_autocast`` section: DeepSpeed's forward turns an
@@ -23,7 +23,6 @@ compute the same numbers and differ only in who averages the gradients and who h
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from pathlib import Path
@@ -33,8 +32,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from distalex.checkpoint import shard_file
 from distalex.config import Config
-from distalex.engine import Engine, autocast_dtype_for, build_optimizer, shard_file
+from distalex.engine.base import Engine, autocast_dtype_for, build_optimizer
 from distalex.parallel.dims import ParallelDims
 
 CHECKPOINT_DIR, CHECKPOINT_TAG = "deepspeed", "zero"
@@ -46,7 +46,7 @@ CHECKPOINT_DIR, CHECKPOINT_TAG = "deepspeed", "zero"
 class ParallelDimsMPU:
     """The model-parallel unit DeepSpeed queries, answered from ``ParallelDims``.
 
-    "Model parallel" is our tensor parallelism (no pipeline stages). DeepSpeed 0.19, for ZeRO-1/2
+    "Model parallel" is our tensor parallelism (no pipeline stages). DeepSpeed, for ZeRO-1/2
     training and checkpoints, calls get_data_parallel_{group,world_size},
     get_model_parallel_{group,rank,world_size}, get_tensor_model_parallel_{rank,world_size} and
     get_pipeline_model_parallel_world_size; the rest below serve its other paths (data loader,
@@ -122,9 +122,7 @@ def _import_deepspeed(device: torch.device):
 def deepspeed_config(cfg: Config, dims: ParallelDims, autocast_dtype: torch.dtype | None = None) -> dict:
     """The DeepSpeed config for one run: ZeRO over dp, the per-dp-rank batch, no clipping, fp32
     weights and gradient averaging, torch autocast to ``autocast_dtype`` in the forward if given."""
-    if cfg.train.batch_size % dims.dp:
-        raise ValueError(f"train.batch_size={cfg.train.batch_size} is not divisible by dp={dims.dp}")
-    micro = cfg.train.batch_size // dims.dp
+    micro = dims.per_dp_batch(cfg.train.batch_size)
     return {
         "train_batch_size": micro * dims.dp,
         "train_micro_batch_size_per_gpu": micro,
@@ -182,11 +180,6 @@ class DeepSpeedEngine(Engine):
                 f"DeepSpeed took dp={self.model.dp_world_size} x mp={self.model.mp_world_size}, "
                 f"the layout is dp={dims.dp} x tp={dims.tp}"
             )
-
-    def autocast(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
     def train_step(self, images, labels):
         # DeepSpeed's forward opens its own autocast (same dtype); this one is for the loss, which
