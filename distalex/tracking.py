@@ -105,14 +105,15 @@ def resolve_tracking_uri(cfg: Config, run_dir: Path) -> str:
     return "sqlite:///" + str((Path(run_dir).parent / "mlflow.db").resolve())
 
 
-def sqlite_path(uri: str) -> Path | None:
-    """The database file of a ``sqlite:///`` URI (relative paths are relative to the working directory)."""
+def sqlite_path(uri: str, base: Path | None = None) -> Path | None:
+    """The database file of a ``sqlite:///`` URI; a relative path is taken from ``base`` (default:
+    the working directory). None for any other URI."""
     if not uri.startswith("sqlite:///"):
         return None
     path = uri[len("sqlite:///"):].split("?", 1)[0]
     if not path or path == ":memory:":
         return None
-    return Path(path).resolve()
+    return (Path(base or ".") / path).resolve()
 
 
 def default_artifact_location(uri: str) -> str | None:

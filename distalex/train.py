@@ -239,7 +239,7 @@ def end_of_epoch(run: Run, t0: float) -> None:
 
 def log_kernels(run: Run) -> None:
     """The conv1 kernel picture (the paper's Figure 3) and each tower's colour statistic, to MLflow."""
-    from distalex.report import kernel_summary
+    from distalex.report.kernels import kernel_summary  # matplotlib: only where the picture is drawn
 
     conv1 = run.engine.module.conv1.weight
     if run.dims.dp_rank != 0:

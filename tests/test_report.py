@@ -18,6 +18,11 @@ import torch
 from PIL import Image
 
 from distalex import report
+from distalex.report import cli as report_cli
+from distalex.report import curves as report_curves
+from distalex.report import kernels as report_kernels
+from distalex.report import sources as report_sources
+from distalex.report import ten_crop as report_ten_crop
 from distalex.config import Config, ModelConfig
 from distalex.export import save_serial_model
 from distalex.model import AlexNet
@@ -35,11 +40,11 @@ def expected_pixels(kernel: torch.Tensor) -> np.ndarray:
     return (v * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
 
 
-def kernel_in_png(png: np.ndarray, layout: report.KernelLayout, k: int) -> np.ndarray:
+def kernel_in_png(png: np.ndarray, layout: report_kernels.KernelLayout, k: int) -> np.ndarray:
     """The k-th kernel as drawn, shrunk back to k x k; asserts each magnified pixel is uniform."""
     left, top, right, bottom = layout.box(k)
     cell = png[top:bottom, left:right]
-    z = report.ZOOM
+    z = report_kernels.ZOOM
     small = cell[::z, ::z]
     assert np.array_equal(cell, small.repeat(z, axis=0).repeat(z, axis=1)), f"kernel {k}: not a clean {z}x zoom"
     return small
@@ -47,7 +52,7 @@ def kernel_in_png(png: np.ndarray, layout: report.KernelLayout, k: int) -> np.nd
 
 def assert_grid_holds(png: np.ndarray, conv1: torch.Tensor, towers: int) -> None:
     """Block t of the picture shows exactly tower t's kernels, in order."""
-    layout = report.kernel_layout(conv1.shape, towers)
+    layout = report_kernels.kernel_layout(conv1.shape, towers)
     assert png.shape == (layout.height, layout.width, 3)
     per = conv1.shape[0] // towers
     for t in range(towers):
@@ -65,19 +70,19 @@ def test_colour_energy_is_zero_for_grey_and_grows_with_colour():
     raw = torch.randn(1, 3, 11, 11, generator=g, dtype=torch.float64)
     colour = raw - raw.mean(dim=1, keepdim=True)  # no grey component at any pixel
     alphas = [0.0, 0.05, 0.2, 0.5, 1.0, 3.0, 10.0]
-    values = report.colour_energy(torch.cat([grey + a * colour for a in alphas])).tolist()
+    values = report_kernels.colour_energy(torch.cat([grey + a * colour for a in alphas])).tolist()
     assert values[0] == pytest.approx(0.0, abs=1e-12)
     assert all(b > a for a, b in zip(values, values[1:])), values
     # exact: ||a c||^2 / (||g||^2 + ||a c||^2), because c is orthogonal to the grey axis
     for a, v in zip(alphas, values):
         cc, gg = (a * colour).square().sum().item(), grey.square().sum().item()
         assert v == pytest.approx(cc / (gg + cc), rel=1e-9)
-    assert report.colour_energy(colour).item() == pytest.approx(1.0)
+    assert report_kernels.colour_energy(colour).item() == pytest.approx(1.0)
     mixed = grey + 0.5 * colour
-    assert report.colour_energy(37.0 * mixed).item() == pytest.approx(report.colour_energy(mixed).item())  # scale-free
-    assert report.colour_energy(torch.zeros(1, 3, 11, 11)).item() == 0.0
-    random = report.colour_energy(torch.randn(4000, 3, 11, 11, generator=g))
-    assert random.mean().item() == pytest.approx(report.RANDOM_COLOUR_ENERGY, abs=0.01)
+    assert report_kernels.colour_energy(37.0 * mixed).item() == pytest.approx(report_kernels.colour_energy(mixed).item())  # scale-free
+    assert report_kernels.colour_energy(torch.zeros(1, 3, 11, 11)).item() == 0.0
+    random = report_kernels.colour_energy(torch.randn(4000, 3, 11, 11, generator=g))
+    assert random.mean().item() == pytest.approx(report_kernels.RANDOM_COLOUR_ENERGY, abs=0.01)
 
 
 def test_grey_tower_and_colour_tower_metrics_and_pixels(tmp_path):
@@ -87,12 +92,12 @@ def test_grey_tower_and_colour_tower_metrics_and_pixels(tmp_path):
     grey = torch.randn(per, 1, 11, 11, generator=g).expand(per, 3, 11, 11)
     coloured = torch.randn(per, 3, 11, 11, generator=g) * torch.tensor([1.0, 0.1, -0.6]).view(1, 3, 1, 1)
     w = torch.cat([grey, coloured]).contiguous()
-    metrics = report.kernel_summary(w, 2, tmp_path / "k.png")
+    metrics = report_kernels.kernel_summary(w, 2, tmp_path / "k.png")
     assert metrics["kernels/tower0_colour_energy"] == pytest.approx(0.0, abs=1e-12)
     assert metrics["kernels/tower1_colour_energy"] > 0.3
     assert metrics["kernels/colour_energy_gap"] == pytest.approx(metrics["kernels/tower1_colour_energy"])
     png = read_png(tmp_path / "k.png")
-    layout = report.kernel_layout(w.shape, 2)
+    layout = report_kernels.kernel_layout(w.shape, 2)
     for k in range(2 * per):
         drawn = kernel_in_png(png, layout, k).astype(int)
         is_grey = (drawn[..., 0] == drawn[..., 1]).all() and (drawn[..., 1] == drawn[..., 2]).all()
@@ -106,20 +111,20 @@ def test_grey_tower_and_colour_tower_metrics_and_pixels(tmp_path):
 def test_kernel_grid_blocks_hold_exactly_each_towers_kernels(tmp_path, towers, width):
     torch.manual_seed(towers)
     conv1 = AlexNet(num_classes=10, towers=towers, width=width, image_size=63).conv1.weight
-    metrics = report.kernel_summary(conv1, towers, tmp_path / "k.png")
+    metrics = report_kernels.kernel_summary(conv1, towers, tmp_path / "k.png")
     assert_grid_holds(read_png(tmp_path / "k.png"), conv1, towers)
     per = conv1.shape[0] // towers
     for t in range(towers):
-        tower_mean = report.colour_energy(conv1[t * per : (t + 1) * per]).mean().item()
+        tower_mean = report_kernels.colour_energy(conv1[t * per : (t + 1) * per]).mean().item()
         assert metrics[f"kernels/tower{t}_colour_energy"] == pytest.approx(tower_mean)
     assert ("kernels/colour_energy_gap" in metrics) == (towers > 1)
 
 
 def test_paper_size_picture_is_documented_size_and_fast(tmp_path):
     conv1 = AlexNet().conv1.weight  # (96, 3, 11, 11)
-    report.kernel_summary(conv1, 2, tmp_path / "warm.png")  # first call loads fonts
+    report_kernels.kernel_summary(conv1, 2, tmp_path / "warm.png")  # first call loads fonts
     t0 = time.perf_counter()
-    report.kernel_summary(conv1, 2, tmp_path / "k.png")
+    report_kernels.kernel_summary(conv1, 2, tmp_path / "k.png")
     elapsed = time.perf_counter() - t0
     assert Image.open(tmp_path / "k.png").size == (758, 494)  # the module docstring's numbers
     assert elapsed < 1.0, f"kernel_summary took {elapsed:.2f} s for 96 kernels"
@@ -127,9 +132,9 @@ def test_paper_size_picture_is_documented_size_and_fast(tmp_path):
 
 def test_kernel_summary_rejects_a_weight_that_is_not_conv1(tmp_path):
     with pytest.raises(report.ReportError, match="not divisible into towers=2"):
-        report.kernel_summary(torch.zeros(5, 3, 11, 11), 2, tmp_path / "k.png")
+        report_kernels.kernel_summary(torch.zeros(5, 3, 11, 11), 2, tmp_path / "k.png")
     with pytest.raises(report.ReportError, match=r"\(kernels, 3, k, k\)"):
-        report.kernel_summary(torch.zeros(4, 48, 5, 5), 2, tmp_path / "k.png")
+        report_kernels.kernel_summary(torch.zeros(4, 48, 5, 5), 2, tmp_path / "k.png")
 
 
 # ------------------------------------------------------------------ a tiny tp=2 run
@@ -169,7 +174,7 @@ def shard_kernels(ckpt: Path) -> list[torch.Tensor]:
 
 def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
     try:
-        report.main(args)
+        report_cli.main(args)
         code = 0
     except SystemExit as e:
         code = e.code
@@ -182,7 +187,7 @@ def test_report_on_tp2_checkpoint_writes_all_three_pictures(tiny, tmp_path, caps
     code, out, err = run_cli([str(tiny["ckpt"].parent), "--out", str(tmp_path), "--num-images", "3"], capsys)
     assert code == 0, err
     assert "skipped" not in out, out  # curves found through the checkpoint, images through its config
-    layout = report.kernel_layout(torch.cat(shard_kernels(tiny["ckpt"])).shape, 2)
+    layout = report_kernels.kernel_layout(torch.cat(shard_kernels(tiny["ckpt"])).shape, 2)
     assert read_png(tmp_path / "kernels.png").shape == (layout.height, layout.width, 3)
     assert read_png(tmp_path / "curves.png").shape == (800, 1500, 3)
     assert read_png(tmp_path / "ten_crop.png").shape == (40 + 190 * 3, 1600, 3)
@@ -208,7 +213,7 @@ def test_tp2_checkpoint_and_its_export_give_the_same_picture(tiny, tmp_path, cap
         assert code == 0, err
         pictures[name] = read_png(tmp_path / name / "kernels.png")
     # Only the title line names the source; everything below it is identical.
-    below = report.TITLE_H
+    below = report_kernels.TITLE_H
     for name in ("export", "loop_export", "run"):  # "run": through the run's model.pt artifact
         assert np.array_equal(pictures["ckpt"][below:], pictures[name][below:]), name
     assert not np.array_equal(pictures["ckpt"][:below], pictures["export"][:below])
@@ -219,9 +224,9 @@ def test_loop_logged_the_kernel_statistic_of_its_weights(tiny):
     import mlflow
 
     client = mlflow.tracking.MlflowClient(tiny["uri"])
-    histories = report.read_histories(client, tiny["run_id"])
+    histories = report_curves.read_histories(client, tiny["run_id"])
     assert len(histories["train/loss"]) >= 3 and len(histories["val/top1_error"]) == 1
-    expected = report.kernel_metrics(report.tower_colour_energy(torch.cat(shard_kernels(tiny["ckpt"])), 2))
+    expected = report_kernels.kernel_metrics(report_kernels.tower_colour_energy(torch.cat(shard_kernels(tiny["ckpt"])), 2))
     for name, value in expected.items():
         (step, logged), = histories[name]
         assert step == 7 and logged == pytest.approx(value, rel=1e-6), name
@@ -244,7 +249,7 @@ def test_run_id_gives_curves_and_export_says_it_has_none(tiny, tmp_path, capsys,
 def test_curves_cover_every_metric_the_run_has():
     available = ["train/loss", "train/lr", "val/top1_error", "kernels/tower1_colour_energy", "kernels/tower0_colour_energy",
                  "train/skipped_samples", "epoch"]
-    assert report.curve_metric_names(available) == [
+    assert report_curves.curve_metric_names(available) == [
         "train/loss", "val/top1_error", "train/lr", "kernels/tower0_colour_energy", "kernels/tower1_colour_energy"]
 
 
@@ -263,7 +268,7 @@ def test_resumed_steps_keep_the_value_logged_last():
             assert name == "train/loss"
             return history
 
-    assert report.read_histories(Client(), "r") == {
+    assert report_curves.read_histories(Client(), "r") == {
         "train/loss": [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0)] + [(s, -float(s)) for s in range(5, 10)]}
 
 
@@ -280,12 +285,12 @@ def test_ten_crop_from_image_files(tiny, tiny_shards, tmp_path, capsys):
         folder = tmp_path / "images" / info.classes[label]
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f"{key}.jpg").write_bytes(data)
-    examples = report.examples_from_files([str(tmp_path / "images")], 5, info.classes)
+    examples = report_ten_crop.examples_from_files([str(tmp_path / "images")], 5, info.classes)
     assert sorted(e.label for e in examples) == sorted(parse_sample(k, m)[1] for k, m in samples)
-    source = report.load_source(str(tiny["model_pt"]))
-    model = report._build_model(source)
+    source = report_sources.load_source(str(tiny["model_pt"]))
+    model = report_sources.load_model(source)
     data_cfg = Config.model_validate({"data": {"train_shards": str(tiny_shards)}}).data
-    result = report.ten_crop_predict(model, examples, 72, data_cfg)
+    result = report_ten_crop.ten_crop_predict(model, examples, 72, data_cfg)
     assert result.crops.shape == (2, 10, 64, 64, 3)
     assert torch.allclose(result.probs, result.crop_probs.mean(1))
     assert torch.allclose(result.probs.sum(1), torch.ones(2, dtype=result.probs.dtype))

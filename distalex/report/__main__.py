@@ -1,0 +1,3 @@
+from distalex.report.cli import main
+
+main()
