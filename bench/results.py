@@ -6,7 +6,6 @@ import datetime
 import os
 import platform
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,16 +14,17 @@ RESULTS_MD = ROOT / "bench" / "RESULTS.md"
 
 
 def git_commit() -> str:
-    """Short commit of the tree, plus the uncommitted files under bench/ and distalex/ if any."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-        status = subprocess.run(["git", "status", "--porcelain", "--", "bench", "distalex"], cwd=ROOT, capture_output=True, text=True).stdout
-        dirty = [line[3:] for line in status.splitlines() if line[3:] != "bench/RESULTS.md"]
-        if not dirty:
-            return head
-        return f"{head} + uncommitted {', '.join(dirty[:4])}{' ...' if len(dirty) > 4 else ''}"
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    """Short commit of the tree, plus the changed files under bench/ and distalex/ if any."""
+    from distalex.tracking.params import git_commit as commit_and_changes
+
+    commit, changed = commit_and_changes(ROOT)
+    if changed is None:
+        return commit
+    dirty = [f for f in changed if f.startswith(("bench/", "distalex/")) and f != "bench/RESULTS.md"]
+    head = commit[:7]
+    if not dirty:
+        return head
+    return f"{head} + uncommitted {', '.join(dirty[:4])}{' ...' if len(dirty) > 4 else ''}"
 
 
 def machine() -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from distalex.report.canvas import DPI, figure, save
-from distalex.tracking import (
+from distalex.tracking.metrics import (
     METRIC_EPOCH_LOSS, METRIC_IMAGES_PER_S, METRIC_LOSS, METRIC_LR, METRIC_TOP1, METRIC_TOP5, METRIC_VAL_LOSS,
 )
 

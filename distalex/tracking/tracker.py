@@ -1,12 +1,5 @@
-"""The MLflow side of a training run: one run per job, continued across restarts, logged from rank 0.
-
-``Tracker.start`` is called on every rank. Rank 0 gets a ``Tracker`` bound to an MLflow run; every
-other rank (and rank 0 when tracking is off or cannot start) gets a ``NullTracker`` whose methods
-do nothing, so the loop calls them unconditionally and the choice is made in one visible place.
-
-Where the run goes: ``tracking.uri``, else ``$MLFLOW_TRACKING_URI``, else
-``sqlite:///<run_dir>/../mlflow.db``, with a new experiment's artifacts in ``<run_dir>/../mlartifacts``
-(MLflow 3 would otherwise use ``./mlruns`` relative to the working directory).
+"""The trackers: ``Tracker`` writes one MLflow run from rank 0 through a background sender thread;
+``NullTracker`` is what every other rank (or a run with tracking off) gets.
 
 Why a background thread: one synchronous MLflow call costs 6-15 ms against a local sqlite store
 (more against a server), so ``log_metrics`` only appends to a queue; a sender thread coalesces what
@@ -19,28 +12,19 @@ from __future__ import annotations
 
 import atexit
 import getpass
-import io
 import os
 import queue
 import shutil
-import subprocess
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-# MLflow 3 sends usage telemetry from a background thread unless told not to; the clusters this
-# runs on are often offline. Must be set before mlflow is first imported (it decides at import).
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-# With a server URI, MlflowClient.set_terminated prints "View run ... at" links to stdout, here from
-# the sender thread into the progress bar; print_location says the same once, when asked.
-os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-
-import distalex
+from distalex.tracking.images import png_bytes
+from distalex.tracking.params import run_params
+from distalex.tracking.store import check_server, default_artifact_location, resolve_tracking_uri, sqlite_path, view_command
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -48,36 +32,15 @@ if TYPE_CHECKING:
     from distalex.config import Config
     from distalex.parallel.dims import ParallelDims
 
-# ------------------------------------------------------------------ metric names (read by the report)
-
-METRIC_LOSS = "train/loss"
-"""Training loss, mean over the last ``train.log_every`` steps and over the dp groups."""
-METRIC_LR = "train/lr"
-METRIC_IMAGES_PER_S = "train/images_per_s"
-"""Global training throughput over the last logging window."""
-METRIC_SKIPPED = "train/skipped_samples"
-"""Samples the loader dropped (unreadable images) so far."""
-METRIC_EPOCH_LOSS = "train/epoch_loss"
-METRIC_TOP1 = "val/top1_error"
-METRIC_TOP5 = "val/top5_error"
-METRIC_VAL_LOSS = "val/loss"
-METRIC_EPOCH = "epoch"
-"""Epochs completed, logged at the step where validation ran (maps steps to epochs in plots)."""
-
-STEP_METRICS = (METRIC_LOSS, METRIC_LR, METRIC_IMAGES_PER_S, METRIC_SKIPPED)
-EPOCH_METRICS = (METRIC_EPOCH_LOSS, METRIC_TOP1, METRIC_TOP5, METRIC_VAL_LOSS, METRIC_EPOCH)
-
 RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
 
-# MLflow's limits (mlflow.utils.validation): per log_batch call, and per param value.
+# MLflow's limits per log_batch call (mlflow.utils.validation).
 _MAX_METRICS_PER_BATCH = 1000
 _MAX_PARAMS_PER_BATCH = 100
-_MAX_PARAM_LENGTH = 6000
 
 _LINGER_S = 1.0
 """The sender waits this long after the first queued item so that a few logging windows go out in
 one call (flush and close cut the wait short). At most this much is lost on a hard kill."""
-_HEALTH_TIMEOUT_S = 5.0
 _FLUSH_TIMEOUT_S = 10.0
 _CLOSE_TIMEOUT_S = 30.0
 """Longest flush/close waits. A dead server must not hold a checkpoint or a SIGTERM exit for the
@@ -89,135 +52,8 @@ class TrackingWarning(RuntimeWarning):
     """MLflow could not be reached or refused something; training goes on without it."""
 
 
-class TrackingError(RuntimeError):
-    """Tracking cannot start (the server does not answer, the store cannot be opened)."""
-
-
-# ------------------------------------------------------------------ where the run goes
-
-
-def resolve_tracking_uri(cfg: Config, run_dir: Path) -> str:
-    """``tracking.uri``, else ``$MLFLOW_TRACKING_URI``, else the sqlite file next to the run directory."""
-    if cfg.tracking.uri:
-        return cfg.tracking.uri
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    return "sqlite:///" + str((Path(run_dir).parent / "mlflow.db").resolve())
-
-
-def sqlite_path(uri: str, base: Path | None = None) -> Path | None:
-    """The database file of a ``sqlite:///`` URI; a relative path is taken from ``base`` (default:
-    the working directory). None for any other URI."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    path = uri[len("sqlite:///"):].split("?", 1)[0]
-    if not path or path == ":memory:":
-        return None
-    return (Path(base or ".") / path).resolve()
-
-
-def default_artifact_location(uri: str) -> str | None:
-    """For a sqlite store, ``mlartifacts/`` next to the database file; a server decides for itself."""
-    db = sqlite_path(uri)
-    return (db.parent / "mlartifacts").as_uri() if db is not None else None
-
-
-def view_command(uri: str) -> str:
-    """How to look at runs stored at ``uri``."""
-    if uri.startswith(("http://", "https://")):
-        return f"open {uri.rstrip('/')} in a browser"
-    return f"mlflow ui --backend-store-uri {uri}"
-
-
-def git_commit(repo_dir: Path | None = None) -> tuple[str, bool | None]:
-    """(commit, dirty) of the git working tree that holds the distalex package; ("unknown", None) if none.
-
-    Only a tree whose ``distalex/`` is this package counts (an installed copy inside some other
-    repository does not). ``--no-optional-locks``: never take index.lock beside other git users.
-    """
-    pkg = Path(distalex.__file__).resolve().parent
-    where = Path(repo_dir) if repo_dir is not None else pkg.parent
-
-    def git(*args: str) -> str:
-        return subprocess.run(
-            ["git", "--no-optional-locks", "-C", str(where), *args],
-            capture_output=True, text=True, timeout=10, check=True,
-        ).stdout.strip()
-
-    try:
-        top = Path(git("rev-parse", "--show-toplevel")).resolve()
-        if repo_dir is None and top / "distalex" != pkg:
-            return "unknown", None
-        commit = git("rev-parse", "HEAD")
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
-        return commit, dirty
-    except (OSError, subprocess.SubprocessError):
-        return "unknown", None
-
-
-def run_params(cfg: Config, dims: ParallelDims) -> dict[str, str]:
-    """Everything a run is started with: the resolved config as dotted keys, the world layout, the code."""
-    from distalex.config import flatten
-    from distalex.parallel.dims import backend_for
-
-    commit, dirty = git_commit()
-    params: dict[str, Any] = dict(flatten(cfg))
-    params.update(
-        world_size=dims.world_size, dp=dims.dp, tp=dims.tp,
-        backend=backend_for(dims.device), device=dims.device.type,
-        distalex_version=distalex.__version__,
-        git_commit=commit, git_dirty="unknown" if dirty is None else dirty,
-    )
-    return {k: _param_value(v) for k, v in params.items()}
-
-
-def _param_value(value: Any) -> str:
-    text = str(value)
-    if len(text) > _MAX_PARAM_LENGTH:  # MLflow rejects the whole batch otherwise
-        text = text[: _MAX_PARAM_LENGTH - 15] + "...(truncated)"
-    return text
-
-
 def _chunks(items: list, size: int) -> list[list]:
     return [items[i : i + size] for i in range(0, len(items), size)]
-
-
-def _check_server(uri: str) -> None:
-    """Fail in seconds when an HTTP tracking server does not answer (MLflow's own retries take minutes)."""
-    if not uri.startswith(("http://", "https://")):
-        return
-    url = uri.rstrip("/") + "/health"
-    try:
-        with urllib.request.urlopen(url, timeout=_HEALTH_TIMEOUT_S) as r:
-            r.read()
-    except (OSError, urllib.error.URLError) as e:
-        raise TrackingError(f"no MLflow server answers at {url} ({e})") from None
-
-
-def _png_bytes(image: Any) -> bytes:
-    """A PNG file path, PNG bytes, a matplotlib figure, a PIL image or an (H, W[, C]) array, as PNG bytes."""
-    if isinstance(image, (str, Path)):
-        return Path(image).read_bytes()
-    if isinstance(image, (bytes, bytearray)):
-        return bytes(image)
-    buf = io.BytesIO()
-    if hasattr(image, "savefig"):  # matplotlib Figure
-        image.savefig(buf, format="png")
-        return buf.getvalue()
-    from PIL import Image
-
-    if not isinstance(image, Image.Image):
-        import numpy as np
-
-        arr = np.asarray(image)
-        if arr.dtype != np.uint8:  # floats in [0, 1]
-            arr = (np.clip(arr, 0, 1) * 255).round().astype(np.uint8)
-        image = Image.fromarray(arr)
-    image.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-# ------------------------------------------------------------------ the trackers
 
 
 class NullTracker:
@@ -329,7 +165,7 @@ class Tracker:
         from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
 
-        _check_server(uri)
+        check_server(uri)
         db = sqlite_path(uri)
         if db is not None:
             db.parent.mkdir(parents=True, exist_ok=True)
@@ -413,7 +249,7 @@ class Tracker:
         ``image``: a PNG file path, PNG bytes, a matplotlib figure, a PIL image, or an (H, W[, C])
         array (uint8, or floats in [0, 1]). It is encoded now, so the caller may reuse it at once.
         """
-        data = _png_bytes(image)
+        data = png_bytes(image)
         self._put(lambda c: _log_bytes(c, self._run_id, data, file_name), f"write {file_name}")
 
     def flush(self, timeout: float = _FLUSH_TIMEOUT_S) -> bool:
@@ -587,3 +423,4 @@ def _log_bytes(client: MlflowClient, run_id: str, data: bytes, file_name: str) -
         client.log_artifact(run_id, str(local), directory or None)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+

@@ -1,0 +1,18 @@
+"""The names of the metrics the training loop logs (and the report reads back)."""
+
+METRIC_LOSS = "train/loss"
+"""Training loss, mean over the last ``train.log_every`` steps and over the dp groups."""
+METRIC_LR = "train/lr"
+METRIC_IMAGES_PER_S = "train/images_per_s"
+"""Global training throughput over the last logging window."""
+METRIC_SKIPPED = "train/skipped_samples"
+"""Samples the loader dropped (unreadable images) so far."""
+METRIC_EPOCH_LOSS = "train/epoch_loss"
+METRIC_TOP1 = "val/top1_error"
+METRIC_TOP5 = "val/top5_error"
+METRIC_VAL_LOSS = "val/loss"
+METRIC_EPOCH = "epoch"
+"""Epochs completed, logged at the step where validation ran (maps steps to epochs in plots)."""
+
+STEP_METRICS = (METRIC_LOSS, METRIC_LR, METRIC_IMAGES_PER_S, METRIC_SKIPPED)
+EPOCH_METRICS = (METRIC_EPOCH_LOSS, METRIC_TOP1, METRIC_TOP5, METRIC_VAL_LOSS, METRIC_EPOCH)
