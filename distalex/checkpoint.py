@@ -52,7 +52,6 @@ class TrainState:
     best_top1_error: float = float("inf")
     epochs_since_best: int = 0
     mlflow_run_id: str | None = None
-    skipped_samples: int = 0
     epoch_loss_sum: float = 0.0  # loss x steps logged so far this epoch (the epoch's mean survives a restart)
     epoch_loss_steps: int = 0
 

@@ -52,35 +52,38 @@ class TowerLRN(nn.Module):
     """Local response normalisation across channels, with the window inside each tower.
 
     b = a / (k + alpha/n * sum_{j in window} a_j^2)^beta over n=5 neighbouring channels.
+
+    Towers are counted from the input: every ``channels_per_tower`` consecutive channels are one
+    tower, so a rank holding some of the towers (tensor parallelism) needs no other setting.
     """
 
-    def __init__(self, towers: int):
+    def __init__(self, channels_per_tower: int):
         super().__init__()
-        self.towers = towers  # because tp: a rank holds towers/tp of them
+        self.channels_per_tower = channels_per_tower
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
+        per = self.channels_per_tower
         # (B, C, H, W) -> (B*towers, C/towers, H, W): each tower normalised on its own.
-        y = F.local_response_norm(x.reshape(b * self.towers, c // self.towers, h, w), LRN_SIZE, LRN_ALPHA, LRN_BETA, LRN_K)
+        y = F.local_response_norm(x.reshape(b * (c // per), per, h, w), LRN_SIZE, LRN_ALPHA, LRN_BETA, LRN_K)
         return y.reshape(b, c, h, w)
 
     def extra_repr(self) -> str:
-        return f"towers={self.towers}, size={LRN_SIZE}, alpha={LRN_ALPHA}, beta={LRN_BETA}, k={LRN_K}"
+        return f"channels_per_tower={self.channels_per_tower}, size={LRN_SIZE}, alpha={LRN_ALPHA}, beta={LRN_BETA}, k={LRN_K}"
 
 
 class SharedDropout(nn.Module):
     """Inverted dropout whose mask comes from the module's own seeded generator.
 
-    The mask is always drawn for all ``features`` and the layer keeps columns ``[start, stop)``.
-    Because every tensor-parallel rank advances the same generator identically, a replicated
-    activation gets the same mask on every rank and a sharded one gets that rank's slice of the
-    serial model's mask: tp runs equal the serial run with dropout on.
+    The noise is drawn for all ``features`` from a generator that every tensor-parallel rank
+    advances identically, so a replicated activation gets the same mask on every rank (and a
+    sharded one can keep its slice of the serial model's mask: ``parallel.layers.ShardedDropout``).
+    tp runs then equal the serial run with dropout on.
     """
 
     def __init__(self, p: float, features: int, seed: int = 0):
         super().__init__()
         self.p, self.features = p, features
-        self.start, self.stop = 0, features  # because tp: set to this rank's slice
         self.seed = seed
         self.generator: torch.Generator | None = None
 
@@ -92,16 +95,19 @@ class SharedDropout(nn.Module):
             self.generator = torch.Generator(device=device).manual_seed(self.seed)
         return self.generator
 
+    def noise(self, x: torch.Tensor) -> torch.Tensor:
+        """Uniform noise for ``x``'s units: (B, features), drawn for the full width on every rank."""
+        return torch.rand((x.shape[0], self.features), generator=self.generator_on(x.device), device=x.device)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
             return x
         keep = 1.0 - self.p
-        noise = torch.rand((x.shape[0], self.features), generator=self.generator_on(x.device), device=x.device)
-        mask = (noise[:, self.start : self.stop] < keep).to(x.dtype)
+        mask = (self.noise(x) < keep).to(x.dtype)
         return x * mask / keep
 
     def extra_repr(self) -> str:
-        return f"p={self.p}, features={self.features}, keep=[{self.start}:{self.stop}]"
+        return f"p={self.p}, features={self.features}"
 
 
 class AlexNet(nn.Module):
@@ -126,9 +132,9 @@ class AlexNet(nn.Module):
             raise ValueError(f"image_size={image_size} is too small: pool5 would be empty (need >= 63)")
 
         self.conv1 = nn.Conv2d(3, ch["conv1"], 11, stride=4, padding=2)
-        self.lrn1 = TowerLRN(towers) if lrn else nn.Identity()
+        self.lrn1 = TowerLRN(ch["conv1"] // towers) if lrn else nn.Identity()
         self.conv2 = nn.Conv2d(ch["conv1"], ch["conv2"], 5, padding=2, groups=towers)
-        self.lrn2 = TowerLRN(towers) if lrn else nn.Identity()
+        self.lrn2 = TowerLRN(ch["conv2"] // towers) if lrn else nn.Identity()
         self.conv3 = nn.Conv2d(ch["conv2"], ch["conv3"], 3, padding=1)  # reads both towers
         self.conv4 = nn.Conv2d(ch["conv3"], ch["conv4"], 3, padding=1, groups=towers)
         self.conv5 = nn.Conv2d(ch["conv4"], ch["conv5"], 3, padding=1, groups=towers)
@@ -159,9 +165,13 @@ class AlexNet(nn.Module):
                 nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
                 nn.init.zeros_(m.bias)
 
+    def dropouts(self) -> list[SharedDropout]:
+        """The dropout layers, in forward order (their generators are part of a checkpoint)."""
+        return [m for m in self.modules() if isinstance(m, SharedDropout)]
+
     def reseed_dropout(self, seed: int) -> None:
         """Seed the dropout masks (the same seed on every tp rank of a data-parallel group)."""
-        for i, m in enumerate(m for m in self.modules() if isinstance(m, SharedDropout)):
+        for i, m in enumerate(self.dropouts()):
             m.reseed(seed * 1000 + i)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

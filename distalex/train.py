@@ -104,7 +104,7 @@ def setup(cfg: Config, dims: ParallelDims, stop: StopRequested) -> Run:
     model = build_parallel_model(cfg, dims)
     engine = build_engine(model, cfg, dims)
     lighting = torch.Generator(device=dims.device).manual_seed(cfg.train.seed * 1_000_003 + dims.dp_rank)
-    streams = RandomStreams({"lighting": lighting, **{f"dropout{i}": m.generator_on(dims.device) for i, m in enumerate(dropouts(model))}})
+    streams = RandomStreams({"lighting": lighting, **{f"dropout{i}": m.generator_on(dims.device) for i, m in enumerate(model.dropouts())}})
     checkpoints = CheckpointManager(cfg, dims, info.classes)
     state = TrainState(lr=cfg.optim.lr)
     resume = checkpoints.resume_path()
@@ -123,12 +123,6 @@ def setup(cfg: Config, dims: ParallelDims, stop: StopRequested) -> Run:
         if resume is None:
             tracker.log_text(to_yaml(cfg), "config.yaml")
     return Run(cfg, dims, engine, train_loader, val_loader, checkpoints, state, streams, lighting, tracker, run_dir, info.classes, stop)
-
-
-def dropouts(model):
-    from distalex.model import SharedDropout
-
-    return [m for m in model.modules() if isinstance(m, SharedDropout)]
 
 
 def broadcast_str(value: str | None, dims: ParallelDims) -> str | None:
@@ -154,7 +148,6 @@ def train_epoch(run: Run, progress) -> bool:
         window_n += 1
         state.step += 1
         state.step_in_epoch += 1
-        state.skipped_samples = batch.skipped
         last = state.step_in_epoch == steps or state.step == cfg.train.max_steps
         stopping = dims.any_rank(run.stop.requested)  # agreed by every rank: they stop after the same step
         if window_n == cfg.train.log_every or last or stopping:

@@ -5,9 +5,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from distalex.parallel.collectives import copy_to_tp, gather_from_tp, reduce_from_tp, scatter_to_tp
+from distalex.parallel.collectives import copy_to_tp, gather_from_tp, reduce_from_tp
 from distalex.parallel.dims import init_parallel
-from distalex.parallel.layers import ColumnParallelLinear, RowParallelLinear, gather_input_channels, shard_conv_out_channels
+from distalex.parallel.layers import ColumnParallelLinear, GatherChannelsConv2d, RowParallelLinear, shard_conv_out_channels
 from distalex.parallel.plan import full_grads
 from tests.distributed import run_workers
 
@@ -39,11 +39,6 @@ def collectives_worker():
         (y * up_full).sum().backward()
         out[f"gather_fwd_{dim}"], out[f"gather_bwd_{dim}"], out[f"gather_up_{dim}"] = y.detach(), x.grad.clone(), up_full
         x.grad = None
-        # scatter: forward this rank's chunk, backward all-gather
-        y = scatter_to_tp(x, dim, g)
-        up_part = rank_tensor(r, y.shape, seed=30 + dim)
-        (y * up_part).sum().backward()
-        out[f"scatter_fwd_{dim}"], out[f"scatter_bwd_{dim}"], out[f"scatter_up_{dim}"] = y.detach(), x.grad.clone(), up_part
         out[f"x_{dim}"], out[f"up_{dim}"] = x.detach(), up
     return out
 
@@ -64,9 +59,6 @@ def test_collectives_match_their_docstrings():
         summed = r0[f"gather_up_{dim}"] + r1[f"gather_up_{dim}"]
         torch.testing.assert_close(r0[f"gather_bwd_{dim}"], summed.chunk(2, dim)[0])
         torch.testing.assert_close(r1[f"gather_bwd_{dim}"], summed.chunk(2, dim)[1])
-        # scatter_to_tp: my chunk; backward = all-gather of the chunk grads
-        assert torch.equal(r1[f"scatter_fwd_{dim}"], x1.chunk(2, dim)[1])
-        torch.testing.assert_close(r0[f"scatter_bwd_{dim}"], torch.cat([r0[f"scatter_up_{dim}"], r1[f"scatter_up_{dim}"]], dim))
 
 
 def layers_worker():
@@ -88,11 +80,10 @@ def layers_worker():
     ref["grads"] = {f"{k}.{n}": p.grad.clone() for k, m in serial.items() for n, p in m.named_parameters()}
     # parallel: column then row linear; grouped conv sharded by towers then conv reading all channels
     par = nn.ModuleDict({"col": ColumnParallelLinear(serial["col"], g), "row": RowParallelLinear(serial["row"], g)})
-    conv_a, conv_b = serial["grouped"], serial["gathered"]
-    for conv in (conv_a, conv_b):
-        conv.zero_grad(set_to_none=True)
-        shard_conv_out_channels(conv, g)
-    gather_input_channels(conv_b, g)
+    conv_a = serial["grouped"]
+    conv_a.zero_grad(set_to_none=True)
+    shard_conv_out_channels(conv_a, g)
+    conv_b = GatherChannelsConv2d(serial["gathered"], g)
     par["grouped"], par["gathered"] = conv_a, conv_b
     h = par["row"](torch.relu(par["col"](x)))
     local_img = img.chunk(2, dim=1)[dims.tp_rank]  # each rank holds its tower's input channels

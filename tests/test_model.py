@@ -13,7 +13,7 @@ def test_paper_parameter_count():
 
 
 def test_paper_layer_shapes():
-    """PAPER.md's table: 55x55x96, 27x27x256, 13x13x384, 13x13x384, 13x13x256 -> 6x6x256, 4096, 4096, 1000."""
+    """docs/paper.md's table: 55x55x96, 27x27x256, 13x13x384, 13x13x384, 13x13x256 -> 6x6x256, 4096, 4096, 1000."""
     model = AlexNet().eval()
     shapes = {}
     for name in ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8"):
@@ -55,7 +55,7 @@ def test_paper_initialisation():
 def test_lrn_stays_inside_each_tower():
     """Each tower normalised alone equals the per-tower LRN; a plain LRN over all channels differs."""
     x = torch.rand(2, 12, 5, 5) * 50
-    per_tower = TowerLRN(towers=2)(x)
+    per_tower = TowerLRN(channels_per_tower=6)(x)
     alone = torch.cat([F.local_response_norm(t, 5, 1e-4, 0.75, 2.0) for t in x.chunk(2, dim=1)], dim=1)
     torch.testing.assert_close(per_tower, alone)
     assert not torch.allclose(per_tower, nn.LocalResponseNorm(5, 1e-4, 0.75, 2.0)(x))
@@ -64,7 +64,7 @@ def test_lrn_stays_inside_each_tower():
 def test_lrn_formula():
     """b = a / (k + alpha/n * sum of a^2 over the 5-channel window)^beta (PyTorch's alpha convention)."""
     x = torch.rand(1, 8, 1, 1) * 30
-    y = TowerLRN(towers=1)(x)
+    y = TowerLRN(channels_per_tower=8)(x)
     a = x.flatten()
     for i in range(8):
         window = a[max(0, i - 2) : i + 3]

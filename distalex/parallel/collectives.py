@@ -23,8 +23,8 @@ def group_rank(group) -> int:
 
 
 def _gather_op():
-    # torch 2.14 renamed all_gather_into_tensor / reduce_scatter_tensor (the old names warn);
-    # older releases have only the old names. Looked up per call so test spies see them.
+    # The flat-tensor collectives go by two names across torch releases (the old one warns where
+    # the new exists): take the new one if present. Looked up per call so test spies see them.
     return getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
@@ -57,14 +57,6 @@ def _reduce_scatter(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     out = torch.empty((moved.shape[0] // n, *moved.shape[1:]), dtype=x.dtype, device=x.device)
     _reduce_scatter_op()(out, moved, op=dist.ReduceOp.SUM, group=group)
     return out.movedim(0, dim)
-
-
-def _split(x: torch.Tensor, dim: int, group) -> torch.Tensor:
-    """This rank's chunk of ``x`` along ``dim`` (no communication)."""
-    n = group_size(group)
-    if x.shape[dim] % n != 0:
-        raise ValueError(f"split: size {x.shape[dim]} of dim {dim} is not divisible by {n} ranks")
-    return x.chunk(n, dim=dim)[group_rank(group)].contiguous()
 
 
 class _CopyToTP(torch.autograd.Function):
@@ -118,23 +110,6 @@ class _GatherFromTP(torch.autograd.Function):
         return _reduce_scatter(grad, ctx.dim, ctx.group), None, None
 
 
-class _ScatterToTP(torch.autograd.Function):
-    """forward: keep this rank's chunk along ``dim``. backward: all-gather along ``dim``.
-
-    The inverse pair of ``gather_from_tp`` for a replicated input whose gradient is replicated
-    downstream (each rank's chunk gradient is exact, the full one is their concatenation).
-    """
-
-    @staticmethod
-    def forward(ctx, x, dim, group):
-        ctx.dim, ctx.group = dim, group
-        return _split(x, dim, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_gather(grad, ctx.dim, ctx.group), None, None
-
-
 def copy_to_tp(x: torch.Tensor, group) -> torch.Tensor:
     """Identity forward; all-reduce backward (Megatron's ``f``)."""
     return x if group_size(group) == 1 else _CopyToTP.apply(x, group)
@@ -148,8 +123,3 @@ def reduce_from_tp(x: torch.Tensor, group) -> torch.Tensor:
 def gather_from_tp(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     """All-gather along ``dim`` forward; reduce-scatter along ``dim`` backward."""
     return x if group_size(group) == 1 else _GatherFromTP.apply(x, dim, group)
-
-
-def scatter_to_tp(x: torch.Tensor, dim: int, group) -> torch.Tensor:
-    """Keep this rank's chunk along ``dim`` forward; all-gather backward."""
-    return x if group_size(group) == 1 else _ScatterToTP.apply(x, dim, group)

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from distalex.model import SharedDropout
 from distalex.parallel.collectives import copy_to_tp, gather_from_tp, group_rank, group_size, reduce_from_tp
 
 
@@ -42,11 +43,16 @@ class ColumnParallelLinear(nn.Module):
     def __init__(self, linear: nn.Linear, group):
         super().__init__()
         self.group = group
+        self.in_features, self.out_features, self.tp = linear.in_features, linear.out_features, group_size(group)
         self.weight = shard(linear.weight, 0, group)  # (out/p, in)
         self.bias = shard(linear.bias, 0, group)  # (out/p,)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(copy_to_tp(x, self.group), self.weight, self.bias)  # (B, out/p)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features} "
+                f"(this rank: {self.weight.shape[0]}), tp={self.tp}, input grad all-reduced (copy_to_tp)")
 
 
 class RowParallelLinear(nn.Module):
@@ -60,11 +66,16 @@ class RowParallelLinear(nn.Module):
     def __init__(self, linear: nn.Linear, group):
         super().__init__()
         self.group = group
+        self.in_features, self.out_features, self.tp = linear.in_features, linear.out_features, group_size(group)
         self.weight = shard(linear.weight, 1, group)  # (out, in/p)
         self.bias = replicate(linear.bias)  # (out,)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return reduce_from_tp(F.linear(x, self.weight), self.group) + self.bias  # (B, out)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features} (this rank: {self.weight.shape[1]}), "
+                f"out_features={self.out_features}, tp={self.tp}, output all-reduced (reduce_from_tp)")
 
 
 def shard_conv_out_channels(conv: nn.Conv2d, group) -> None:
@@ -82,6 +93,51 @@ def shard_conv_out_channels(conv: nn.Conv2d, group) -> None:
         conv.in_channels //= n
 
 
-def gather_input_channels(conv: nn.Conv2d, group) -> None:
-    """Make ``conv`` read all towers' channels: all-gather its input along dim 1 (reduce-scatter back)."""
-    conv.register_forward_pre_hook(lambda _module, args: (gather_from_tp(args[0], 1, group),))
+class GatherChannelsConv2d(nn.Conv2d):
+    """A conv whose rank-local kernels read every rank's input channels (conv3: all towers).
+
+    Built from the serial conv: keeps this rank's block of output channels (its towers' kernels,
+    over all input channels) and all-gathers its input along the channel dim before convolving.
+    The gathered input feeds rank-specific kernels, so the backward is a reduce-scatter (sum) of
+    the input gradient (``gather_from_tp``).
+    """
+
+    def __init__(self, conv: nn.Conv2d, group):
+        n = group_size(group)
+        super().__init__(
+            conv.in_channels, conv.out_channels // n, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+            conv.groups, conv.bias is not None, conv.padding_mode, device="meta",  # weights come from conv
+        )
+        self.group, self.tp = group, n
+        self.weight = shard(conv.weight, 0, group)  # (out/p, in, k, k)
+        self.bias = shard(conv.bias, 0, group) if conv.bias is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(gather_from_tp(x, 1, self.group))  # (B, in/p, H, W) -> (B, in, H, W) first
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, tp={self.tp}: input channels all-gathered from {self.in_channels // self.tp} "
+                "per rank (backward: reduce-scatter)")
+
+
+class ShardedDropout(SharedDropout):
+    """The serial model's dropout on an activation sharded over tp ranks (fc7's outputs).
+
+    Draws the same full-width noise as every peer (one shared generator) and keeps this rank's
+    contiguous slice of it, so the tp run's mask is the serial run's mask, cut into pieces.
+    """
+
+    def __init__(self, dropout: SharedDropout, group):
+        super().__init__(dropout.p, dropout.features, dropout.seed)
+        self.generator = dropout.generator
+        n, r = group_size(group), group_rank(group)
+        if self.features % n:
+            raise ValueError(f"cannot shard dropout over {self.features} features over {n} ranks")
+        self.tp = n
+        self.start, self.stop = r * self.features // n, (r + 1) * self.features // n
+
+    def noise(self, x: torch.Tensor) -> torch.Tensor:
+        return super().noise(x)[:, self.start : self.stop]  # (B, features/p)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, tp={self.tp}: this rank keeps [{self.start}:{self.stop}] of the shared mask"

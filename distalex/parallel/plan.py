@@ -3,14 +3,18 @@
 Each rank keeps towers/tp whole towers. Activations cross ranks only where the paper's towers
 talked:
 
-    layer            rank holds                           forward        backward
-    conv1, LRN1      its towers' kernels                  -              -
-    conv2, LRN2      its towers' kernels (own tower)      -              -
-    conv3            its kernels over ALL input channels  all-gather     reduce-scatter (sum)
-    conv4, conv5     its towers' kernels                  -              -
-    fc6 (row)        columns of its towers' features      all-reduce     identity
-    fc7 (column)     its slice of the outputs             identity       all-reduce
-    fc8 (row)        columns of fc7's slice               all-reduce     identity
+    layer            rank holds                           forward        backward        module
+    conv1, LRN1      its towers' kernels                  -              -               nn.Conv2d, sharded
+    conv2, LRN2      its towers' kernels (own tower)      -              -               nn.Conv2d, sharded
+    conv3            its kernels over ALL input channels  all-gather     reduce-scatter  GatherChannelsConv2d
+    conv4, conv5     its towers' kernels                  -              -               nn.Conv2d, sharded
+    fc6 (row)        columns of its towers' features      all-reduce     identity        RowParallelLinear
+    fc7 (column)     its slice of the outputs             identity       all-reduce      ColumnParallelLinear
+    drop7            its slice of the shared mask         -              -               ShardedDropout
+    fc8 (row)        columns of fc7's slice               all-reduce     identity        RowParallelLinear
+
+Parameter names and shapes per rank are those of the serial model's slices, so state dicts of
+every tp degree share their keys. ``print(model)`` shows each exchange.
 
 The full model is built (and initialised) on every rank first and each rank keeps its slices,
 so initial weights do not depend on tp.
@@ -22,12 +26,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from distalex.model import AlexNet, SharedDropout, TowerLRN
-from distalex.parallel.collectives import group_rank, group_size
+from distalex.config import towers_per_rank
+from distalex.model import AlexNet
+from distalex.parallel.collectives import group_size
 from distalex.parallel.layers import (
     ColumnParallelLinear,
+    GatherChannelsConv2d,
     RowParallelLinear,
-    gather_input_channels,
+    ShardedDropout,
     mark,
     shard_conv_out_channels,
 )
@@ -35,29 +41,22 @@ from distalex.parallel.layers import (
 
 def parallelize(model: AlexNet, tp_group) -> AlexNet:
     """Split ``model`` in place over ``tp_group`` (None or one rank: marks parameters, changes nothing)."""
-    n, r = group_size(tp_group), group_rank(tp_group)
+    n = group_size(tp_group)
     for p in model.parameters():
         mark(p, sharded=False)
     if n == 1:
         return model
-    if model.towers % n:
-        raise ValueError(f"towers={model.towers} is not divisible by tp={n}")
+    towers_per_rank(model.towers, n)  # model.towers stays the whole net's; each module knows its share
 
-    for conv in (model.conv1, model.conv2, model.conv3, model.conv4, model.conv5):
+    for conv in (model.conv1, model.conv2, model.conv4, model.conv5):
         shard_conv_out_channels(conv, tp_group)
-    gather_input_channels(model.conv3, tp_group)
-    for m in model.modules():
-        if isinstance(m, TowerLRN):
-            m.towers //= n
-    model.towers //= n
+    model.conv3 = GatherChannelsConv2d(model.conv3, tp_group)
 
     model.fc6 = RowParallelLinear(model.fc6, tp_group)
     model.fc7 = ColumnParallelLinear(model.fc7, tp_group)
     model.fc8 = RowParallelLinear(model.fc8, tp_group)
     # fc6's output is replicated: drop6 keeps the whole (shared) mask. fc7's is sharded.
-    drop7: SharedDropout = model.drop7
-    per_rank = drop7.features // n
-    drop7.start, drop7.stop = r * per_rank, (r + 1) * per_rank
+    model.drop7 = ShardedDropout(model.drop7, tp_group)
     return model
 
 

@@ -25,7 +25,7 @@ SPIED = ("all_reduce", "all_gather_into_tensor", "reduce_scatter_tensor", "all_g
          "reduce_scatter_single", "all_gather", "broadcast", "reduce_scatter", "reduce", "barrier",
          "all_reduce_coalesced", "all_gather_object", "broadcast_object_list", "gather", "scatter",
          "all_to_all", "all_to_all_single", "send", "recv", "isend", "irecv")
-# One kind for the old and the new (torch >= 2.14) names of the flat-tensor collectives.
+# One kind for the two names each flat-tensor collective has across torch releases.
 KIND = {"all_gather_single": "all_gather_into_tensor", "reduce_scatter_single": "reduce_scatter_tensor"}
 
 

@@ -1,0 +1,50 @@
+"""After ``parallelize`` at tp=2 the model says where ranks talk, and keeps the serial model's names
+(2 gloo processes)."""
+
+import re
+
+from distalex.model import AlexNet
+from distalex.parallel.dims import init_parallel
+from distalex.parallel.plan import parallelize
+from tests.distributed import run_workers
+
+
+def tiny() -> AlexNet:
+    return AlexNet(num_classes=10, towers=2, width=1 / 16, image_size=64, dropout=0.5)
+
+
+def repr_worker():
+    dims = init_parallel(tp=2, towers=2, device="cpu")
+    model = parallelize(tiny(), dims.tp_group)
+    lines = {m.group(1): m.group(2) for m in re.finditer(r"^  \((\w+)\): (.*)$", str(model), re.M)}
+    return {
+        "lines": lines,
+        "keys": list(model.state_dict()),
+        "towers": model.towers,
+        "lrn": (model.lrn1.channels_per_tower, model.lrn2.channels_per_tower),
+    }
+
+
+def test_print_of_a_tp_rank_names_each_exchange():
+    serial = tiny()
+    for tp_rank, run in enumerate(run_workers(repr_worker, 2)):
+        lines = run["lines"]
+        # conv3: rank-local kernels over all towers' channels, gathered from 8 per rank (16 in all)
+        assert lines["conv3"].startswith("GatherChannelsConv2d(16, 12,"), lines["conv3"]
+        assert "tp=2: input channels all-gathered from 8 per rank (backward: reduce-scatter)" in lines["conv3"]
+        # fc6 and fc8 reduce their partial sums; fc7 keeps a slice of the outputs
+        assert lines["fc6"] == ("RowParallelLinear(in_features=16 (this rank: 8), out_features=256, tp=2, "
+                                "output all-reduced (reduce_from_tp))")
+        assert lines["fc7"] == ("ColumnParallelLinear(in_features=256, out_features=256 (this rank: 128), tp=2, "
+                                "input grad all-reduced (copy_to_tp))")
+        assert lines["fc8"].startswith("RowParallelLinear(in_features=256 (this rank: 128), out_features=10, tp=2")
+        # dropout on the replicated fc6 output keeps the whole mask; on fc7's slice, this rank's slice of it
+        assert lines["drop6"] == "SharedDropout(p=0.5, features=256)"
+        start, stop = 128 * tp_rank, 128 * (tp_rank + 1)
+        assert lines["drop7"] == f"ShardedDropout(p=0.5, features=256, tp=2: this rank keeps [{start}:{stop}] of the shared mask)"
+        # the towers' own layers hold their block and talk to nobody
+        assert lines["conv2"].startswith("Conv2d(3, 8,"), lines["conv2"]
+        # the serial model's names; model.towers and each LRN's tower width mean what they mean serially
+        assert run["keys"] == list(serial.state_dict())
+        assert run["towers"] == serial.towers == 2
+        assert run["lrn"] == (serial.lrn1.channels_per_tower, serial.lrn2.channels_per_tower)
