@@ -1,5 +1,7 @@
 """The paper's AlexNet (Krizhevsky, Sutskever, Hinton 2012), written once, as a single-device model.
 
+The facts it follows are in docs/paper.md ("Architecture").
+
 Two (``towers``) columns of kernels that meet only at conv3 and the fully connected layers:
 
     layer  kernels per tower  kernel/stride/pad  sees          output (224 input)

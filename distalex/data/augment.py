@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-# PCA of ImageNet RGB pixels in [0, 1] (PAPER.md "Data"): rows R, G, B; columns are eigenvectors.
+# PCA of ImageNet RGB pixels in [0, 1] (docs/paper.md, "Data"): rows R, G, B; columns are eigenvectors.
 PCA_EIGVAL = (0.2175, 0.0188, 0.0045)
 PCA_EIGVEC = (
     (-0.5675, 0.7192, 0.4009),
@@ -87,11 +87,15 @@ def train_crop(data: bytes, resize: int, size: int, u: float, v: float, flip: bo
     return np.asarray(out)
 
 
+def square_image(img: Image.Image, resize: int) -> Image.Image:
+    """Shorter side to ``resize`` and the central square, as a resize x resize image."""
+    x0, y0, side = _square(img)
+    return img.resize((resize, resize), Image.BILINEAR, box=(x0, y0, x0 + side, y0 + side))
+
+
 def centre_square(data: bytes, resize: int) -> np.ndarray:
     """Shorter side to ``resize`` and the central square: (resize, resize, 3) uint8."""
-    img = open_rgb(data, resize)
-    x0, y0, side = _square(img)
-    return np.asarray(img.resize((resize, resize), Image.BILINEAR, box=(x0, y0, x0 + side, y0 + side)))
+    return np.asarray(square_image(open_rgb(data, resize), resize))
 
 
 def crop_offsets(resize: int, size: int) -> list[tuple[int, int]]:

@@ -52,7 +52,6 @@ class DatasetInfo:
     splits: dict[str, SplitInfo]
     stats: dict = field(default_factory=dict)
     """Training-set statistics: mean_rgb, std_rgb (pixels in [0, 1]), mean_image (.npy file name)."""
-    raw: dict = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
@@ -130,7 +129,7 @@ def read_info(shard_dir_or_pattern: str | os.PathLike) -> DatasetInfo:
             for name, s in raw["splits"].items()
         }
         return DatasetInfo(
-            root=path.parent, classes=list(raw["classes"]), splits=splits, stats=raw.get("stats", {}), raw=raw
+            root=path.parent, classes=list(raw["classes"]), splits=splits, stats=raw.get("stats", {})
         )
     except (KeyError, TypeError, ValueError) as e:
         raise DataError(f"{path}: not a valid {INFO_NAME}: {e!r}") from None

@@ -12,7 +12,7 @@ Each sample is ``<key>.cls`` (label, ASCII) and ``<key>.jpg`` (the source file's
 Only a source that is not a baseline-decodable RGB/grey JPEG (PNG, CMYK, ...) is re-encoded, as an
 RGB JPEG, and ``--resize N`` re-encodes everything with the shorter side N. The label is the index
 of the wnid in the sorted list of train folders; the devkit's 1-based ids are mapped through
-meta.mat (PAPER.md "Labels"). Samples are shuffled over the whole split with ``--seed`` before
+meta.mat (docs/paper.md, "Labels"). Samples are shuffled over the whole split with ``--seed`` before
 they are cut into shards, so every shard is a random sample of the split.
 
 Every image is decoded once (at 1/8 scale where possible) to find unreadable ones: they are
@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from distalex.data.augment import square_image
 from distalex.data.info import FORMAT, INFO_NAME, DataError
 
 GROUND_TRUTH = "ILSVRC2012_validation_ground_truth.txt"
@@ -231,11 +232,7 @@ def prepare(data: bytes, resize: int | None, quality: int, want_pixels: bool):
 
 def _stats_pixels(rgb: Image.Image) -> np.ndarray:
     """Shorter side to 256 and the central square, as float64 in [0, 1]."""
-    w, h = rgb.size
-    side = min(w, h)
-    x0, y0 = (w - side) / 2, (h - side) / 2
-    sq = rgb.resize((STATS_SIZE, STATS_SIZE), Image.BILINEAR, box=(x0, y0, x0 + side, y0 + side))
-    return np.asarray(sq, dtype=np.float64) / 255.0
+    return np.asarray(square_image(rgb, STATS_SIZE), dtype=np.float64) / 255.0
 
 
 _progress = None  # multiprocessing.Value shared with the pool workers
