@@ -18,7 +18,7 @@
 #   --no-serve-artifacts      clients write artifacts straight to --artifacts-destination
 #                             (then it must be on a file system that every node shares)
 #   --allowed-hosts LIST      [DISTALEX_MLFLOW_ALLOWED_HOSTS] Host headers the server accepts.
-#                             MLflow 3 rejects any Host header but localhost and private IPs;
+#                             The server rejects any Host header but localhost and private IPs;
 #                             when --host is not a loopback address this defaults to those plus
 #                             this machine's names.
 #   --workers N               [DISTALEX_MLFLOW_WORKERS] 1

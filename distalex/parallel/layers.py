@@ -132,7 +132,7 @@ class ShardedDropout(SharedDropout):
         self.generator = dropout.generator
         n, r = group_size(group), group_rank(group)
         if self.features % n:
-            raise ValueError(f"cannot shard dropout over {self.features} features over {n} ranks")
+            raise ValueError(f"cannot shard a dropout of {self.features} features over {n} ranks")
         self.tp = n
         self.start, self.stop = r * self.features // n, (r + 1) * self.features // n
 
