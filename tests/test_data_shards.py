@@ -160,6 +160,30 @@ def test_flat_val_maps_devkit_ids_through_meta(tmp_path):
     for n, gt in enumerate(truth, 1):
         assert got[f"ILSVRC2012_val_{n:08d}"][0] == classes.index(id_to_wnid[gt])
     assert [got[f"ILSVRC2012_val_{n:08d}"][0] for n in range(1, 8)] == [0, 2, 1, 2, 0, 1, 1]
+    # the devkit also names the classes (meta.mat's words), in the order of the labels
+    assert read_info(tmp_path / "out").class_names == [f"words {w}" for w in classes]
+
+
+def test_class_names_from_a_synset_mapping_else_the_folder_names(layout, tmp_path):
+    src, _ = layout
+    info = make_shards(src, tmp_path / "plain", splits=("val",), stats_samples=0)
+    assert info["class_names"] == info["classes"] == sorted(WNIDS)
+    # LOC_synset_mapping.txt in SRC (Kaggle's ImageNet); a class it does not list keeps its id
+    (src / "LOC_synset_mapping.txt").write_text("n01000000 tench, Tinca tinca\nn03000000 goldfish\n")
+    make_shards(src, tmp_path / "named", splits=("val",), stats_samples=0)
+    assert read_info(tmp_path / "named").class_names == ["tench, Tinca tinca", "n02000000", "goldfish"]
+    other = tmp_path / "names.txt"
+    other.write_text("n02000000 great white shark\n")
+    make_shards(src, tmp_path / "given", splits=("val",), stats_samples=0, class_names_file=str(other))
+    assert read_info(tmp_path / "given").class_names == ["n01000000", "great white shark", "n03000000"]
+    with pytest.raises(DataError, match="--class-names .*nowhere.txt: no such file"):
+        make_shards(src, tmp_path / "given", splits=("val",), class_names_file=str(tmp_path / "nowhere.txt"), overwrite=True)
+    assert read_info(tmp_path / "given").class_names[1] == "great white shark", "a bad option must not cost the old shards"
+    # an _info.json written before class names existed reads as class ids
+    raw = json.loads((tmp_path / "named" / "_info.json").read_text())
+    del raw["class_names"]
+    (tmp_path / "named" / "_info.json").write_text(json.dumps(raw))
+    assert read_info(tmp_path / "named").class_names == sorted(WNIDS)
 
 
 def test_bad_sources_are_clear_errors(layout, tmp_path):

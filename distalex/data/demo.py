@@ -62,13 +62,15 @@ def write_demo(
     out: str | Path, train_per_class: int = 150, val_per_class: int = 30, size: int = 96, seed: int = 0,
     quality: int = 90,
 ) -> dict[str, int]:
-    """Write OUT/train/<wnid>/*.JPEG and OUT/val/<wnid>/*.JPEG; returns image counts per split."""
+    """Write OUT/train/<wnid>/*.JPEG, OUT/val/<wnid>/*.JPEG and the class names; returns image counts per split."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
     rng = np.random.default_rng(seed)
     out = Path(out)
     counts = {"train": 0, "val": 0}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "LOC_synset_mapping.txt").write_text("".join(f"{class_name(d)} digit {d}\n" for d in range(10)))
     for digit in range(10):
         scans = rng.permutation(np.flatnonzero(digits.target == digit))
         if len(scans) <= val_per_class:

@@ -50,6 +50,8 @@ class DatasetInfo:
     classes: list[str]
     """WordNet ids (or folder names); the label is the index in this sorted list."""
     splits: dict[str, SplitInfo]
+    class_names: list[str] = field(default_factory=list)
+    """Human-readable name of each class, aligned with ``classes`` (the class ids when the source had none)."""
     stats: dict = field(default_factory=dict)
     """Training-set statistics: mean_rgb, std_rgb (pixels in [0, 1]), mean_image (.npy file name)."""
 
@@ -128,8 +130,11 @@ def read_info(shard_dir_or_pattern: str | os.PathLike) -> DatasetInfo:
             )
             for name, s in raw["splits"].items()
         }
+        classes = list(raw["classes"])
+        names = raw.get("class_names")  # optional: files written before it existed lack it
+        names = [str(n) for n in names] if isinstance(names, list) and len(names) == len(classes) else classes
         return DatasetInfo(
-            root=path.parent, classes=list(raw["classes"]), splits=splits, stats=raw.get("stats", {})
+            root=path.parent, classes=classes, class_names=names, splits=splits, stats=raw.get("stats", {})
         )
     except (KeyError, TypeError, ValueError) as e:
         raise DataError(f"{path}: not a valid {INFO_NAME}: {e!r}") from None

@@ -8,6 +8,10 @@ SRC holds ``train/<wnid>/*.JPEG`` and ``val/``: either ``val/<wnid>/*.JPEG`` or 
 SRC/ILSVRC2012_devkit_t12 or SRC/devkit). OUT gets ``imagenet-train-000000.tar ...``,
 ``imagenet-val-000000.tar ...`` and ``_info.json``.
 
+``_info.json`` also lists a readable name per class (``class_names``, aligned with ``classes``):
+from ``--class-names FILE`` or SRC/LOC_synset_mapping.txt (lines ``<wnid> <name>``), else from the
+devkit's ``meta.mat`` (its ``words``), else the folder names themselves.
+
 Each sample is ``<key>.cls`` (label, ASCII) and ``<key>.jpg`` (the source file's bytes, untouched).
 Only a source that is not a baseline-decodable RGB/grey JPEG (PNG, CMYK, ...) is re-encoded, as an
 RGB JPEG, and ``--resize N`` re-encodes everything with the shorter side N. The label is the index
@@ -44,6 +48,7 @@ from distalex.data.info import FORMAT, INFO_NAME, DataError
 
 GROUND_TRUTH = "ILSVRC2012_validation_ground_truth.txt"
 META = "meta.mat"
+SYNSET_MAPPING = "LOC_synset_mapping.txt"
 MEAN_IMAGE = "_mean_image.npy"
 STATS_SIZE = 256  # the mean image is kept at the paper's 256 x 256; normalize() resizes it
 TAR_OVERHEAD = 2 * 1024  # two 512-byte headers plus padding per sample, for --max-size planning
@@ -108,21 +113,24 @@ def list_train(src: Path, classes: list[str]) -> list[tuple[str, int]]:
     return items
 
 
-def read_devkit(devkit: Path) -> list[str]:
-    """wnid of each validation image, in the devkit's order (line i <-> ILSVRC2012_val_{i:08d})."""
-    candidates = [devkit, devkit / "data"]
-    gt = next((d / GROUND_TRUTH for d in candidates if (d / GROUND_TRUTH).is_file()), None)
-    meta = next((d / META for d in candidates if (d / META).is_file()), None)
-    if gt is None or meta is None:
-        raise DataError(f"{devkit}: needs {GROUND_TRUTH} and {META} (in it or in its data/ folder)")
+def _devkit_file(devkit: Path, name: str) -> Path | None:
+    return next((d / name for d in (devkit, devkit / "data") if (d / name).is_file()), None)
+
+
+def _leaf_synsets(meta: Path) -> list:
+    """meta.mat's synsets of the 1000 classes (the rest are their WordNet ancestors)."""
     import scipy.io
 
     synsets = scipy.io.loadmat(str(meta), squeeze_me=True)["synsets"]
-    id_to_wnid = {
-        int(s["ILSVRC2012_ID"]): str(s["WNID"])
-        for s in np.atleast_1d(synsets)
-        if int(s["num_children"]) == 0  # the 1000 leaf classes; the rest are WordNet ancestors
-    }
+    return [s for s in np.atleast_1d(synsets) if int(s["num_children"]) == 0]
+
+
+def read_devkit(devkit: Path) -> list[str]:
+    """wnid of each validation image, in the devkit's order (line i <-> ILSVRC2012_val_{i:08d})."""
+    gt, meta = _devkit_file(devkit, GROUND_TRUTH), _devkit_file(devkit, META)
+    if gt is None or meta is None:
+        raise DataError(f"{devkit}: needs {GROUND_TRUTH} and {META} (in it or in its data/ folder)")
+    id_to_wnid = {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in _leaf_synsets(meta)}
     wnids = []
     for n, line in enumerate(gt.read_text().split(), 1):
         if int(line) not in id_to_wnid:
@@ -138,6 +146,26 @@ def _find_devkit(src: Path, devkit: str | None) -> Path | None:
         if (d / GROUND_TRUTH).is_file() or (d / "data" / GROUND_TRUTH).is_file():
             return d
     return None
+
+
+def class_names(src: Path, classes: list[str], devkit: str | None, mapping: str | None = None) -> list[str]:
+    """A readable name per class: ``mapping`` or SRC/LOC_synset_mapping.txt (``<wnid> <name>`` lines),
+    else the devkit's meta.mat words, else the class ids. A class the source does not name keeps its id."""
+    path = Path(mapping) if mapping else src / SYNSET_MAPPING
+    if mapping and not path.is_file():
+        raise DataError(f"--class-names {path}: no such file")
+    names: dict[str, str] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            wnid, _, name = line.strip().partition(" ")
+            if wnid and name.strip():
+                names[wnid] = name.strip()
+    else:
+        kit = _find_devkit(src, devkit)
+        meta = _devkit_file(kit, META) if kit is not None else None
+        if meta is not None:
+            names = {str(s["WNID"]): str(s["words"]) for s in _leaf_synsets(meta)}
+    return [names.get(c, c) for c in classes]
 
 
 def list_val(src: Path, classes: list[str], devkit: str | None) -> list[tuple[str, int]]:
@@ -341,6 +369,7 @@ def make_shards(
     resize: int | None = None,
     quality: int = 95,
     devkit: str | None = None,
+    class_names_file: str | None = None,
     stats_samples: int = 10_000,
     overwrite: bool = False,
     prefix: str = "imagenet",
@@ -351,6 +380,7 @@ def make_shards(
     if not src.is_dir():
         raise DataError(f"{src}: source folder not found")
     classes = list_classes(src)
+    names = class_names(src, classes, devkit, class_names_file)
     listed = {}
     for split in splits:
         if split == "train":
@@ -363,6 +393,7 @@ def make_shards(
 
     info = {
         "format": FORMAT, "seed": seed, "resize": resize, "classes": classes, "num_classes": len(classes),
+        "class_names": names,
         "source": str(src.resolve()), "splits": {},
     }
     t0 = time.perf_counter()
@@ -422,6 +453,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--resize", type=int, default=None, help="re-encode with the shorter side this long (e.g. 256)")
     p.add_argument("--quality", type=int, default=95, help="JPEG quality for re-encoded images")
     p.add_argument("--devkit", default=None, help="ILSVRC2012 devkit folder, for a flat val/")
+    p.add_argument("--class-names", default=None, metavar="FILE",
+                   help=f"'<wnid> <name>' lines (default: SRC/{SYNSET_MAPPING}, else the devkit's meta.mat)")
     p.add_argument("--stats-samples", type=int, default=10_000, help="train images for mean/std (0: none)")
     p.add_argument("--prefix", default="imagenet", help="shard names: PREFIX-SPLIT-000000.tar")
     p.add_argument("--overwrite", action="store_true", help="replace the shards in a non-empty OUT")
@@ -433,8 +466,8 @@ def main(argv: list[str] | None = None) -> None:
         info = make_shards(
             a.src, a.out, splits=tuple(s for s in a.splits.split(",") if s), max_count=a.max_count,
             max_size=a.max_size, workers=a.workers, seed=a.seed, resize=a.resize, quality=a.quality,
-            devkit=a.devkit, stats_samples=a.stats_samples, overwrite=a.overwrite, prefix=a.prefix,
-            progress=not a.no_progress,
+            devkit=a.devkit, class_names_file=a.class_names, stats_samples=a.stats_samples,
+            overwrite=a.overwrite, prefix=a.prefix, progress=not a.no_progress,
         )
     except DataError as e:
         print(f"make_shards: error: {e}", file=sys.stderr)
