@@ -24,6 +24,18 @@ from distalex.config import Config, ConfigError, add_config_args, load_config
 from distalex.parallel.dims import ParallelDims
 
 
+def class_probabilities(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Normalised crops (B, 3, S, S), or the ten crops of each image (B, 10, 3, S, S) -> (B, classes) softmax.
+
+    Ten crops: the softmax of each, averaged (the paper's test, section 4.1).
+    """
+    if x.dim() == 5:
+        b = x.shape[0]
+        logits = model(x.flatten(0, 1)).float()  # (B*10, classes)
+        return F.softmax(logits, dim=1).view(b, 10, -1).mean(1)
+    return F.softmax(model(x).float(), dim=1)
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, dims: ParallelDims, data_cfg, autocast=contextlib.nullcontext) -> dict[str, float]:
     """Sum of (samples, top-1 hits, top-5 hits, loss) over this dp rank's batches, reduced over dp."""
@@ -37,11 +49,7 @@ def evaluate(model: nn.Module, loader, dims: ParallelDims, data_cfg, autocast=co
         x = normalize(batch.images, train=False, data_cfg=data_cfg)
         b = x.shape[0]
         with autocast():
-            if x.dim() == 5:  # (B, 10, 3, S, S): average the softmax of the ten crops
-                logits = model(x.flatten(0, 1)).float()  # (B*10, classes)
-                probs = F.softmax(logits, dim=1).view(b, 10, -1).mean(1)
-            else:
-                probs = F.softmax(model(x).float(), dim=1)
+            probs = class_probabilities(model, x)
         top5 = probs.topk(min(5, probs.shape[1]), dim=1).indices
         hits = top5 == batch.labels[:, None]
         totals += torch.stack([

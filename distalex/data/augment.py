@@ -143,9 +143,13 @@ def lighting_shift(n: int, std: float, generator: torch.Generator | None, device
     return (alpha * eigval) @ eigvec.T  # (n, 3): row i = eigvec @ (alpha_i * eigval)
 
 
-@functools.lru_cache(maxsize=16)
-def _stats(train_shards: str, mean_mode: str, resize: int, size: int, ten: bool, device: str):
-    """(mean, std) to subtract and divide by, broadcastable to (3, S, S) or (10, 3, S, S)."""
+def training_stats(train_shards: str, need_mean_image: bool) -> tuple[list[float], list[float], np.ndarray | None]:
+    """(mean_rgb, std_rgb, mean image or None) measured by make_shards for these training shards.
+
+    Pixels in [0, 1]; the mean image is (H, W, 3) float32, read only when asked for. Without the
+    statistics in ``_info.json`` (shards not written by make_shards) the usual ImageNet mean/std,
+    with a warning.
+    """
     from distalex.data.info import DataError, read_info
 
     try:
@@ -154,30 +158,46 @@ def _stats(train_shards: str, mean_mode: str, resize: int, size: int, ten: bool,
     except DataError:
         info, stats = None, {}
     if "mean_rgb" in stats and "std_rgb" in stats:
-        mean_rgb, std_rgb = stats["mean_rgb"], stats["std_rgb"]
+        mean_rgb, std_rgb = list(stats["mean_rgb"]), list(stats["std_rgb"])
     else:
         warnings.warn(
             f"data.train_shards={train_shards!r}: no training statistics in _info.json; "
             "using the usual ImageNet mean/std",
-            stacklevel=3,
+            stacklevel=4,  # the caller of normalize()
         )
-        mean_rgb, std_rgb = IMAGENET_MEAN, IMAGENET_STD
+        mean_rgb, std_rgb = list(IMAGENET_MEAN), list(IMAGENET_STD)
+    if not need_mean_image:
+        return mean_rgb, std_rgb, None
+    if info is None or not stats.get("mean_image"):
+        raise DataError(f"data.mean=pixel needs the mean image of make_shards beside {train_shards!r}")
+    return mean_rgb, std_rgb, np.load(info.root / stats["mean_image"]).astype(np.float32)
+
+
+def mean_and_std(
+    mean_rgb, std_rgb, mean_image: np.ndarray | None, resize: int, size: int, ten: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) to subtract and divide by, broadcastable to (3, S, S) or (10, 3, S, S).
+
+    Per channel when ``mean_image`` is None, else per pixel: the mean image at ``resize``, cropped
+    like the images.
+    """
     std = torch.tensor(std_rgb, dtype=torch.float32).view(3, 1, 1)
-    if mean_mode == "channel":
-        mean = torch.tensor(mean_rgb, dtype=torch.float32).view(3, 1, 1)
-    else:
-        if info is None or not stats.get("mean_image"):
-            raise DataError(f"data.mean=pixel needs the mean image of make_shards beside {train_shards!r}")
-        img = np.load(info.root / stats["mean_image"]).astype(np.float32)  # (H, W, 3) in [0, 1]
-        # The per-pixel mean at data.resize, cropped like the images. For random training crops
-        # the centre patch stands in for the crop's own patch: the ImageNet mean image is smooth,
-        # so this moves the mean by far less than the lighting noise does.
-        sq = torch.nn.functional.interpolate(
-            torch.from_numpy(img).permute(2, 0, 1)[None], size=(resize, resize), mode="bilinear",
-            antialias=True, align_corners=False,
-        )[0].permute(1, 2, 0).numpy()
-        crops = ten_crop(sq, size) if ten else centre_crop(sq, size)
-        mean = hwc_to_chw(crops)
+    if mean_image is None:
+        return torch.tensor(mean_rgb, dtype=torch.float32).view(3, 1, 1), std
+    # For random training crops the centre patch stands in for the crop's own patch: the ImageNet
+    # mean image is smooth, so this moves the mean by far less than the lighting noise does.
+    sq = torch.nn.functional.interpolate(
+        torch.from_numpy(mean_image).permute(2, 0, 1)[None], size=(resize, resize), mode="bilinear",
+        antialias=True, align_corners=False,
+    )[0].permute(1, 2, 0).numpy()
+    crops = ten_crop(sq, size) if ten else centre_crop(sq, size)
+    return hwc_to_chw(crops), std
+
+
+@functools.lru_cache(maxsize=16)
+def _stats(train_shards: str, mean_mode: str, resize: int, size: int, ten: bool, device: str):
+    mean_rgb, std_rgb, mean_image = training_stats(train_shards, need_mean_image=mean_mode == "pixel")
+    mean, std = mean_and_std(mean_rgb, std_rgb, mean_image, resize, size, ten)
     return mean.to(device), std.to(device)
 
 
