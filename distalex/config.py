@@ -127,6 +127,8 @@ class TrackingConfig(Section):
     """MLflow tracking URI; default $MLFLOW_TRACKING_URI, else sqlite:///<run_dir>/../mlflow.db."""
     experiment: str = "distalex"
     run_name: str | None = None
+    register_as: str | None = None
+    """Register the run's final MLflow model under this name in the model registry (None: not registered)."""
 
 
 def towers_per_rank(towers: int, tp: int) -> int:

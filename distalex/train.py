@@ -246,16 +246,24 @@ def log_kernels(run: Run) -> None:
 
 
 def finish(run: Run) -> Path | None:
-    """Export the serial model (rank 0 writes it) and log it as an artifact."""
+    """Export the serial model (rank 0 writes it), log it as an artifact and as an MLflow model."""
     from distalex.export import save_serial_model
+    from distalex.serving import log_mlflow_model, training_settings
 
     if run.dims.dp_rank != 0:
         return None
     state = full_state_dict(run.engine.module, run.dims.tp_group)
     if not run.dims.is_main:
         return None
-    path = save_serial_model(run.run_dir / "model.pt", state, run.cfg.model, run.classes)
+    prep, names = training_settings(run.cfg)
+    path = save_serial_model(run.run_dir / "model.pt", state, run.cfg.model, run.classes, names, prep)
     run.tracker.log_artifact(path)
+    serial = build_model(run.cfg.model)
+    serial.load_state_dict(state)
+    register_as = run.cfg.tracking.register_as
+    uri = log_mlflow_model(run.tracker, serial, prep, run.classes, names, step=run.state.step, register_as=register_as)
+    if uri:
+        print(f"MLflow model: {uri}" + (f" (registered as {register_as})" if register_as else ""), flush=True)
     return path
 
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job end to end on CPU: bundled dataset -> shards -> torchrun (2 ranks, tp=2) training
-# -> 10-crop evaluation of the exported model -> report pictures; the run is tracked in MLflow
+# -> 10-crop evaluation of the exported model -> predict on two images -> report pictures; the run
+# and its final model are tracked in MLflow
 # (sqlite store runs/mlflow.db unless MLFLOW_TRACKING_URI points at a server).
 #
 #   bash launch/demo.sh [--set key=value ...]     (extra overrides go to distalex.train)
@@ -28,9 +29,13 @@ $PYTHON -m torch.distributed.run --standalone --nproc_per_node=2 --max-restarts=
   -m distalex.train --config configs/demo.yaml --set checkpoint.resume=none "$@"
 
 echo "== evaluation of the exported serial model (tp=1), 10 crops"
-# The exported model carries only its model config: the data settings (shards, data.resize, mean)
-# come from the run's resolved config, else they would be the ImageNet defaults (resize 256).
+# The exported model carries its preprocessing but not where the data is: the validation shards
+# (and data.resize, mean) come from the run's resolved config.
 $PYTHON -m distalex.evaluate runs/demo/model.pt --ten-crop --config runs/demo/config.yaml --set parallel.tp=1
+
+echo "== predict: the top 3 classes of two held-out images"
+$PYTHON -m distalex.predict runs/demo/model.pt --top 3 \
+  "$DATA"/src/val/n00000003/n00000003_val_00000.JPEG "$DATA"/src/val/n00000007/n00000007_val_00000.JPEG
 
 echo "== report: conv1 kernels per tower, learning curves, 10-crop examples"
 $PYTHON -m distalex.report runs/demo/checkpoints --out runs/demo/report
@@ -42,4 +47,5 @@ Done.
   checkpoints   : runs/demo/checkpoints
   MLflow        : ${MLFLOW_TRACKING_URI:-sqlite:///runs/mlflow.db}
                   view with: mlflow ui --backend-store-uri ${MLFLOW_TRACKING_URI:-sqlite:///runs/mlflow.db}
+                  the run's model: runs:/<run_id>/model (see "Using a trained model" in README.md)
 EOM

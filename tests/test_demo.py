@@ -37,4 +37,8 @@ def test_demo_reaches_the_stated_accuracy_and_is_tracked():
     assert len(top1_curve) >= 2 and top1_curve[-1].value < top1_curve[0].value
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"model.pt", "config.yaml", "kernels"} <= artifacts
+    assert f"MLflow model: runs:/{run.info.run_id}/model" in proc.stdout
+    # predict names the two held-out images' classes (the README's example)
+    assert re.search(r"^data/demo/src/val/n00000003/n00000003_val_00000\.JPEG\n(  [01]\.\d{4}  digit \d \(n0000000\d\)\n){3}",
+                     proc.stdout, re.M), proc.stdout[-2000:]
     assert (REPO / "runs" / "demo" / "report" / "kernels.png").stat().st_size > 0

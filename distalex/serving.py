@@ -1,0 +1,184 @@
+"""The trained net as an image classifier: evaluation's preprocessing, the net and the softmax in one module.
+
+An image file reaches the net exactly as in ``distalex.evaluate``. On the CPU (``Preprocessing``):
+decode, shorter side to ``data.resize``, the central square, then its central ``image_size`` crop
+or the paper's ten crops, as uint8. Inside ``Classifier``: pixels to [0, 1], minus the training
+mean, divided by the training std (the statistics make_shards measured for the training shards,
+as ``augment.normalize`` uses them), the net, the softmax (averaged over the ten crops).
+
+The settings travel with the model: an exported model file holds ``Preprocessing.to_dict()``, and
+the MLflow model a training run logs (``log_mlflow_model``) holds the normalisation inside its graph
+and the crop sizes and class names in its metadata. That MLflow model is the ``Classifier`` exported
+with ``torch.export`` (MLflow's ``pt2`` format): loading it needs torch and MLflow, not distalex,
+and it takes uint8 RGB crops (batch, 3, S, S) and returns class probabilities (batch, classes).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import nn
+
+from distalex.data.augment import centre_crop, centre_square, hwc_to_chw, mean_and_std, ten_crop, training_stats
+from distalex.evaluate import class_probabilities
+
+if TYPE_CHECKING:
+    from distalex.config import Config
+
+MLFLOW_MODEL_NAME = "model"
+"""A run's MLflow model: ``runs:/<run_id>/model``."""
+
+
+class Classifier(nn.Module):
+    """Image crops in, class probabilities out.
+
+    Input: uint8 RGB (B, 3, S, S), or float in [0, 1] (uint8 / 255); or (B, 10, 3, S, S), the ten
+    crops of each image, whose softmax is averaged. Output: (B, classes) float32 probabilities.
+    ``mean`` is (3, 1, 1) per channel, or per pixel (3, S, S) for centre crops, (10, 3, S, S) for ten.
+    """
+
+    def __init__(self, model: nn.Module, mean: torch.Tensor, std: torch.Tensor):
+        super().__init__()
+        self.model = model.eval()
+        self.register_buffer("mean", mean)
+        self.register_buffer("std", std)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float().div(255) if images.dtype == torch.uint8 else images.float()
+        return class_probabilities(self.model, (x - self.mean) / self.std)
+
+    def extra_repr(self) -> str:
+        return f"mean={tuple(self.mean.shape)}, std={tuple(self.std.shape)}"
+
+
+def eval_crops(data: bytes, resize: int, size: int, ten: bool) -> torch.Tensor:
+    """Image file bytes -> uint8 (3, S, S) centre crop, or (10, 3, S, S) ten crops, as the validation loader cuts them.
+
+    Raises ``augment.CorruptImage`` for bytes that are not a readable image.
+    """
+    square = centre_square(data, resize)
+    return hwc_to_chw(ten_crop(square, size) if ten else centre_crop(square, size))
+
+
+@dataclass
+class Preprocessing:
+    """What evaluation does to an image before the net: crop sizes and the training statistics."""
+
+    resize: int
+    """Shorter side scaled to this, then the central square is kept (``data.resize``)."""
+    image_size: int
+    """Side of the crops the net takes (``model.image_size``)."""
+    mean_rgb: list[float]
+    std_rgb: list[float]
+    """Training mean and std per channel, pixels in [0, 1]."""
+    mean_image: np.ndarray | None = None
+    """(H, W, 3) training mean image for ``data.mean: pixel``; None: the per-channel mean."""
+
+    def to_dict(self) -> dict:
+        """Plain types and at most one tensor: ``torch.load(weights_only=True)`` reads it."""
+        return {
+            "resize": self.resize, "image_size": self.image_size, "mean_rgb": list(self.mean_rgb),
+            "std_rgb": list(self.std_rgb),
+            "mean_image": None if self.mean_image is None else torch.from_numpy(self.mean_image),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Preprocessing:
+        img = d.get("mean_image")
+        return cls(int(d["resize"]), int(d["image_size"]), [float(v) for v in d["mean_rgb"]],
+                   [float(v) for v in d["std_rgb"]], None if img is None else np.asarray(img, dtype=np.float32))
+
+    def describe(self) -> dict:
+        """The settings without the mean image, for metadata."""
+        return {"resize": self.resize, "image_size": self.image_size, "mean_rgb": list(self.mean_rgb),
+                "std_rgb": list(self.std_rgb), "mean": "channel" if self.mean_image is None else "pixel"}
+
+    def crops(self, data: bytes, ten: bool) -> torch.Tensor:
+        return eval_crops(data, self.resize, self.image_size, ten)
+
+    def classifier(self, model: nn.Module, ten: bool = False) -> Classifier:
+        """``model`` with this normalisation and the softmax, for centre crops or (``ten``) ten crops."""
+        mean, std = mean_and_std(self.mean_rgb, self.std_rgb, self.mean_image, self.resize, self.image_size, ten)
+        return Classifier(model, mean, std)
+
+
+def training_settings(cfg: Config) -> tuple[Preprocessing, list[str]]:
+    """A run's preprocessing and class names, from its training shards' ``_info.json``.
+
+    Raises ``DataError`` when that file is not found from here (relative shard paths are taken from
+    the working directory): without it, ``augment.normalize`` would fall back to ImageNet's statistics.
+    """
+    from distalex.data.info import read_info
+
+    info = read_info(cfg.data.train_shards)
+    mean_rgb, std_rgb, mean_image = training_stats(cfg.data.train_shards, need_mean_image=cfg.data.mean == "pixel")
+    return Preprocessing(cfg.data.resize, cfg.model.image_size, mean_rgb, std_rgb, mean_image), info.class_names
+
+
+# ------------------------------------------------------------------ the MLflow model
+
+
+def model_metadata(prep: Preprocessing, classes: list[str], class_names: list[str]) -> dict:
+    """What a user of the MLflow model needs besides the graph: how to cut the input, what the outputs are."""
+    s = prep.image_size
+    return {
+        "input": f"uint8 RGB (batch, 3, {s}, {s}): the image's shorter side scaled to {prep.resize}, "
+                 f"the central square, its central {s} x {s} crop",
+        "output": f"float32 (batch, {len(classes)}): class probabilities, in the order of 'classes'",
+        "preprocessing": prep.describe(),
+        "classes": list(classes),
+        "class_names": list(class_names),
+    }
+
+
+def log_mlflow_model(
+    tracker, model: nn.Module, prep: Preprocessing, classes: list[str], class_names: list[str], *,
+    step: int, register_as: str | None = None,
+) -> str | None:
+    """Log ``model`` with ``prep`` as the run's MLflow model (PyTorch flavour, ``pt2``); its URI, or None.
+
+    Registered as ``register_as`` when given. Nothing happens when ``tracker`` has no run (tracking
+    off, or not rank 0). A failure is a ``TrackingWarning``, never an error: the run has finished.
+    """
+    from distalex.tracking import TrackingWarning
+
+    if tracker.tracking_uri is None:
+        return None
+    tracker.flush()  # the run's last metrics are linked to the model at ``step``
+    try:
+        return _log_pt2(tracker.tracking_uri, tracker.run_id, prep.classifier(model).cpu(),
+                        model_metadata(prep, classes, class_names), step, register_as)
+    except Exception as e:  # noqa: BLE001 - the weights are already saved; report and go on
+        warnings.warn(f"MLflow at {tracker.tracking_uri}: could not log the MLflow model of run "
+                      f"{tracker.run_id}: {type(e).__name__}: {e}", TrackingWarning, stacklevel=2)
+        return None
+
+
+def _log_pt2(uri: str, run_id: str, classifier: Classifier, metadata: dict, step: int, register_as: str | None) -> str:
+    import mlflow
+    import mlflow.pytorch
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    # log_model takes the store and the experiment of the model from MLflow's process-wide settings.
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(experiment_id=mlflow.MlflowClient(uri).get_run(run_id).info.experiment_id)
+    s, classes = metadata["preprocessing"]["image_size"], len(metadata["classes"])
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, 3, s, s))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, classes))]),
+    )
+    example = np.full((2, 3, s, s), 128, dtype=np.uint8)  # a batch of 2: export keeps the batch size free
+    mlflow.pytorch.log_model(
+        classifier.eval(), name=MLFLOW_MODEL_NAME, run_id=run_id, step=step, signature=signature,
+        input_example=example, serialization_format="pt2", metadata=metadata,
+        registered_model_name=register_as,
+        # The defaults spend seconds finding packages (a subprocess) and re-running the example;
+        # the model needs torch and mlflow only, and the tests run it.
+        pip_requirements=mlflow.pytorch.get_default_pip_requirements(), validate_serving_input=False,
+    )
+    return f"runs:/{run_id}/{MLFLOW_MODEL_NAME}"
