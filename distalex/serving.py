@@ -25,9 +25,11 @@ from torch import nn
 
 from distalex.data.augment import centre_crop, centre_square, hwc_to_chw, mean_and_std, ten_crop, training_stats
 from distalex.evaluate import class_probabilities
+from distalex.tracking import TrackingWarning
 
 if TYPE_CHECKING:
     from distalex.config import Config
+    from distalex.tracking import NullTracker, Tracker
 
 MLFLOW_MODEL_NAME = "model"
 """A run's MLflow model: ``runs:/<run_id>/model``."""
@@ -136,19 +138,22 @@ def model_metadata(prep: Preprocessing, classes: list[str], class_names: list[st
 
 
 def log_mlflow_model(
-    tracker, model: nn.Module, prep: Preprocessing, classes: list[str], class_names: list[str], *,
-    step: int, register_as: str | None = None,
+    tracker: Tracker | NullTracker, model: nn.Module, prep: Preprocessing, classes: list[str],
+    class_names: list[str], *, step: int, register_as: str | None = None,
 ) -> str | None:
     """Log ``model`` with ``prep`` as the run's MLflow model (PyTorch flavour, ``pt2``); its URI, or None.
 
     Registered as ``register_as`` when given. Nothing happens when ``tracker`` has no run (tracking
     off, or not rank 0). A failure is a ``TrackingWarning``, never an error: the run has finished.
     """
-    from distalex.tracking import TrackingWarning
-
     if tracker.tracking_uri is None:
         return None
-    tracker.flush()  # the run's last metrics are linked to the model at ``step``
+    # The run's last metrics are linked to the model at ``step``. A store that is failing would
+    # hold the end of the job for the minutes of MLflow's HTTP retries: skip the model then.
+    if not tracker.flush():
+        warnings.warn(f"MLflow at {tracker.tracking_uri} is not taking the run's data; the MLflow model of "
+                      f"run {tracker.run_id} is not logged (the model file is)", TrackingWarning, stacklevel=2)
+        return None
     try:
         return _log_pt2(tracker.tracking_uri, tracker.run_id, prep.classifier(model).cpu(),
                         model_metadata(prep, classes, class_names), step, register_as)

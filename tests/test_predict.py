@@ -111,6 +111,42 @@ def test_train_settings_need_the_training_statistics(tmp_path):
         training_settings(run_config(tmp_path / "nowhere", "channel"))
 
 
+def test_mlflow_model_is_skipped_without_a_run_or_while_the_store_fails(tmp_path, monkeypatch):
+    import time
+    import warnings
+
+    from distalex.parallel.dims import ParallelDims
+    from distalex.serving import log_mlflow_model
+    from distalex.tracking import NullTracker, Tracker, TrackingWarning
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = run_config(stats_folder(tmp_path / "shards", pixel_mean=False), "channel")
+    prep, names = training_settings(cfg)
+    args = (random_net(), prep, CLASSES, names)
+    assert log_mlflow_model(NullTracker("a" * 32), *args, step=1) is None  # tracking off, or not rank 0
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = Tracker.start(load_config(None, [f"tracking.uri={uri}"]), ParallelDims(dp=1, tp=1, rank=0), tmp_path / "run")
+
+    def down(*a, **k):  # a dead server, as in test_tracking: MLflow retries for a while, then raises
+        time.sleep(1.0)
+        raise ConnectionError("tracking store went away")
+
+    tracker._client.log_batch = down
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tracker.log_metrics({"train/loss": 1.0}, step=1)
+        tracker.flush()  # this one fails: the tracker now knows the store is failing
+        tracker.log_metrics({"train/loss": 0.5}, step=2)  # in finish: the model file's upload, pending
+        t0 = time.perf_counter()
+        assert log_mlflow_model(tracker, *args, step=2) is None
+        assert time.perf_counter() - t0 < 2, "a failing store must not hold the end of the job"
+        tracker.close()
+    assert any("MLflow model of run" in str(w.message) and "not logged" in str(w.message)
+               for w in caught if issubclass(w.category, TrackingWarning))
+    client = mlflow.MlflowClient(uri)
+    assert client.search_logged_models(experiment_ids=[client.get_run(tracker.run_id).info.experiment_id]) == []
+
+
 # ------------------------------------------------------------------ fast: the command line
 
 
