@@ -22,18 +22,7 @@ from torch import nn
 
 from distalex.config import Config, ConfigError, add_config_args, load_config
 from distalex.parallel.dims import ParallelDims
-
-
-def class_probabilities(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Normalised crops (B, 3, S, S), or the ten crops of each image (B, 10, 3, S, S) -> (B, classes) softmax.
-
-    Ten crops: the softmax of each, averaged (the paper's test, section 4.1).
-    """
-    if x.dim() == 5:
-        b = x.shape[0]
-        logits = model(x.flatten(0, 1)).float()  # (B*10, classes)
-        return F.softmax(logits, dim=1).view(b, 10, -1).mean(1)
-    return F.softmax(model(x).float(), dim=1)
+from distalex.serving import class_probabilities
 
 
 @torch.no_grad()

@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from distalex.data.augment import centre_crop, centre_square, hwc_to_chw, mean_and_std, ten_crop, training_stats
-from distalex.evaluate import class_probabilities
 from distalex.tracking import TrackingWarning
 
 if TYPE_CHECKING:
@@ -33,6 +33,18 @@ if TYPE_CHECKING:
 
 MLFLOW_MODEL_NAME = "model"
 """A run's MLflow model: ``runs:/<run_id>/model``."""
+
+
+def class_probabilities(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Normalised crops (B, 3, S, S), or the ten crops of each image (B, 10, 3, S, S) -> (B, classes) softmax.
+
+    Ten crops: the softmax of each, averaged (the paper's test, section 4.1).
+    """
+    if x.dim() == 5:
+        b = x.shape[0]
+        logits = model(x.flatten(0, 1)).float()  # (B*10, classes)
+        return F.softmax(logits, dim=1).view(b, 10, -1).mean(1)
+    return F.softmax(model(x).float(), dim=1)
 
 
 class Classifier(nn.Module):

@@ -22,12 +22,11 @@ from PIL import Image
 
 from distalex.config import ModelConfig, load_config
 from distalex.data.augment import normalize
-from distalex.evaluate import class_probabilities
 from distalex.export import save_serial_model
 from distalex.model import build_model
 from distalex.predict import classify_files, load_predictor
 from distalex.predict import main as predict_main
-from distalex.serving import Preprocessing, eval_crops, training_settings
+from distalex.serving import Preprocessing, class_probabilities, eval_crops, training_settings
 from tests.runs import REPO, launch, run_env, tiny_overrides, tiny_shards  # noqa: F401 - fixture
 
 MODEL_CFG = ModelConfig(num_classes=10, width=0.125, image_size=64, dropout=0.2, init="kaiming")
