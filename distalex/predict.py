@@ -31,8 +31,12 @@ from pathlib import Path
 
 import torch
 
+from distalex.checkpoint import CheckpointError, load_serial_state
 from distalex.data.augment import CorruptImage
-from distalex.serving import Preprocessing, eval_crops
+from distalex.data.info import DataError
+from distalex.export import ExportError, load_serial_model
+from distalex.model import build_model
+from distalex.serving import Preprocessing, eval_crops, training_settings
 
 EXIT_BAD_INPUT = 2
 URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:/")
@@ -92,8 +96,6 @@ def _predictor(model: torch.nn.Module, prep: Preprocessing, ten: bool, classes: 
 
 
 def _from_export(path: Path, ten: bool) -> Predictor:
-    from distalex.export import ExportError, load_serial_model
-
     try:
         model, blob = load_serial_model(path)
     except ExportError as e:
@@ -106,11 +108,6 @@ def _from_export(path: Path, ten: bool) -> Predictor:
 
 
 def _from_checkpoint(path: Path, ten: bool) -> Predictor:
-    from distalex.checkpoint import CheckpointError, load_serial_state
-    from distalex.data.info import DataError
-    from distalex.model import build_model
-    from distalex.serving import training_settings
-
     try:
         state, cfg, classes = load_serial_state(path)
         prep, names = training_settings(cfg)

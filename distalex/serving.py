@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distalex.data.augment import centre_crop, centre_square, hwc_to_chw, mean_and_std, ten_crop, training_stats
+from distalex.data.info import read_info
 from distalex.tracking import TrackingWarning
 
 if TYPE_CHECKING:
@@ -126,8 +127,6 @@ def training_settings(cfg: Config) -> tuple[Preprocessing, list[str]]:
     Raises ``DataError`` when that file is not found from here (relative shard paths are taken from
     the working directory): without it, ``augment.normalize`` would fall back to ImageNet's statistics.
     """
-    from distalex.data.info import read_info
-
     info = read_info(cfg.data.train_shards)
     mean_rgb, std_rgb, mean_image = training_stats(cfg.data.train_shards, need_mean_image=cfg.data.mean == "pixel")
     return Preprocessing(cfg.data.resize, cfg.model.image_size, mean_rgb, std_rgb, mean_image), info.class_names
