@@ -37,6 +37,7 @@ from distalex.data.info import DataError
 from distalex.export import ExportError, load_serial_model
 from distalex.model import build_model
 from distalex.serving import Preprocessing, eval_crops, training_settings
+from distalex.tracking import sqlite_path  # importing distalex.tracking also sets MLflow's environment
 
 EXIT_BAD_INPUT = 2
 URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:/")
@@ -123,15 +124,13 @@ def _from_checkpoint(path: Path, ten: bool) -> Predictor:
 
 def _store(tracking_uri: str | None) -> str:
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///" + str(DEFAULT_STORE.resolve())
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
-        # MLflow would quietly create an empty store there and then not find the run
+    db = sqlite_path(uri)
+    if db is not None and not db.is_file():  # MLflow would quietly create an empty store there
         raise PredictError(f"{uri}: no MLflow database there; pass --tracking-uri or set MLFLOW_TRACKING_URI")
     return uri
 
 
 def _from_mlflow(uri: str, ten: bool, store: str | None) -> Predictor:
-    import distalex.tracking  # noqa: F401 - sets MLflow's environment (no telemetry) before mlflow loads
-
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # stderr is for the per-image lines
     import mlflow
     import mlflow.pytorch
