@@ -46,6 +46,11 @@ class ModelConfig(Section):
 class ParallelConfig(Section):
     tp: int = Field(2, ge=1)
     """Tensor-parallel degree: ranks per tower group. dp = world size / tp."""
+    layout: Literal["towers", "hybrid"] = "towers"
+    """How a tp group splits the net (the same net either way; README "Two layouts").
+    towers: each rank holds towers/tp whole towers and sees every image (the paper's split).
+    hybrid: each rank holds every conv kernel and convolves 1/tp of the group's images; the fully
+    connected layers are split as in towers (Krizhevsky 2014). tp need not divide model.towers."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto: CUDA when present (nccl), else CPU (gloo)."""
     timeout_s: float = Field(600.0, gt=0)
@@ -151,7 +156,8 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _layout(self) -> "Config":
-        towers_per_rank(self.model.towers, self.parallel.tp)
+        if self.parallel.layout == "towers":
+            towers_per_rank(self.model.towers, self.parallel.tp)
         return self
 
     @property

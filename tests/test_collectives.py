@@ -1,14 +1,18 @@
 """Each autograd collective does what its docstring says, forward and backward, on any dim,
 and each tensor-parallel layer equals the serial nn layer it replaces (2 gloo processes)."""
 
+import dataclasses
+
+import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from distalex.parallel.collectives import copy_to_tp, gather_from_tp, reduce_from_tp
+from distalex.parallel.collectives import copy_to_tp, gather_from_tp, reduce_from_tp, samples_to_features
 from distalex.parallel.dims import init_parallel
 from distalex.parallel.layers import ColumnParallelLinear, GatherChannelsConv2d, RowParallelLinear, shard_conv_out_channels
-from distalex.parallel.plan import full_grads
+from distalex.parallel.plan import full_grads, share_images
+from distalex.parallel.trace import CollectiveSpy
 from tests.distributed import run_workers
 
 
@@ -40,11 +44,30 @@ def collectives_worker():
         out[f"gather_fwd_{dim}"], out[f"gather_bwd_{dim}"], out[f"gather_up_{dim}"] = y.detach(), x.grad.clone(), up_full
         x.grad = None
         out[f"x_{dim}"], out[f"up_{dim}"] = x.detach(), up
+    # samples_to_features: (my samples, all features) -> (all samples, my block), uneven counts
+    counts = [3, 2]
+    x = rank_tensor(r, (counts[r], 6), seed=30).requires_grad_()
+    y = samples_to_features(x, counts, g)
+    up = rank_tensor(r, y.shape, seed=31)
+    (y * up).sum().backward()
+    out.update(a2a_x=x.detach(), a2a_fwd=y.detach(), a2a_up=up, a2a_bwd=x.grad.clone())
+    # share_images: what each layout's peers receive of tp rank 0's batch, and what it costs
+    for layout in ("towers", "hybrid"):
+        for batch in (4, 5):
+            images = torch.arange(batch * 3, dtype=torch.uint8).view(batch, 3) if r == 0 else torch.full((batch, 3), 255, dtype=torch.uint8)
+            with CollectiveSpy() as spy:
+                share_images(images, dataclasses.replace(dims, layout=layout))
+            out[f"share_{layout}_{batch}"] = (images, [(c.kind, c.sent_bytes) for c in spy.calls])
     return out
 
 
-def test_collectives_match_their_docstrings():
-    r0, r1 = run_workers(collectives_worker, 2)
+@pytest.fixture(scope="module")
+def collectives_runs():
+    return run_workers(collectives_worker, 2)
+
+
+def test_collectives_match_their_docstrings(collectives_runs):
+    r0, r1 = collectives_runs
     for dim in (0, 1, 2):
         x0, x1, u0, u1 = r0[f"x_{dim}"], r1[f"x_{dim}"], r0[f"up_{dim}"], r1[f"up_{dim}"]
         # copy_to_tp
@@ -59,6 +82,27 @@ def test_collectives_match_their_docstrings():
         summed = r0[f"gather_up_{dim}"] + r1[f"gather_up_{dim}"]
         torch.testing.assert_close(r0[f"gather_bwd_{dim}"], summed.chunk(2, dim)[0])
         torch.testing.assert_close(r1[f"gather_bwd_{dim}"], summed.chunk(2, dim)[1])
+    # samples_to_features: rank q's block of every sample, samples in rank order; backward: the
+    # gradient of each element comes back from its one owner, unsummed
+    x_all = torch.cat([r0["a2a_x"], r1["a2a_x"]])  # (5, 6): the group's samples
+    assert torch.equal(r0["a2a_fwd"], x_all[:, :3]) and torch.equal(r1["a2a_fwd"], x_all[:, 3:])
+    up_all = torch.cat([r0["a2a_up"], r1["a2a_up"]], dim=1)  # (5, 6): the gradient by feature block
+    assert torch.equal(r0["a2a_bwd"], up_all[:3]) and torch.equal(r1["a2a_bwd"], up_all[3:])
+
+
+def test_share_images_sends_each_layout_what_it_convolves(collectives_runs):
+    r0, r1 = collectives_runs
+    for batch in (4, 5):
+        sent = r0[f"share_towers_{batch}"][0]
+        assert torch.equal(r1[f"share_towers_{batch}"][0], sent)  # towers: every image everywhere
+        assert r0[f"share_towers_{batch}"][1] == [("broadcast", batch * 3)]
+    # hybrid, 4 = 2 x 2 samples: rank 1 gets its 2 samples (the rest zero), rank 0 sends only those
+    images, calls = r1["share_hybrid_4"]
+    assert torch.equal(images[2:], r0["share_hybrid_4"][0][2:]) and not images[:2].any()
+    assert r0["share_hybrid_4"][1] == [("scatter", 2 * 3)]
+    assert torch.equal(r0["share_hybrid_4"][0], torch.arange(12, dtype=torch.uint8).view(4, 3))  # the root's batch intact
+    # hybrid, 5 samples do not split evenly: broadcast
+    assert torch.equal(r1["share_hybrid_5"][0], r0["share_hybrid_5"][0]) and r0["share_hybrid_5"][1] == [("broadcast", 15)]
 
 
 def layers_worker():

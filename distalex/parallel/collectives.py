@@ -59,6 +59,13 @@ def _reduce_scatter(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     return out.movedim(0, dim)
 
 
+def _all_to_all(x: torch.Tensor, send_counts: list[int], recv_counts: list[int], group) -> torch.Tensor:
+    """Rows ``x[sum(send_counts[:s]) : ...]`` go to rank s; the rows from rank q arrive in rank order."""
+    out = torch.empty((sum(recv_counts), *x.shape[1:]), dtype=x.dtype, device=x.device)
+    dist.all_to_all_single(out, x.contiguous(), output_split_sizes=recv_counts, input_split_sizes=send_counts, group=group)
+    return out
+
+
 class _CopyToTP(torch.autograd.Function):
     """forward: identity. backward: all-reduce (sum) of the gradient.
 
@@ -110,6 +117,32 @@ class _GatherFromTP(torch.autograd.Function):
         return _reduce_scatter(grad, ctx.dim, ctx.group), None, None
 
 
+class _SamplesToFeatures(torch.autograd.Function):
+    """forward: all-to-all from (this rank's samples, all F features) to (all samples, this rank's
+    contiguous F/n block of features). backward: the inverse all-to-all.
+
+    Used before fc6 in the hybrid layout: each rank convolved its own samples, and fc6's
+    row-parallel block on rank s needs block s of every sample's features. Every element goes to
+    exactly one rank, so the backward returns each gradient to where its element came from, with
+    no sum. ``counts[q]`` is rank q's number of samples; the output's samples are in rank order.
+    """
+
+    @staticmethod
+    def forward(ctx, x, counts, group):
+        n, b, f = group_size(group), x.shape[0], x.shape[1]
+        if f % n:
+            raise ValueError(f"all-to-all: {f} features are not divisible by {n} ranks")
+        ctx.counts, ctx.group, ctx.shape = counts, group, (b, f)
+        blocks = x.reshape(b, n, f // n).transpose(0, 1).reshape(n * b, f // n)  # block s of my samples -> rank s
+        return _all_to_all(blocks, [b] * n, counts, group)  # (sum(counts), F/n)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (b, f), n = ctx.shape, group_size(ctx.group)
+        blocks = _all_to_all(grad, ctx.counts, [b] * n, ctx.group)  # (n*b, F/n): my samples, block by block
+        return blocks.reshape(n, b, f // n).transpose(0, 1).reshape(b, f), None, None
+
+
 def copy_to_tp(x: torch.Tensor, group) -> torch.Tensor:
     """Identity forward; all-reduce backward (Megatron's ``f``)."""
     return x if group_size(group) == 1 else _CopyToTP.apply(x, group)
@@ -123,3 +156,8 @@ def reduce_from_tp(x: torch.Tensor, group) -> torch.Tensor:
 def gather_from_tp(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     """All-gather along ``dim`` forward; reduce-scatter along ``dim`` backward."""
     return x if group_size(group) == 1 else _GatherFromTP.apply(x, dim, group)
+
+
+def samples_to_features(x: torch.Tensor, counts: list[int], group) -> torch.Tensor:
+    """(counts[rank], F) -> (sum(counts), F/n) by all-to-all forward; the inverse backward."""
+    return x if group_size(group) == 1 else _SamplesToFeatures.apply(x, counts, group)

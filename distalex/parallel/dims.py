@@ -52,16 +52,22 @@ def read_launch_env(environ: dict | None = None) -> Launch:
     return Launch(rank=rank, world_size=world_size, local_rank=local_rank)
 
 
-def check_layout(world_size: int, tp: int, towers: int) -> int:
+LAYOUTS = ("towers", "hybrid")
+
+
+def check_layout(world_size: int, tp: int, towers: int, layout: str = "towers") -> int:
     """Validate the (dp, tp) layout and return dp. Errors name the numbers that disagree."""
     if tp < 1:
         raise ParallelConfigError(f"parallel.tp must be >= 1, got {tp}")
     if towers < 1:
         raise ParallelConfigError(f"model.towers must be >= 1, got {towers}")
-    try:
-        towers_per_rank(towers, tp)
-    except ValueError as e:
-        raise ParallelConfigError(str(e)) from None
+    if layout not in LAYOUTS:
+        raise ParallelConfigError(f"parallel.layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    if layout == "towers":  # hybrid splits the fc layers' units, not towers
+        try:
+            towers_per_rank(towers, tp)
+        except ValueError as e:
+            raise ParallelConfigError(str(e)) from None
     if world_size % tp != 0:
         raise ParallelConfigError(
             f"world size {world_size} is not divisible by parallel.tp={tp}: "
@@ -79,6 +85,7 @@ class ParallelDims:
 
     dp: int = 1
     tp: int = 1
+    layout: str = "towers"  # parallel.layout: how the tp group splits the net (parallel/plan.py)
     rank: int = 0
     local_rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
@@ -142,7 +149,8 @@ class ParallelDims:
         return bool(t.item())
 
     def describe(self) -> str:
-        return f"world={self.world_size} (dp={self.dp} x tp={self.tp}) backend={backend_for(self.device)}"
+        layout = f" layout={self.layout}" if self.tp > 1 else ""
+        return f"world={self.world_size} (dp={self.dp} x tp={self.tp}){layout} backend={backend_for(self.device)}"
 
 
 def backend_for(device: torch.device) -> str:
@@ -163,17 +171,18 @@ def pick_device(local_rank: int, requested: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
-def init_parallel(tp: int, towers: int, device: str = "auto", timeout_s: float = 600.0) -> ParallelDims:
+def init_parallel(tp: int, towers: int, device: str = "auto", timeout_s: float = 600.0,
+                  layout: str = "towers") -> ParallelDims:
     """Read the launcher's environment, check the layout, and build the dp x tp mesh.
 
     All checks run before the first collective, so a bad layout fails on every rank with the same
     message instead of hanging.
     """
     launch = read_launch_env()
-    dp = check_layout(launch.world_size, tp, towers)
+    dp = check_layout(launch.world_size, tp, towers, layout)
     dev = pick_device(launch.local_rank, device)
     if not launch.distributed:
-        return ParallelDims(dp=1, tp=1, rank=0, local_rank=0, device=dev)
+        return ParallelDims(dp=1, tp=1, layout=layout, rank=0, local_rank=0, device=dev)
     from torch.distributed.device_mesh import init_device_mesh
 
     if not dist.is_initialized():
@@ -185,7 +194,7 @@ def init_parallel(tp: int, towers: int, device: str = "auto", timeout_s: float =
     mesh = init_device_mesh(dev.type, (dp, tp), mesh_dim_names=("dp", "tp"))
     control = dist.new_group(backend="gloo") if dev.type == "cuda" else dist.group.WORLD
     return ParallelDims(
-        dp=dp, tp=tp, rank=launch.rank, local_rank=launch.local_rank, device=dev, mesh=mesh, control_group=control
+        dp=dp, tp=tp, layout=layout, rank=launch.rank, local_rank=launch.local_rank, device=dev, mesh=mesh, control_group=control
     )
 
 

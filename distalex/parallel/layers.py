@@ -11,7 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from distalex.model import SharedDropout
-from distalex.parallel.collectives import copy_to_tp, gather_from_tp, group_rank, group_size, reduce_from_tp
+from distalex.parallel.collectives import (
+    copy_to_tp, gather_from_tp, group_rank, group_size, reduce_from_tp, samples_to_features,
+)
 
 
 def mark(param: nn.Parameter, sharded: bool, partition_dim: int = 0) -> nn.Parameter:
@@ -141,3 +143,86 @@ class ShardedDropout(SharedDropout):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, tp={self.tp}: this rank keeps [{self.start}:{self.stop}] of the shared mask"
+
+
+# ---------------------------------------------------------------- the hybrid layout's layers
+
+
+def sample_counts(batch: int, n: int) -> list[int]:
+    """Samples of a batch each of n ranks takes: contiguous, in rank order, the first batch % n
+    ranks one more (``torch.tensor_split``'s sizes)."""
+    q, extra = divmod(batch, n)
+    return [q + (i < extra) for i in range(n)]
+
+
+class SampleSplit:
+    """Which of the tp group's samples each rank convolves, for the batch going through now.
+
+    conv1 sees the whole group batch and records the split; fc6, which regroups the samples,
+    reads it. So both agree on every batch, a ragged last validation batch included.
+    """
+
+    def __init__(self, group):
+        self.n, self.rank = group_size(group), group_rank(group)
+        self.counts: list[int] = []
+
+    def take(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's samples of the group batch ``x`` (a view), recording every rank's count."""
+        self.counts = sample_counts(x.shape[0], self.n)
+        start = sum(self.counts[: self.rank])
+        return x[start : start + self.counts[self.rank]]
+
+    def describe(self) -> str:
+        return f"keeps part {self.rank} of {self.n} (contiguous samples, in rank order)"
+
+
+class SampleShardConv2d(nn.Conv2d):
+    """A convolution with every kernel on every rank, run on this rank's samples only (hybrid layout).
+
+    Each rank holds the serial conv's whole weight (replicated) and convolves its share of the
+    group's batch, so its weight gradient covers only its samples; the true gradient is the sum
+    over the tp group, hence ``copy_to_tp`` on weight and bias (identity / all-reduce). The sum
+    happens inside autograd, before DDP or ZeRO see the gradient: they still average over dp only.
+    Given a ``SampleSplit`` (conv1), the input is the whole group batch and this rank keeps its samples.
+    """
+
+    def __init__(self, conv: nn.Conv2d, group, split: SampleSplit | None = None):
+        super().__init__(
+            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+            conv.groups, conv.bias is not None, conv.padding_mode, device="meta",  # weights come from conv
+        )
+        self.group, self.tp, self.split = group, group_size(group), split
+        self.weight = replicate(conv.weight)  # (out, in/groups, k, k): all of it
+        self.bias = replicate(conv.bias) if conv.bias is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.split is not None:
+            x = self.split.take(x)  # (B, C, H, W) -> (B_rank, C, H, W)
+        bias = copy_to_tp(self.bias, self.group) if self.bias is not None else None
+        return self._conv_forward(x, copy_to_tp(self.weight, self.group), bias)
+
+    def extra_repr(self) -> str:
+        where = f"input: the group batch, it {self.split.describe()}; " if self.split is not None else ""
+        return (f"{super().extra_repr()}, tp={self.tp}: {where}every kernel, this rank's samples; "
+                "weight and bias grads all-reduced (copy_to_tp)")
+
+
+class AllToAllRowParallelLinear(RowParallelLinear):
+    """fc6 in the hybrid layout: a ``RowParallelLinear`` whose input arrives as this rank's samples.
+
+    The conv layers leave each rank its own samples with every feature; rank i's block A_i needs
+    block X_i of every sample. One all-to-all regroups (B_rank, F) into (B, F/p) (backward: the
+    inverse all-to-all; each element has one owner, so nothing is summed); the rest is row-parallel.
+    Moving only the block each rank uses sends 1/p of what an all-gather of the features would.
+    """
+
+    def __init__(self, linear: nn.Linear, group, split: SampleSplit):
+        super().__init__(linear, group)
+        self.split = split
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(samples_to_features(x, self.split.counts, self.group))  # (B_rank, F) -> (B, F/p) first
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}; input regrouped all-to-all from this rank's samples x all features "
+                "to all samples x its features (backward: the inverse all-to-all)")

@@ -57,21 +57,27 @@ class Call:
     @property
     def full_bytes(self) -> int:
         """The size of the whole (un-split) tensor the collective is about: all-reduce and broadcast
-        its one buffer, all-gather its output, reduce-scatter its input."""
+        its one buffer, all-gather its output, reduce-scatter its input, scatter all n pieces;
+        all-to-all: this rank's input (each rank has its own)."""
         sizes = [nbytes(s, d) for s, d in self.tensors]
+        if self.kind == "scatter" and sizes:  # the output, then (on the root only) the n pieces
+            return self.n * sizes[0]
         return max(sizes) if sizes else 0
 
     @property
     def sent_bytes(self) -> int:
         """Bytes each rank sends with a ring (bandwidth-optimal) algorithm, for n ranks and a full
         tensor of S bytes: all-reduce 2(n-1)/n S, all-gather and reduce-scatter (n-1)/n S,
-        broadcast S from the root (its peers relay in a pipelined ring; with n=2 they send 0)."""
+        broadcast S from the root (its peers relay in a pipelined ring; with n=2 they send 0),
+        scatter (n-1)/n S from the root (its peers send nothing), all-to-all (n-1)/n of this rank's
+        input (exact for equal splits: it keeps 1/n)."""
         s, n = self.full_bytes, self.n
         if n <= 1:
             return 0
         if self.kind == "all_reduce":
             return 2 * (n - 1) * s // n
-        if self.kind in ("all_gather_into_tensor", "reduce_scatter_tensor", "all_gather", "reduce_scatter"):
+        if self.kind in ("all_gather_into_tensor", "reduce_scatter_tensor", "all_gather", "reduce_scatter",
+                         "scatter", "all_to_all_single"):
             return (n - 1) * s // n
         return s  # broadcast and the rest: the root's share, an upper bound for the others
 
