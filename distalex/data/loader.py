@@ -20,9 +20,10 @@ Who reads what in one training epoch (seed s, epoch e):
      early (truncated) loses the rest of that shard, counted as skipped samples. The worker then
      makes up the shortfall by reading its own slice again, so the step count never changes.
 
-tp rank 0 of each group runs the pipeline; the batch (uint8, a few MB) is broadcast over the tp
-group so every tower sees the same pixels. Normalisation and lighting run later, on the device
-(``augment.normalize``).
+tp rank 0 of each group runs the pipeline; the batch (uint8, a few MB) goes to its tp peers:
+broadcast, so every tower sees the same pixels, or under ``parallel.layout: hybrid`` scattered,
+each rank getting the samples it convolves (``parallel.plan.share_images``); labels are broadcast.
+Normalisation and lighting run later, on the device (``augment.normalize``).
 
 Known limit: a JPEG that only fails at decode time and lies in the skipped part of a resumed epoch
 is not detected while skipping, so the resumed epoch runs one sample off from the uninterrupted
@@ -44,6 +45,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from distalex.data.augment import CorruptImage, centre_crop, centre_square, hwc_to_chw, ten_crop, train_crop
 from distalex.data.info import DataError, Shard, resolve_shards, sample_key
+from distalex.parallel.plan import share_images
 
 log = logging.getLogger("distalex.data")
 
@@ -51,7 +53,8 @@ log = logging.getLogger("distalex.data")
 @dataclass
 class Batch:
     images: torch.Tensor
-    """uint8 (B, 3, S, S), or (B, 10, 3, S, S) for ten-crop evaluation, on dims.device."""
+    """uint8 (B, 3, S, S), or (B, 10, 3, S, S) for ten-crop evaluation, on dims.device. Training
+    under the hybrid layout: on a tp peer only its own samples' rows are filled (the rest zero)."""
     labels: torch.Tensor
     """int64 (B,) on dims.device."""
     skipped: int = 0
@@ -316,8 +319,8 @@ class TrainLoader:
                 images = torch.empty((B, 3, S, S), dtype=torch.uint8, device=dims.device)
                 meta = torch.empty((B + 1,), dtype=torch.int64, device=dims.device)
             if dims.tp > 1:
-                # tp rank 0 -> its tp peers: the same pixels for every tower.
-                dist.broadcast(images, src=dims.tp_src, group=dims.tp_group)
+                # tp rank 0 -> its tp peers: the pixels each rank's layout convolves; every label.
+                share_images(images, dims)
                 dist.broadcast(meta, src=dims.tp_src, group=dims.tp_group)
                 if source is None:
                     skipped = int(meta[-1])  # device sync on CUDA; one int per step
