@@ -144,8 +144,10 @@ def partition_map(module: nn.Module) -> dict[str, int | None]:
 
 
 def layout_of(cfg: Config, dims: ParallelDims) -> dict:
-    """What must match for a checkpoint's shards to fit this job's model."""
-    return {"tp": dims.tp, "towers": cfg.model.towers, "model": cfg.model.model_dump(exclude={"dropout"})}
+    """What must match for a checkpoint's shards to fit this job's model. ``layout`` says which
+    parameters the shards split (towers: the conv kernels too; hybrid: only fc6-fc8's)."""
+    return {"tp": dims.tp, "layout": cfg.parallel.layout, "towers": cfg.model.towers,
+            "model": cfg.model.model_dump(exclude={"dropout"})}
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
@@ -232,6 +234,10 @@ class CheckpointManager:
         for key in ("tp", "towers"):
             if saved[key] != now[key]:
                 diffs.append(f"{'parallel.tp' if key == 'tp' else 'model.towers'}: checkpoint {saved[key]}, now {now[key]}")
+        # Shards split the same serial state differently per layout (one rank holds everything at tp=1).
+        layout = saved.get("layout", "towers")  # checkpoints from before layouts were recorded: towers
+        if layout != now["layout"] and max(saved["tp"], now["tp"]) > 1:
+            diffs.append(f"parallel.layout: checkpoint {layout}, now {now['layout']}")
         for key, value in saved["model"].items():
             if now["model"].get(key) != value:
                 diffs.append(f"model.{key}: checkpoint {value}, now {now['model'].get(key)}")

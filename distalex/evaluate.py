@@ -84,10 +84,10 @@ def main(argv: list[str] | None = None) -> None:
         # The model's own config (evaluated at tp=1 unless asked), then the file and --set given here.
         base["parallel"]["tp"] = 1
         cfg = load_config(args.config, args.overrides, base=base)
-        dims = init_parallel(cfg.parallel.tp, cfg.model.towers, cfg.parallel.device)
+        dims = init_parallel(cfg.parallel.tp, cfg.model.towers, cfg.parallel.device, layout=cfg.parallel.layout)
         model = build_model(cfg.model)
         model.load_state_dict(state)
-        model = parallelize(model, dims.tp_group).to(dims.device)
+        model = parallelize(model, dims.tp_group, cfg.parallel.layout).to(dims.device)
         loader = ValLoader(cfg.data, dims, args.batch_size, cfg.model.image_size, ten_crop=args.ten_crop)
         result = evaluate(model, loader, dims, cfg.data)
     except (ConfigError, CheckpointError, ExportError, DataError, ParallelConfigError) as e:

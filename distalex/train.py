@@ -29,7 +29,7 @@ from distalex.engine import Engine, build_engine
 from distalex.evaluate import evaluate
 from distalex.model import build_model
 from distalex.parallel.dims import ParallelConfigError, ParallelDims, destroy_parallel, init_parallel
-from distalex.parallel.plan import full_state_dict, gather_full, parallelize
+from distalex.parallel.plan import full_state_dict, gather_full, is_sharded, parallelize
 from distalex.tracking import (
     METRIC_EPOCH_LOSS, METRIC_IMAGES_PER_S, METRIC_LOSS, METRIC_LR, METRIC_SKIPPED,
     METRIC_TOP1, METRIC_TOP5, METRIC_VAL_LOSS, Tracker,
@@ -79,7 +79,7 @@ class Run:
 def build_parallel_model(cfg: Config, dims: ParallelDims):
     """The full model from one seed on every rank, then this rank's towers (init independent of tp)."""
     torch.manual_seed(cfg.train.seed)
-    model = parallelize(build_model(cfg.model), dims.tp_group)
+    model = parallelize(build_model(cfg.model), dims.tp_group, cfg.parallel.layout)
     # Dropout masks: shared by the tp peers of a dp group, different across dp groups.
     model.reseed_dropout(cfg.train.seed + 7919 * dims.dp_rank)
     model = model.to(dims.device)
@@ -237,7 +237,7 @@ def log_kernels(run: Run) -> None:
     conv1 = run.engine.module.conv1.weight
     if run.dims.dp_rank != 0:
         return
-    full = gather_full(conv1, True, 0, run.dims.tp_group)  # (96, 3, 11, 11) at width 1
+    full = gather_full(conv1, is_sharded(conv1), 0, run.dims.tp_group)  # (96, 3, 11, 11) at width 1
     if run.dims.is_main:
         png = run.run_dir / "kernels" / f"conv1-step{run.state.step:08d}.png"
         stats = kernel_summary(full.float().cpu(), run.cfg.model.towers, png)
@@ -319,7 +319,7 @@ def main(argv: list[str] | None = None) -> None:
     stop = StopRequested()  # first: a SIGTERM during start-up still ends in a clean save and exit
     cfg = config_from_args(args)  # exits 2 on a bad config, before any process group exists
     try:
-        dims = init_parallel(cfg.parallel.tp, cfg.model.towers, cfg.parallel.device, cfg.parallel.timeout_s)
+        dims = init_parallel(cfg.parallel.tp, cfg.model.towers, cfg.parallel.device, cfg.parallel.timeout_s, cfg.parallel.layout)
     except ParallelConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
