@@ -1,7 +1,9 @@
-"""After ``parallelize`` at tp=2 the model says where ranks talk, and keeps the serial model's names
-(2 gloo processes)."""
+"""After ``parallelize`` at tp=2 the model says where ranks talk, in either layout, and keeps the
+serial model's names (2 gloo processes)."""
 
 import re
+
+import pytest
 
 from distalex.model import AlexNet
 from distalex.parallel.dims import init_parallel
@@ -15,19 +17,29 @@ def tiny() -> AlexNet:
 
 def repr_worker():
     dims = init_parallel(tp=2, towers=2, device="cpu")
-    model = parallelize(tiny(), dims.tp_group)
-    lines = {m.group(1): m.group(2) for m in re.finditer(r"^  \((\w+)\): (.*)$", str(model), re.M)}
-    return {
-        "lines": lines,
-        "keys": list(model.state_dict()),
-        "towers": model.towers,
-        "lrn": (model.lrn1.channels_per_tower, model.lrn2.channels_per_tower),
-    }
+    out = {}
+    for layout in ("towers", "hybrid"):
+        model = parallelize(tiny(), dims.tp_group, layout)
+        lines = {m.group(1): m.group(2) for m in re.finditer(r"^  \((\w+)\): (.*)$", str(model), re.M)}
+        out[layout] = {
+            "lines": lines,
+            "keys": list(model.state_dict()),
+            "shapes": {k: tuple(v.shape) for k, v in model.state_dict().items()},
+            "towers": model.towers,
+            "lrn": (model.lrn1.channels_per_tower, model.lrn2.channels_per_tower),
+        }
+    return out
 
 
-def test_print_of_a_tp_rank_names_each_exchange():
+@pytest.fixture(scope="module")
+def ranks():
+    return run_workers(repr_worker, 2)
+
+
+def test_print_of_a_tp_rank_names_each_exchange(ranks):
     serial = tiny()
-    for tp_rank, run in enumerate(run_workers(repr_worker, 2)):
+    for tp_rank, both in enumerate(ranks):
+        run = both["towers"]
         lines = run["lines"]
         # conv3: rank-local kernels over all towers' channels, gathered from 8 per rank (16 in all)
         assert lines["conv3"].startswith("GatherChannelsConv2d(16, 12,"), lines["conv3"]
@@ -48,3 +60,31 @@ def test_print_of_a_tp_rank_names_each_exchange():
         assert run["keys"] == list(serial.state_dict())
         assert run["towers"] == serial.towers == 2
         assert run["lrn"] == (serial.lrn1.channels_per_tower, serial.lrn2.channels_per_tower)
+
+
+def test_print_of_a_hybrid_rank_names_each_exchange(ranks):
+    serial = tiny()
+    shapes = {k: tuple(v.shape) for k, v in serial.state_dict().items()}
+    for tp_rank, both in enumerate(ranks):
+        run = both["hybrid"]
+        lines = run["lines"]
+        # conv1 keeps this rank's samples of the group batch; every conv holds all its kernels and
+        # sums its weight and bias gradients over the tp group
+        assert lines["conv1"].startswith("SampleShardConv2d(3, 6, kernel_size=(11, 11)"), lines["conv1"]
+        assert f"input: the group batch, it keeps part {tp_rank} of 2 (contiguous samples, in rank order)" in lines["conv1"]
+        for name, head in (("conv2", "(6, 16,"), ("conv3", "(16, 24,"), ("conv4", "(24, 24,"), ("conv5", "(24, 16,")):
+            assert lines[name].startswith(f"SampleShardConv2d{head}"), lines[name]
+            assert lines[name].endswith("tp=2: every kernel, this rank's samples; weight and bias grads all-reduced (copy_to_tp))")
+            assert "input: the group batch" not in lines[name]
+        # fc6 regroups the samples into its feature block, then is row-parallel as in towers
+        assert lines["fc6"] == ("AllToAllRowParallelLinear(in_features=16 (this rank: 8), out_features=256, tp=2, "
+                                "output all-reduced (reduce_from_tp); input regrouped all-to-all from this rank's "
+                                "samples x all features to all samples x its features (backward: the inverse all-to-all))")
+        for name in ("fc7", "fc8", "drop6", "drop7"):
+            assert lines[name] == ranks[tp_rank]["towers"]["lines"][name]
+        # LRN sees every tower's channels, one tower at a time, as serially
+        assert lines["lrn1"] == f"TowerLRN(channels_per_tower={serial.lrn1.channels_per_tower}, size=5, alpha=0.0001, beta=0.75, k=2.0)"
+        # serial names; the convs' shapes are the serial ones (replicated), the fc layers' are slices
+        assert run["keys"] == list(serial.state_dict())
+        assert all(run["shapes"][k] == shapes[k] for k in shapes if k.startswith("conv"))
+        assert run["shapes"]["fc6.weight"] == (256, 8) and run["shapes"]["fc7.weight"] == (128, 256)
