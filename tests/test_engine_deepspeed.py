@@ -1,6 +1,6 @@
 """The DeepSpeed engine (ZeRO-1 and ZeRO-2 over the dp group) equals the DDP engine and the serial net.
 
-One worker run per layout (dp=2 on 2 processes; dp=2 x tp=2 on 4) does everything, because
+One worker run per layout (dp=2 on 2 processes; dp=2 x tp=2 on 4, towers and hybrid) does everything, because
 DeepSpeed's start-up is the slow part: the ``ddp`` engine, then for each ZeRO stage a
 ``deepspeed`` engine that trains, saves half way and trains on, and a freshly built one that loads
 the checkpoint and trains the second half. Same seed, dropout off, the paper's SGD (momentum,
@@ -42,11 +42,11 @@ STAGES = (1, 2)
 ENGINE_RTOL = 1e-6
 
 
-def make_cfg(engine: str, tp: int, zero_stage: int = 1) -> Config:
+def make_cfg(engine: str, tp: int, zero_stage: int = 1, layout: str = "towers") -> Config:
     return Config.model_validate(
         {
             "model": {"dropout": 0.0},
-            "parallel": {"tp": tp, "device": "cpu"},
+            "parallel": {"tp": tp, "device": "cpu", "layout": layout},
             "optim": {"lr": LR, "momentum": MOMENTUM, "weight_decay": WD},
             "train": {"batch_size": BATCH, "engine": engine, "zero_stage": zero_stage},
         }
@@ -104,9 +104,9 @@ def momentum(engine) -> list[torch.Tensor]:
     return [None if b is None else b.clone() for b in buffers]
 
 
-def engines_worker(tp: int, folder: str) -> dict:
+def engines_worker(tp: int, folder: str, layout: str) -> dict:
     os.environ["DS_ACCELERATOR"] = "cpu"  # before deepspeed is first imported
-    dims = init_parallel(tp=tp, towers=2, device="cpu")
+    dims = init_parallel(tp=tp, towers=2, device="cpu", layout=layout)
     x, y = local_batch(dims)
     out = {
         "rank": dims.rank, "dp_rank": dims.dp_rank, "tp_rank": dims.tp_rank,
@@ -114,7 +114,7 @@ def engines_worker(tp: int, folder: str) -> dict:
         "tp_ranks": tuple(dist.get_process_group_ranks(dims.tp_group)),
     }
 
-    ddp = DDPEngine(parallelize(tiny_model(), dims.tp_group), make_cfg("ddp", tp), dims)
+    ddp = DDPEngine(parallelize(tiny_model(), dims.tp_group, layout), make_cfg("ddp", tp, layout=layout), dims)
     losses = run_steps(ddp, x, y, range(STEPS))
     out["ddp"] = {"local_losses": losses, "losses": dp_mean(losses, dims), "weights": full_state_dict(ddp.module, dims.tp_group)}
 
@@ -125,7 +125,7 @@ def engines_worker(tp: int, folder: str) -> dict:
         world_pg = dist.group.WORLD
         spy = CollectiveSpy().install()
         try:
-            ds = DeepSpeedEngine(parallelize(tiny_model(), dims.tp_group), make_cfg("deepspeed", tp, stage), dims)
+            ds = DeepSpeedEngine(parallelize(tiny_model(), dims.tp_group, layout), make_cfg("deepspeed", tp, stage, layout), dims)
             losses, norms = [], []
             for step in range(STEPS):
                 if step == SAVE_AFTER:
@@ -151,7 +151,7 @@ def engines_worker(tp: int, folder: str) -> dict:
         }
         # A freshly built engine (initial weights, zero momentum) loads the checkpoint and runs the
         # second half; the caller sets the LR afterwards, as the training loop does.
-        fresh = DeepSpeedEngine(parallelize(tiny_model(), dims.tp_group), make_cfg("deepspeed", tp, stage), dims)
+        fresh = DeepSpeedEngine(parallelize(tiny_model(), dims.tp_group, layout), make_cfg("deepspeed", tp, stage, layout), dims)
         fresh.load(ckpt, dims)
         res["lr_after_load"] = fresh.lr
         res["loaded_weights_equal"] = all(torch.equal(v, saved["weights"][k]) for k, v in fresh.module.state_dict().items())
@@ -202,7 +202,9 @@ def bf16_step(dims, x, y) -> dict:
 
 # ---------------------------------------------------------------------------- tests
 
-LAYOUTS = {"dp2": (2, 1), "dp2xtp2": (4, 2)}
+# name: (world, tp, parallel.layout). Under hybrid the conv kernels are replicated over tp (their
+# gradients summed over the tp group inside autograd) and DeepSpeed's norm counts them once.
+LAYOUTS = {"dp2": (2, 1, "towers"), "dp2xtp2": (4, 2, "towers"), "hybrid-dp2xtp2": (4, 2, "hybrid")}
 
 
 @pytest.fixture(scope="module")
@@ -212,8 +214,8 @@ def serial():
 
 @pytest.fixture(scope="module", params=list(LAYOUTS))
 def layout(request, tmp_path_factory):
-    world, tp = LAYOUTS[request.param]
-    runs = run_workers(engines_worker, world, tp, str(tmp_path_factory.mktemp(request.param)), timeout=240)
+    world, tp, kind = LAYOUTS[request.param]
+    runs = run_workers(engines_worker, world, tp, str(tmp_path_factory.mktemp(request.param)), kind, timeout=240)
     return request.param, runs
 
 
@@ -266,8 +268,9 @@ def test_averaging_is_over_dp_only(layout, stage):
             if a["tp_rank"] == b["tp_rank"]:  # dp copies of the same towers: identical
                 assert all(torch.equal(wa[k], wb[k]) for k in wa), (name, a["rank"], b["rank"])
             else:  # the other tower: different kernels (never broadcast over, never averaged in)
-                assert not torch.equal(wa["conv1.weight"], wb["conv1.weight"]), (name, a["rank"], b["rank"])
                 assert not torch.equal(wa["fc7.weight"], wb["fc7.weight"]), (name, a["rank"], b["rank"])
+                # hybrid: every rank holds all conv kernels, kept equal by the tp-summed gradient
+                assert torch.equal(wa["conv1.weight"], wb["conv1.weight"]) == (LAYOUTS[name][2] == "hybrid"), (name, a["rank"], b["rank"])
 
 
 @pytest.mark.parametrize("stage", STAGES)
