@@ -14,7 +14,8 @@ SGD with momentum and weight decay) on a fixed random batch already on the devic
   channels_last eager where it runs;
 - distalex with ``model.lrn=False``, to show what LRN costs;
 - the tp=2 step on 2 processes (2 GPUs with nccl; with no GPU, 2 gloo CPU ranks with 1 thread each,
-  against the tp=1 rows' ``--threads``), global batch unchanged;
+  against the tp=1 rows' ``--threads``), global batch unchanged, in each ``parallel.layout``
+  (``distalex-tp2``: towers; ``distalex-tp2-hybrid``: hybrid);
 - the input pipeline (bench/data.py's functions): JPEG decode + crop + flip in one process, and the
   whole ``TrainLoader`` through shards with ``--data-workers`` workers.
 
@@ -199,17 +200,19 @@ def run_single(row: dict, a, device: torch.device) -> dict:
 # ------------------------------------------------------------------ tp=2
 
 
-def tp_worker(device_type: str, width: float, size: int, batch: int, warmup: int, iters: int, windows: int) -> dict:
-    """tp=2 on 2 processes (spawned by tests/distributed.run_workers: 1 CPU thread each)."""
+def tp_worker(device_type: str, width: float, size: int, batch: int, warmup: int, iters: int, windows: int,
+              layout: str = "towers") -> dict:
+    """tp=2 on 2 processes (spawned by tests/distributed.run_workers: 1 CPU thread each). Both ranks
+    get the whole batch; under hybrid each convolves its half (the loader would scatter it)."""
     from distalex.model import AlexNet
     from distalex.parallel.dims import init_parallel
     from distalex.parallel.plan import parallelize
 
-    dims = init_parallel(tp=2, towers=2, device=device_type)
+    dims = init_parallel(tp=2, towers=2, device=device_type, layout=layout)
     device = dims.device
     mem_kind = reset_peak(device)
     torch.manual_seed(0)
-    model = parallelize(AlexNet(num_classes=CLASSES, towers=2, width=width, image_size=size), dims.tp_group).to(device).train()
+    model = parallelize(AlexNet(num_classes=CLASSES, towers=2, width=width, image_size=size), dims.tp_group, layout).to(device).train()
     x, y = batch_on(device, batch, size, channels_last=False)
     out = measure(train_step_fn(model, x, y, None, device), batch, warmup, iters, windows, device)
     out.update(peak_mem_bytes=peak_bytes(device), peak_mem_kind=mem_kind, rank=dims.rank)
@@ -219,7 +222,8 @@ def tp_worker(device_type: str, width: float, size: int, batch: int, warmup: int
 def run_tp2(row: dict, a) -> dict:
     from tests.distributed import run_workers
 
-    outs = run_workers(tp_worker, 2, row["device"], a.width, a.size, a.batch, a.warmup, a.iters, a.windows, timeout=a.tp_timeout)
+    outs = run_workers(tp_worker, 2, row["device"], a.width, a.size, a.batch, a.warmup, a.iters, a.windows, row["layout"],
+                       timeout=a.tp_timeout)
     # The ranks step in lockstep (every step has blocking collectives): report rank 0's rate and
     # the larger of the two peaks.
     out = dict(outs[0])
@@ -289,12 +293,13 @@ def plan_rows(device: torch.device, a) -> list[dict]:
     n_gpu = torch.cuda.device_count() if device.type == "cuda" else 0
     tp_device = {"auto": "cuda" if n_gpu >= 2 else ("cpu" if device.type == "cpu" else None)}.get(a.tp2, a.tp2)
     tp_row = dict(name="distalex-tp2/eager/fp32", kind="tp2", model="distalex", compiled=False, dtype="fp32",
-                  channels_last=False, lrn=True, tp=2, device=tp_device, optional=False)
+                  channels_last=False, lrn=True, tp=2, device=tp_device, optional=False, layout="towers")
     if tp_device is None or tp_device == "off":
         tp_row["skip"] = "off" if tp_device == "off" else f"needs 2 GPUs, found {n_gpu} (--tp2 cpu runs it on 2 CPU ranks)"
     elif tp_device == "cuda" and n_gpu < 2:
         tp_row["skip"] = f"needs 2 GPUs, found {n_gpu}"
     rows.append(tp_row)
+    rows.append(dict(tp_row, name="distalex-tp2-hybrid/eager/fp32", layout="hybrid"))
     for name in ("data/decode+crop+flip/1proc", f"data/TrainLoader/{a.data_workers}workers"):
         rows.append(dict(name=name, kind="data", model="-", compiled=False, dtype="uint8", channels_last=False, lrn=None,
                          tp=None, optional=False, **({"skip": "--no-data"} if a.no_data else {})))

@@ -280,8 +280,9 @@ def main(argv: list[str] | None = None) -> None:
                 t0 = time.perf_counter()
                 runs = run_workers(step_worker, dp * tp, a.batch, str(shards), tp, layout, timeout=a.timeout)
                 wall = time.perf_counter() - t0
-                # Every rank of a tp group makes the same calls on tensors of the same size.
-                sig = lambda r: [(k, ph, ly, [s for s, _ in ts]) for k, _, ph, ly, ts in r["calls"]]  # noqa: E731
+                # Every rank of a tp group makes the same calls on tensors of the same size (the first
+                # tensor: a scatter's root also passes the pieces).
+                sig = lambda r: [(k, ph, ly, ts[0][0] if ts else None) for k, _, ph, ly, ts in r["calls"]]  # noqa: E731
                 same = all(sig(r) == sig(runs[0]) for r in runs)
                 run = runs[0]
                 text, sent_by = table(run)

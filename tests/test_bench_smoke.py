@@ -28,7 +28,7 @@ def test_bench_tiny_writes_every_row(tmp_path):
     if torch.cuda.is_available():
         expected += ["distalex/eager/bf16/channels_last", "torchvision/compiled/bf16/channels_last"]
     if not torch.cuda.is_available() or torch.cuda.device_count() >= 2:
-        expected.append("distalex-tp2/eager/fp32")  # 2 CPU ranks, or 2 GPUs
+        expected += ["distalex-tp2/eager/fp32", "distalex-tp2-hybrid/eager/fp32"]  # 2 CPU ranks, or 2 GPUs
     for name in expected:
         assert name in rows, f"{name} missing; rows: {sorted(rows)}"
         assert rows[name]["status"] == "ok", (name, rows[name]["status"])
