@@ -54,7 +54,8 @@ log = logging.getLogger("distalex.data")
 class Batch:
     images: torch.Tensor
     """uint8 (B, 3, S, S), or (B, 10, 3, S, S) for ten-crop evaluation, on dims.device. Training
-    under the hybrid layout: on a tp peer only its own samples' rows are filled (the rest zero)."""
+    under the hybrid layout with tp dividing B: on a tp peer only its own samples' rows are filled
+    (the rest zero)."""
     labels: torch.Tensor
     """int64 (B,) on dims.device."""
     skipped: int = 0

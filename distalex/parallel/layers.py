@@ -151,7 +151,7 @@ class ShardedDropout(SharedDropout):
 def sample_counts(batch: int, n: int) -> list[int]:
     """Samples of a batch each of n ranks takes: contiguous, in rank order, the first batch % n
     ranks one more (``torch.tensor_split``'s sizes)."""
-    q, extra = divmod(batch, n)
+    q, extra = batch // n, batch % n  # not divmod: torch.compile cannot trace it
     return [q + (i < extra) for i in range(n)]
 
 
