@@ -78,6 +78,22 @@ class DataConfig(Section):
     train_samples: int | None = Field(None, ge=1)
     """Training samples per epoch; default from the shards' _info.json. More than the shards hold
     repeats samples within the epoch, and then dp ranks may share some."""
+    info: str | None = None
+    """Path or URL of the shards' _info.json (per-shard counts, classes, statistics); default: beside
+    local shards. Remote or foreign shards need one: python -m distalex.data.index SPEC --out FILE."""
+    label_key: str = "label"
+    """For shards whose samples carry the label in a json member instead of cls: its key."""
+    decode: Literal["cpu", "gpu"] = "cpu"
+    """Training images: cpu = decoded and cropped by the loader workers; gpu = the workers only read
+    bytes, the training rank decodes each batch with nvjpeg and crops it on the device (on the CPU
+    of that process, with a printed note, where CUDA or nvjpeg is missing). Validation stays on cpu."""
+    retries: int = Field(3, ge=0)
+    """A remote shard read that fails or ends early is retried this many times from where it stopped;
+    then the rest of that shard's part is counted in train/skipped_samples."""
+    retry_wait_s: float = Field(1.0, ge=0)
+    """Seconds before the first retry, doubled for each further one."""
+    stall_timeout_s: float = Field(60.0, gt=0)
+    """An http(s) read that moves no byte for this long fails (and is retried)."""
 
 
 class OptimConfig(Section):

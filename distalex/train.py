@@ -93,7 +93,7 @@ def build_parallel_model(cfg: Config, dims: ParallelDims):
 def setup(cfg: Config, dims: ParallelDims, stop: StopRequested) -> Run:
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
-    info = read_info(cfg.data.train_shards)
+    info = read_info(cfg.data.train_shards, cfg.data.info)
     if info.num_classes != cfg.model.num_classes:
         raise DataError(
             f"{cfg.data.train_shards}: the shards hold {info.num_classes} classes but model.num_classes={cfg.model.num_classes}"
@@ -152,9 +152,10 @@ def train_epoch(run: Run, progress) -> bool:
         stopping = dims.any_rank(run.stop.requested)  # agreed by every rank: they stop after the same step
         if window_n == cfg.train.log_every or last or stopping:
             mean = checked_loss(window_sum, window_n, run)  # sync point; a checkpoint only follows finite losses
+            state.skipped_samples = int(batch.skipped)  # a device tensor: read only here and before a save
             ips = window_n * cfg.train.batch_size / max(time.perf_counter() - window_t, 1e-9)
             run.tracker.log_metrics(
-                {METRIC_LOSS: mean, METRIC_LR: engine.lr, METRIC_IMAGES_PER_S: ips, METRIC_SKIPPED: float(batch.skipped)},
+                {METRIC_LOSS: mean, METRIC_LR: engine.lr, METRIC_IMAGES_PER_S: ips, METRIC_SKIPPED: float(state.skipped_samples)},
                 step=state.step,
             )
             if progress is not None:
@@ -169,6 +170,7 @@ def train_epoch(run: Run, progress) -> bool:
         if stopping or (periodic and not last):  # the epoch's end is saved after validation
             if window_n:
                 checked_loss(window_sum, window_n, run)
+            state.skipped_samples = int(batch.skipped)
             save(run)
         if stopping:
             return True

@@ -3,6 +3,8 @@
 On CPU workers, per image, from the JPEG bytes to uint8:
   decode -> shorter side to ``data.resize`` -> central ``resize`` square -> random ``image_size``
   crop -> horizontal flip (train), or the centre crop / the ten crops (eval).
+  (``data.decode: gpu`` does the training crop on the device instead, from the same ``crop_box``:
+  ``distalex/data/decode.py``.)
 On the device, per batch (``normalize``): to float in [0, 1], PCA lighting (train), mean
 subtraction and division by the per-channel std.
 
@@ -26,6 +28,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from distalex.data.info import DataError, read_info
+from distalex.data.read import CorruptImage, read_bytes
+
 # PCA of ImageNet RGB pixels in [0, 1] (docs/paper.md, "Data"): rows R, G, B; columns are eigenvectors.
 PCA_EIGVAL = (0.2175, 0.0188, 0.0045)
 PCA_EIGVEC = (
@@ -36,10 +41,6 @@ PCA_EIGVEC = (
 # Used when the shards carry no statistics of their own (not written by make_shards).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class CorruptImage(ValueError):
-    """The bytes of a sample are not a decodable image."""
 
 
 # ------------------------------------------------------------------ CPU side: bytes -> uint8
@@ -61,6 +62,14 @@ def open_rgb(data: bytes, min_side: int) -> Image.Image:
     return img
 
 
+def check_header(data: bytes) -> None:
+    """Raise CorruptImage unless the bytes start like an image PIL can read (no pixels decoded)."""
+    try:
+        Image.open(io.BytesIO(data))
+    except Exception as e:  # UnidentifiedImageError, or whatever a broken header raises
+        raise CorruptImage(f"{type(e).__name__}: {e}") from None
+
+
 def _square(img: Image.Image) -> tuple[float, float, int]:
     """Top-left corner and side of the central square, in the decoded image's pixels."""
     w, h = img.size
@@ -68,20 +77,27 @@ def _square(img: Image.Image) -> tuple[float, float, int]:
     return (w - side) / 2, (h - side) / 2, side
 
 
-def train_crop(data: bytes, resize: int, size: int, u: float, v: float, flip: bool) -> np.ndarray:
-    """Random crop as in the paper: (size, size, 3) uint8.
+def crop_box(width: int, height: int, resize: int, size: int, u: float, v: float) -> tuple[float, float, float, float]:
+    """The training crop's box (left, top, right, bottom) in the pixels of a width x height image.
 
-    Equals: shorter side to ``resize``, central resize x resize square, the size x size crop at
-    offset (floor(u * (resize - size + 1)), floor(v * (resize - size + 1))), mirrored if ``flip``.
-    u, v in [0, 1) are drawn by the caller so that skipping a sample (resume) costs no decode.
+    The crop is size x size pixels of the image scaled to shorter side ``resize`` and cut to its
+    central square, at offset (floor(u * (resize - size + 1)), floor(v * (resize - size + 1))).
     """
-    img = open_rgb(data, resize)
-    x0, y0, side = _square(img)
+    side = min(width, height)
+    x0, y0 = (width - side) / 2, (height - side) / 2
     s = side / resize  # source pixels per output pixel
     span = resize - size + 1
     ox, oy = int(u * span), int(v * span)
-    box = (x0 + ox * s, y0 + oy * s, x0 + (ox + size) * s, y0 + (oy + size) * s)
-    out = img.resize((size, size), Image.BILINEAR, box=box)
+    return (x0 + ox * s, y0 + oy * s, x0 + (ox + size) * s, y0 + (oy + size) * s)
+
+
+def train_crop(data: bytes, resize: int, size: int, u: float, v: float, flip: bool) -> np.ndarray:
+    """Random crop as in the paper: (size, size, 3) uint8, mirrored if ``flip`` (see ``crop_box``).
+
+    u, v in [0, 1) are drawn by the caller so that skipping a sample (resume) costs no decode.
+    """
+    img = open_rgb(data, resize)
+    out = img.resize((size, size), Image.BILINEAR, box=crop_box(*img.size, resize, size, u, v))
     if flip:
         out = out.transpose(Image.FLIP_LEFT_RIGHT)
     return np.asarray(out)
@@ -143,17 +159,18 @@ def lighting_shift(n: int, std: float, generator: torch.Generator | None, device
     return (alpha * eigval) @ eigvec.T  # (n, 3): row i = eigvec @ (alpha_i * eigval)
 
 
-def training_stats(train_shards: str, need_mean_image: bool) -> tuple[list[float], list[float], np.ndarray | None]:
-    """(mean_rgb, std_rgb, mean image or None) measured by make_shards for these training shards.
+def training_stats(
+    train_shards: str, need_mean_image: bool, info_at: str | None = None
+) -> tuple[list[float], list[float], np.ndarray | None]:
+    """(mean_rgb, std_rgb, mean image or None) measured for these training shards (``_info.json``
+    beside them, or at ``info_at``: data.info).
 
     Pixels in [0, 1]; the mean image is (H, W, 3) float32, read only when asked for. Without the
-    statistics in ``_info.json`` (shards not written by make_shards) the usual ImageNet mean/std,
-    with a warning.
+    statistics in ``_info.json`` (make_shards, or ``distalex.data.index --stats``) the usual
+    ImageNet mean/std, with a warning.
     """
-    from distalex.data.info import DataError, read_info
-
     try:
-        info = read_info(train_shards)
+        info = read_info(train_shards, info_at)
         stats = info.stats
     except DataError:
         info, stats = None, {}
@@ -161,7 +178,7 @@ def training_stats(train_shards: str, need_mean_image: bool) -> tuple[list[float
         mean_rgb, std_rgb = list(stats["mean_rgb"]), list(stats["std_rgb"])
     else:
         warnings.warn(
-            f"data.train_shards={train_shards!r}: no training statistics in _info.json; "
+            f"data.train_shards={train_shards!r}: no training statistics in its _info.json; "
             "using the usual ImageNet mean/std",
             stacklevel=4,  # the caller of normalize()
         )
@@ -170,7 +187,7 @@ def training_stats(train_shards: str, need_mean_image: bool) -> tuple[list[float
         return mean_rgb, std_rgb, None
     if info is None or not stats.get("mean_image"):
         raise DataError(f"data.mean=pixel needs the mean image of make_shards beside {train_shards!r}")
-    return mean_rgb, std_rgb, np.load(info.root / stats["mean_image"]).astype(np.float32)
+    return mean_rgb, std_rgb, np.load(io.BytesIO(read_bytes(info.path_of(stats["mean_image"])))).astype(np.float32)
 
 
 def mean_and_std(
@@ -195,8 +212,8 @@ def mean_and_std(
 
 
 @functools.lru_cache(maxsize=16)
-def _stats(train_shards: str, mean_mode: str, resize: int, size: int, ten: bool, device: str):
-    mean_rgb, std_rgb, mean_image = training_stats(train_shards, need_mean_image=mean_mode == "pixel")
+def _stats(train_shards: str, info_at: str | None, mean_mode: str, resize: int, size: int, ten: bool, device: str):
+    mean_rgb, std_rgb, mean_image = training_stats(train_shards, mean_mode == "pixel", info_at)
     mean, std = mean_and_std(mean_rgb, std_rgb, mean_image, resize, size, ten)
     return mean.to(device), std.to(device)
 
@@ -209,7 +226,7 @@ def normalize(
     Lighting (train only, ``data.lighting_std`` > 0) draws alpha from ``generator``: pass a
     generator with the same state on every tp peer, or the towers see different pixels. Mean is
     per channel or per pixel (``data.mean``); std is per channel. Statistics come from the training
-    shards' ``_info.json`` (measured by make_shards), else ImageNet's.
+    shards' ``_info.json`` (measured by make_shards or ``distalex.data.index --stats``), else ImageNet's.
     """
     if images.dtype != torch.uint8:
         raise TypeError(f"normalize expects uint8 images, got {images.dtype}")
@@ -222,6 +239,6 @@ def normalize(
         x.add_(shift.view(b, *([1] * (x.dim() - 4)), 3, 1, 1))
     ten = x.dim() == 5
     mean, std = _stats(
-        data_cfg.train_shards, data_cfg.mean, data_cfg.resize, x.shape[-1], ten, str(x.device)
+        data_cfg.train_shards, data_cfg.info, data_cfg.mean, data_cfg.resize, x.shape[-1], ten, str(x.device)
     )
     return x.sub_(mean).div_(std)

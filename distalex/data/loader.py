@@ -16,36 +16,51 @@ Who reads what in one training epoch (seed s, epoch e):
      draws its crop and flip from the worker's RNG and is decoded. Both RNGs are seeded with
      (s, e, dp rank, worker), so an epoch is the same whenever it is replayed, and resuming at
      ``start_step`` replays the buffer and the RNG over the skipped samples without decoding them.
-  5. A sample that does not decode, or lacks its jpg/cls, is skipped and counted; a tar that ends
-     early (truncated) loses the rest of that shard, counted as skipped samples. The worker then
-     makes up the shortfall by reading its own slice again, so the step count never changes.
+     With ``data.decode: gpu`` the worker only checks each image's header and sends the bytes with
+     the crop's random numbers; the training rank decodes and crops the batch on its device
+     (``decode.py``), to the same pixels.
+  5. A sample that does not decode, lacks its image or label, or has a label outside the class
+     list is skipped and counted, as is a tar member without an extension; a shard that ends early
+     (truncated, or a remote read that failed after its retries) loses the rest of its part,
+     counted as skipped samples. The worker then makes up the shortfall by reading its own slice
+     again, so the step count never changes. A worker with no readable sample at all ends the run
+     with a one-line DataError.
 
+Shards are read from any URL ``read.py`` opens (local files, ``pipe:``, http(s), object stores).
 tp rank 0 of each group runs the pipeline; the batch (uint8, a few MB) goes to its tp peers:
 broadcast, so every tower sees the same pixels, or under ``parallel.layout: hybrid`` scattered,
 each rank getting the samples it convolves (``parallel.plan.share_images``); labels are broadcast.
-Normalisation and lighting run later, on the device (``augment.normalize``).
+Normalisation and lighting run later, on the device (``augment.normalize``). The worker processes
+end with the epoch, however it ends (``workers.py``).
 
-Known limit: a JPEG that only fails at decode time and lies in the skipped part of a resumed epoch
+Known limits: a JPEG that only fails at decode time and lies in the skipped part of a resumed epoch
 is not detected while skipping, so the resumed epoch runs one sample off from the uninterrupted
-one after it (and its ``skipped`` count starts lower).
+one after it (and its ``skipped`` count starts lower). With ``data.decode: gpu`` an image whose
+header reads but whose data does not decode is found only on the device, after the batch is
+formed: its slot gets a copy of another image of the batch (with its label), counted as skipped.
 """
 
 from __future__ import annotations
 
 import logging
-import signal
-import tarfile
-from collections.abc import Callable, Iterator
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 
 from distalex.data.augment import CorruptImage, centre_crop, centre_square, hwc_to_chw, ten_crop, train_crop
-from distalex.data.info import DataError, Shard, resolve_shards, sample_key
+from distalex.data.decode import Encoded, EncodedBatch, decode_batch, probe
+from distalex.data.info import DataError, Shard, dataset_info, resolve_shards
+from distalex.data.read import ReadPolicy, Segment, parse_sample, read_segment
+from distalex.data.workers import WorkerPool
 from distalex.parallel.plan import share_images
+
+__all__ = ["Batch", "Segment", "TrainLoader", "ValLoader", "parse_sample", "plan_segments", "read_segment"]
 
 log = logging.getLogger("distalex.data")
 
@@ -58,18 +73,10 @@ class Batch:
     (the rest zero)."""
     labels: torch.Tensor
     """int64 (B,) on dims.device."""
-    skipped: int = 0
-    """Samples skipped so far in this epoch (or validation pass) by this dp group: corrupt images,
-    incomplete samples, and samples lost to a truncated tar."""
-
-
-@dataclass(frozen=True)
-class Segment:
-    """Samples [begin, end) of one shard, in the order they are stored."""
-
-    url: str
-    begin: int
-    end: int
+    skipped: torch.Tensor
+    """int64 0-d tensor on dims.device: samples skipped so far in this epoch (or validation pass)
+    by this dp group (corrupt images, incomplete samples, samples lost to a broken shard). A tensor,
+    so that reading it (a device sync) happens only where the caller logs it."""
 
 
 def plan_segments(shards: list[Shard], start: int, length: int) -> list[Segment]:
@@ -91,46 +98,7 @@ def plan_segments(shards: list[Shard], start: int, length: int) -> list[Segment]
     return out
 
 
-# ------------------------------------------------------------------ reading shards
-
-
-def read_segment(seg: Segment, on_skip: Callable[[int, str], None]) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {extension: bytes}) for samples seg.begin .. seg.end - 1 of a shard.
-
-    Samples before ``begin`` are passed over by their tar headers (the file seeks, no data read).
-    If the tar ends or breaks before ``end``, ``on_skip(lost, reason)`` reports the samples lost.
-    """
-    done = seg.begin  # samples in [begin, done) have been yielded or reported
-    index, key, members = -1, None, {}
-    reason = "tar ended early (truncated?)"
-    try:
-        with open(seg.url, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tf:
-            for ti in tf:
-                tf.members = []  # keep the member list from growing over a large shard
-                if not ti.isreg() or ti.name.rpartition("/")[2].startswith("__"):
-                    continue
-                k = sample_key(ti.name)
-                if k != key:
-                    if seg.begin <= index < seg.end:
-                        yield key, members
-                        done = index + 1
-                    index, key, members = index + 1, k, {}
-                    if index >= seg.end:
-                        break
-                if index < seg.begin:
-                    continue
-                data = tf.extractfile(ti).read()
-                if len(data) != ti.size:
-                    raise tarfile.ReadError(f"{ti.name}: short read")
-                members[ti.name.rpartition("/")[2].split(".", 1)[1].lower()] = data
-            else:
-                if seg.begin <= index < seg.end:
-                    yield key, members
-                    done = index + 1
-    except (tarfile.TarError, OSError, EOFError) as e:
-        reason = f"{type(e).__name__}: {e}"
-    if done < seg.end:
-        on_skip(seg.end - done, f"{seg.url}: samples {done}..{seg.end - 1} lost: {reason}")
+# ------------------------------------------------------------------ worker side
 
 
 def shuffled(items, size: int, rng: np.random.Generator):
@@ -150,17 +118,6 @@ def shuffled(items, size: int, rng: np.random.Generator):
         yield buf[i]
 
 
-def parse_sample(key: str, members: dict[str, bytes]) -> tuple[bytes, int]:
-    """(jpeg bytes, label) of a raw sample, or CorruptImage naming what is wrong."""
-    data = members.get("jpg", members.get("jpeg"))
-    if data is None or "cls" not in members:
-        raise CorruptImage(f"sample {key!r} has {sorted(members)}, needs jpg and cls")
-    try:
-        return data, int(members["cls"])
-    except ValueError:
-        raise CorruptImage(f"sample {key!r}: cls is not an integer") from None
-
-
 class _Skips:
     """Skipped-sample counter of one worker; reports each skip once as a warning."""
 
@@ -172,17 +129,49 @@ class _Skips:
         log.warning("skipped %d sample(s): %s", n, reason)
 
 
-# ------------------------------------------------------------------ training stream
+class Pixels(NamedTuple):
+    """A training batch decoded and cropped by a worker."""
+
+    images: torch.Tensor  # uint8 (B, 3, S, S)
+    labels: torch.Tensor  # int64 (B,)
+    skipped: int  # samples skipped since the worker's previous batch
+
+
+class WorkerError(NamedTuple):
+    """Bad data found in a worker: the training process raises DataError(message)."""
+
+    message: str
+
+
+class _PixelBatch:
+    def __init__(self, size: int, image_size: int, resize: int):
+        self.resize, self.image_size = resize, image_size
+        self.images = torch.empty((size, 3, image_size, image_size), dtype=torch.uint8)
+        self.labels = torch.empty((size,), dtype=torch.int64)
+        self.fill = 0
+
+    def add(self, data: bytes, label: int, u: float, v: float, flip: bool) -> None:
+        img = train_crop(data, self.resize, self.image_size, u, v, flip)  # raises CorruptImage
+        self.images[self.fill].copy_(hwc_to_chw(img))
+        self.labels[self.fill] = label
+        self.fill += 1
+
+    def take(self, skipped: int) -> Pixels:
+        self.fill = 0
+        return Pixels(self.images.clone(), self.labels.clone(), skipped)
 
 
 class _TrainStream(IterableDataset):
     """One dp rank's training batches; runs inside the DataLoader workers (or inline with 0)."""
 
-    def __init__(self, shards, *, seed, dp_rank, batch_size, steps, image_size, resize, flip, buffer, workers):
+    def __init__(self, shards, *, seed, dp_rank, batch_size, steps, image_size, data_cfg, workers, num_classes,
+                 encoded):
         super().__init__()
         self.shards, self.seed, self.dp_rank = shards, seed, dp_rank
-        self.batch_size, self.steps, self.image_size, self.resize = batch_size, steps, image_size, resize
-        self.flip, self.buffer, self.workers = flip, buffer, workers
+        self.batch_size, self.steps, self.image_size, self.workers = batch_size, steps, image_size, workers
+        self.resize, self.flip, self.buffer = data_cfg.resize, data_cfg.flip, data_cfg.shuffle_buffer
+        self.label_key, self.policy, self.num_classes = data_cfg.label_key, ReadPolicy.of(data_cfg), num_classes
+        self.encoded = encoded
         self.epoch, self.start_step = 0, 0
 
     def epoch_order(self, epoch: int) -> list[Shard]:
@@ -203,40 +192,39 @@ class _TrainStream(IterableDataset):
         # The DataLoader asks its workers in turn starting from worker 0, so worker 0 must hold
         # batch start_step: rotate the logical ids (which fix the data and the RNG) by start_step.
         logical = (wid + self.start_step) % self.workers
-        yield from self._batches(self.epoch, logical, skip=len(range(logical, self.start_step, self.workers)))
+        try:
+            yield from self._batches(self.epoch, logical, skip=len(range(logical, self.start_step, self.workers)))
+        except DataError as e:  # handed over as one line, not as a worker traceback
+            yield WorkerError(str(e))
 
     def _batches(self, epoch: int, logical: int, skip: int):
         segments, n_batches = self.worker_plan(epoch, logical)
-        B, S = self.batch_size, self.image_size
+        B = self.batch_size
         need, skip_samples = n_batches * B, skip * B
         shuffle_rng = np.random.default_rng([self.seed, epoch, self.dp_rank, logical, 1])
         aug_rng = np.random.default_rng([self.seed, epoch, self.dp_rank, logical, 2])
         skips = _Skips()
         reported = 0
-        images = torch.empty((B, 3, S, S), dtype=torch.uint8)
-        labels = torch.empty((B,), dtype=torch.int64)
-        used, fill = 0, 0
+        batch = EncodedBatch() if self.encoded else _PixelBatch(B, self.image_size, self.resize)
+        used = 0
         while used < need:
             # One pass over this worker's slice; later passes only make up for skipped samples.
             good = 0
-            raw = (s for seg in segments for s in read_segment(seg, skips))
+            raw = (s for seg in segments for s in read_segment(seg, skips, self.policy))
             for key, members in shuffled(raw, self.buffer, shuffle_rng):
                 u, v, f = aug_rng.random(3)  # drawn for every sample, so skipping keeps the stream
                 try:
-                    data, label = parse_sample(key, members)
+                    data, label = parse_sample(key, members, self.label_key, self.num_classes)
                     if used >= skip_samples:
-                        img = train_crop(data, self.resize, S, u, v, self.flip and f < 0.5)
-                        images[fill].copy_(hwc_to_chw(img))
-                        labels[fill] = label
-                        fill += 1
+                        batch.add(data, label, u, v, self.flip and f < 0.5)
                 except CorruptImage as e:
                     skips(1, f"{key}: {e}")
                     continue
                 used += 1
                 good += 1
-                if fill == B:
-                    yield images.clone(), labels.clone(), skips.count - reported
-                    reported, fill = skips.count, 0
+                if batch.fill == B:
+                    yield batch.take(skips.count - reported)
+                    reported = skips.count
                 if used == need:
                     break
             if good == 0 and used < need:
@@ -246,29 +234,28 @@ class _TrainStream(IterableDataset):
                 )
 
 
-def _worker_init(_: int) -> None:
-    torch.set_num_threads(1)  # the workers decode with PIL; torch ops here are tiny copies
-    # torchrun (killpg) and SLURM (every process of the step) send SIGTERM to these workers too;
-    # torch's worker handler dies on a SIGTERM that is not from its parent, and the training
-    # process then raises "DataLoader worker ... killed by signal" mid-checkpoint. The training
-    # process stops them itself after saving; SIGKILL still ends them.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
-def _make_loader(dataset: IterableDataset, workers: int, device: torch.device) -> DataLoader:
-    return DataLoader(
-        dataset, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
-        worker_init_fn=_worker_init if workers > 0 else None,
-        prefetch_factor=4 if workers > 0 else None,
-    )
-
-
 def _check_sizes(data_cfg, image_size: int) -> None:
     if image_size > data_cfg.resize:
         raise DataError(
             f"model.image_size={image_size} is larger than data.resize={data_cfg.resize}: "
             "the crop is taken from the resize x resize centre square"
         )
+
+
+def _num_classes(spec: str, data_cfg) -> int | None:
+    """The class count of the shards' _info.json (labels outside it are skipped), if there is one."""
+    info = dataset_info(spec, data_cfg.info)
+    return info.num_classes if info is not None else None
+
+
+def _next_item(pool: WorkerPool):
+    item = next(pool)
+    if isinstance(item, WorkerError):
+        raise DataError(item.message)
+    return item
+
+
+# ------------------------------------------------------------------ training stream
 
 
 class TrainLoader:
@@ -281,7 +268,7 @@ class TrainLoader:
         _check_sizes(data_cfg, image_size)
         self.cfg, self.dims = data_cfg, dims
         self.batch_size, self.image_size, self.seed = batch_size, image_size, seed
-        self.shards = resolve_shards(data_cfg.train_shards, "train", "data.train_shards")
+        self.shards = resolve_shards(data_cfg.train_shards, "train", "data.train_shards", data_cfg.info)
         self.num_samples = sum(s.count for s in self.shards)
         samples = data_cfg.train_samples or self.num_samples
         self.steps_per_epoch = samples // (batch_size * dims.dp)
@@ -291,11 +278,23 @@ class TrainLoader:
                 "lower train.batch_size or add data"
             )
         self.workers = data_cfg.workers
+        self.decode_device = self._decode_device() if data_cfg.decode == "gpu" and dims.tp_rank == 0 else None
         self.stream = _TrainStream(
             self.shards, seed=seed, dp_rank=dims.dp_rank, batch_size=batch_size, steps=self.steps_per_epoch,
-            image_size=image_size, resize=data_cfg.resize, flip=data_cfg.flip, buffer=data_cfg.shuffle_buffer,
-            workers=max(1, self.workers),
+            image_size=image_size, data_cfg=data_cfg, workers=max(1, self.workers),
+            num_classes=_num_classes(data_cfg.train_shards, data_cfg), encoded=self.decode_device is not None,
         )
+
+    def _decode_device(self) -> torch.device:
+        """Where data.decode=gpu decodes: the training device, or this process's CPU (with a note why)."""
+        device = self.dims.device
+        reason = "the run has no CUDA device" if device.type != "cuda" else probe(device)
+        if reason is None:
+            return device
+        if self.dims.is_main:
+            print(f"data.decode=gpu: {reason}; decoding each batch with torchvision on the CPU of the "
+                  "training process instead", file=sys.stderr, flush=True)
+        return torch.device("cpu")
 
     def __len__(self) -> int:
         return self.steps_per_epoch
@@ -305,27 +304,35 @@ class TrainLoader:
         if not 0 <= start_step <= self.steps_per_epoch:
             raise ValueError(f"start_step={start_step} outside 0..{self.steps_per_epoch}")
         dims, B, S = self.dims, self.batch_size, self.image_size
-        source = None
+        pool = None
         if dims.tp_rank == 0 and start_step < self.steps_per_epoch:
             self.stream.epoch, self.stream.start_step = epoch, start_step
-            source = iter(_make_loader(self.stream, self.workers, dims.device))
-        skipped = 0
-        for _ in range(start_step, self.steps_per_epoch):
-            if source is not None:
-                images, labels, new_skips = next(source)
-                skipped += new_skips
-                images = images.to(dims.device, non_blocking=True)
-                meta = torch.cat([labels, torch.tensor([skipped])]).to(dims.device)  # (B + 1,) labels, skipped
-            else:
-                images = torch.empty((B, 3, S, S), dtype=torch.uint8, device=dims.device)
-                meta = torch.empty((B + 1,), dtype=torch.int64, device=dims.device)
-            if dims.tp > 1:
-                # tp rank 0 -> its tp peers: the pixels each rank's layout convolves; every label.
-                share_images(images, dims)
-                dist.broadcast(meta, src=dims.tp_src, group=dims.tp_group)
-                if source is None:
-                    skipped = int(meta[-1])  # device sync on CUDA; one int per step
-            yield Batch(images=images, labels=meta[:-1], skipped=skipped)
+            pool = WorkerPool(self.stream, self.workers, dims.device)
+        try:
+            skipped = 0
+            for _ in range(start_step, self.steps_per_epoch):
+                if pool is not None:
+                    images, labels, new_skips = self._decoded(_next_item(pool))
+                    skipped += new_skips
+                    images = images.to(dims.device, non_blocking=True)
+                    meta = torch.cat([labels, torch.tensor([skipped])]).to(dims.device)  # (B + 1,) labels, skipped
+                else:
+                    images = torch.empty((B, 3, S, S), dtype=torch.uint8, device=dims.device)
+                    meta = torch.empty((B + 1,), dtype=torch.int64, device=dims.device)
+                if dims.tp > 1:
+                    # tp rank 0 -> its tp peers: the pixels each rank's layout convolves; every label.
+                    share_images(images, dims)
+                    dist.broadcast(meta, src=dims.tp_src, group=dims.tp_group)
+                yield Batch(images=images, labels=meta[:-1], skipped=meta[-1])
+        finally:  # however the epoch ends (done, max_steps, an exception here or in the caller)
+            if pool is not None:
+                pool.close()
+
+    def _decoded(self, item: Pixels | Encoded) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(uint8 images, labels, new skips) of a worker's batch, decoding it here if it is Encoded."""
+        if isinstance(item, Pixels):
+            return item
+        return decode_batch(item, self.cfg.resize, self.image_size, self.decode_device)
 
 
 # ------------------------------------------------------------------ validation stream
@@ -334,10 +341,11 @@ class TrainLoader:
 class _ValStream(IterableDataset):
     """This dp rank's validation samples, in stored order; worker w takes a contiguous run of batches."""
 
-    def __init__(self, segments, *, num, batch_size, image_size, resize, ten, workers):
+    def __init__(self, segments, *, num, batch_size, image_size, data_cfg, ten, workers, num_classes):
         super().__init__()
         self.segments, self.num, self.batch_size = segments, num, batch_size
-        self.image_size, self.resize, self.ten, self.workers = image_size, resize, ten, workers
+        self.image_size, self.resize, self.ten, self.workers = image_size, data_cfg.resize, ten, workers
+        self.label_key, self.policy, self.num_classes = data_cfg.label_key, ReadPolicy.of(data_cfg), num_classes
 
     def __iter__(self):
         info = get_worker_info()
@@ -349,9 +357,9 @@ class _ValStream(IterableDataset):
         skips, reported = _Skips(), 0
         images, labels = [], []
         for seg in _slice_segments(self.segments, lo, hi):
-            for key, members in read_segment(seg, skips):
+            for key, members in read_segment(seg, skips, self.policy):
                 try:
-                    data, label = parse_sample(key, members)
+                    data, label = parse_sample(key, members, self.label_key, self.num_classes)
                     sq = centre_square(data, self.resize)
                 except CorruptImage as e:
                     skips(1, f"{key}: {e}")
@@ -392,7 +400,7 @@ class ValLoader:
         _check_sizes(data_cfg, image_size)
         self.cfg, self.dims = data_cfg, dims
         self.batch_size, self.image_size, self.ten_crop = batch_size, image_size, ten_crop
-        self.shards = resolve_shards(data_cfg.val_shards, "val", "data.val_shards")
+        self.shards = resolve_shards(data_cfg.val_shards, "val", "data.val_shards", data_cfg.info)
         self.total_samples = sum(s.count for s in self.shards)
         lo = self.total_samples * dims.dp_rank // dims.dp
         hi = self.total_samples * (dims.dp_rank + 1) // dims.dp
@@ -400,17 +408,25 @@ class ValLoader:
         """Samples this dp rank evaluates (before corrupt ones are skipped)."""
         self.segments = plan_segments(self.shards, lo, hi - lo)
         self.workers = min(data_cfg.workers, max(1, -(-self.num_samples // batch_size)))
+        self.num_classes = _num_classes(data_cfg.val_shards, data_cfg)
 
     def __iter__(self) -> Iterator[Batch]:
+        pool = None
+        if self.dims.tp_rank == 0:
+            stream = _ValStream(
+                self.segments, num=self.num_samples, batch_size=self.batch_size, image_size=self.image_size,
+                data_cfg=self.cfg, ten=self.ten_crop, workers=max(1, self.workers), num_classes=self.num_classes,
+            )
+            pool = WorkerPool(stream, self.workers, self.dims.device)
+        try:
+            yield from self._batches(pool)
+        finally:
+            if pool is not None:
+                pool.close()
+
+    def _batches(self, source: WorkerPool | None) -> Iterator[Batch]:
         dims, S = self.dims, self.image_size
         crops = (10, 3, S, S) if self.ten_crop else (3, S, S)
-        source = None
-        if dims.tp_rank == 0:
-            stream = _ValStream(
-                self.segments, num=self.num_samples, batch_size=self.batch_size, image_size=S,
-                resize=self.cfg.resize, ten=self.ten_crop, workers=max(1, self.workers),
-            )
-            source = iter(_make_loader(stream, self.workers, dims.device))
         skipped = 0
         while True:
             if source is not None:
@@ -428,7 +444,7 @@ class ValLoader:
                 header = torch.empty(2, dtype=torch.int64, device=dims.device)
             if dims.tp > 1:
                 dist.broadcast(header, src=dims.tp_src, group=dims.tp_group)
-            n, skipped = (int(v) for v in header.tolist())  # device sync: once per eval batch
+            n = int(header[0])  # device sync: once per eval batch
             if n == 0:
                 return
             if source is not None:
@@ -440,4 +456,4 @@ class ValLoader:
             if dims.tp > 1:
                 dist.broadcast(images, src=dims.tp_src, group=dims.tp_group)
                 dist.broadcast(labels, src=dims.tp_src, group=dims.tp_group)
-            yield Batch(images=images, labels=labels, skipped=skipped)
+            yield Batch(images=images, labels=labels, skipped=header[1])

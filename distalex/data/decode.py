@@ -1,0 +1,224 @@
+"""Training crops decoded on the device (``data.decode: gpu``), pixel for pixel the CPU path's.
+
+The loader workers only read: they send a batch's image bytes with each crop's random numbers
+(u, v, flip). The training rank decodes the batch with one ``torchvision.io.decode_jpeg`` call
+on its device (nvjpeg on CUDA; PNG and WebP on the CPU), cuts each image to ``augment.crop_box``
+and resamples it with Pillow's bilinear filter computed as Pillow computes it: the same taps,
+22-bit fixed-point weights, each pass rounded to uint8, in Pillow's order of the passes. So
+from the same decoded pixels the crop equals ``augment.train_crop``'s bit for bit; what differs is
+the decoder (none on the CPU: torchvision and Pillow use the same libjpeg-turbo), and Pillow's
+DCT-domain downscale (``draft``), which the CPU path uses for images at least twice the crop's
+scale and this path does not (measured in tests/test_data_decode.py).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image
+
+from distalex.data.augment import check_header, crop_box
+from distalex.data.info import DataError
+
+log = logging.getLogger("distalex.data")
+
+PRECISION_BITS = 22  # Pillow's fixed point for 8-bit images: 32 - 8 - 2 bits
+JPEG_MAGIC = (0xFF, 0xD8)
+
+
+def _taps(in_size: int, lo: float, hi: float, out_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(source index, fixed-point weight), each (out_size, k): Pillow's ``precompute_coeffs``.
+
+    Output pixel i covers [lo + i * scale, lo + (i + 1) * scale) of the source; the triangle
+    filter is widened by the scale when shrinking (antialiasing). Float64 operations in Pillow's
+    order, so the rounded weights are Pillow's.
+    """
+    lo32, hi32 = np.float32(lo), np.float32(hi)  # Pillow takes the box as C floats
+    lo, scale = float(lo32), float(hi32 - lo32) / out_size  # the width subtracted in float, too
+    filterscale = max(scale, 1.0)
+    support = 1.0 * filterscale  # the bilinear (triangle) filter has support 1
+    k = int(math.ceil(support)) * 2 + 1
+    f64 = dict(dtype=torch.float64, device=device)
+    center = lo + (torch.arange(out_size, **f64) + 0.5) * scale
+    xmin = torch.trunc(center - support + 0.5).clamp(min=0)
+    count = torch.trunc(center + support + 0.5).clamp(max=in_size) - xmin
+    taps = torch.arange(k, **f64)
+    x = (taps + xmin[:, None]) - center[:, None] + 0.5
+    w = (1.0 - (x * (1.0 / filterscale)).abs()).clamp(min=0.0)
+    w = torch.where(taps < count[:, None], w, 0.0)
+    total = w[:, 0].clone()
+    for j in range(1, k):  # summed left to right, as Pillow does
+        total += w[:, j]
+    w = torch.where(total[:, None] != 0, w / total[:, None], w)
+    fixed = torch.floor(0.5 + w * (1 << PRECISION_BITS)).to(torch.int64)
+    index = (xmin[:, None] + taps).to(torch.int64).clamp(max=in_size - 1)  # taps past the edge weigh 0
+    return index, fixed
+
+
+def _pass(src: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """One separable pass along dim 0 of an int32 (L, M) array -> (out, M), rounded to 0..255 as Pillow does.
+
+    The products fit int32 as in Pillow: 255 * 2**22 plus the rounding term stays below 2**31.
+    """
+    out, k = index.shape
+    picked = src.index_select(0, index.reshape(-1)).view(out, k, -1)  # whole rows: contiguous copies
+    acc = (picked * weight.to(torch.int32)[:, :, None]).sum(1, dtype=torch.int32) + (1 << (PRECISION_BITS - 1))
+    return (acc >> PRECISION_BITS).clamp_(0, 255)
+
+
+def resample_box(image: torch.Tensor, box: tuple[float, float, float, float], size: int) -> torch.Tensor:
+    """uint8 (3, H, W) -> (3, size, size): ``PIL.Image.resize((size, size), BILINEAR, box=box)``."""
+    _, h, w = image.shape
+    x_index, x_weight = _taps(w, box[0], box[2], size, image.device)
+    y_index, y_weight = _taps(h, box[1], box[3], size, image.device)
+    # Each pass reads only the rows (columns) the other needs; the values do not depend on it.
+    top, bottom = int(y_index.min()), int(y_index.max()) + 1
+    left, right = int(x_index.min()), int(x_index.max()) + 1
+    if h > size and h - size > 2 * (w - size):  # Pillow's rule for doing the vertical pass first
+        cols = image[:, :, left:right].to(torch.int32).permute(1, 0, 2).reshape(h, -1)  # (H, 3 * cols)
+        tall = _pass(cols, y_index, y_weight).view(size, 3, right - left)
+        flat = tall.permute(2, 1, 0).reshape(right - left, -1)  # (cols, 3 * size)
+        return _pass(flat, x_index - left, x_weight).view(size, 3, size).permute(1, 2, 0).to(torch.uint8)
+    rows = image[:, top:bottom].to(torch.int32).permute(2, 0, 1).reshape(w, -1)  # (W, 3 * rows)
+    wide = _pass(rows, x_index, x_weight).view(size, 3, bottom - top)
+    flat = wide.permute(2, 1, 0).reshape(bottom - top, -1)  # (rows, 3 * size)
+    return _pass(flat, y_index - top, y_weight).view(size, 3, size).permute(1, 0, 2).to(torch.uint8)
+
+
+def _is_jpeg(blob: torch.Tensor) -> bool:
+    return blob.numel() > 2 and tuple(blob[:2].tolist()) == JPEG_MAGIC
+
+
+def _torchvision_io():
+    """torchvision.io, imported on first use: importing torchvision takes seconds, and only
+    data.decode=gpu needs it (the loader workers and the CPU path do not)."""
+    import torchvision.io
+
+    return torchvision.io
+
+
+def _decode_one(blob: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+    """(3, H, W) uint8 on ``device``, or None if no decoder can read the bytes."""
+    tvio = _torchvision_io()
+    if _is_jpeg(blob) and device.type != "cpu":
+        try:
+            return tvio.decode_jpeg(blob, mode=tvio.ImageReadMode.RGB, device=device)
+        except RuntimeError:
+            pass  # e.g. CMYK, which nvjpeg may refuse: try the CPU decoder
+    try:
+        return tvio.decode_image(blob, mode=tvio.ImageReadMode.RGB).to(device)
+    except RuntimeError:
+        return None
+
+
+def decode_images(blobs: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
+    """Decode a batch of encoded images (1-D uint8 CPU tensors): JPEGs in one call, the rest one by one."""
+    tvio = _torchvision_io()
+    out: list[torch.Tensor | None] = [None] * len(blobs)
+    jpegs = [i for i, b in enumerate(blobs) if _is_jpeg(b)]
+    try:
+        for i, img in zip(jpegs, tvio.decode_jpeg([blobs[i] for i in jpegs], mode=tvio.ImageReadMode.RGB, device=device)):
+            out[i] = img
+    except RuntimeError:  # one bad image fails the whole call: decode them singly to find it
+        for i in jpegs:
+            out[i] = _decode_one(blobs[i], device)
+    for i in sorted(set(range(len(blobs))) - set(jpegs)):
+        out[i] = _decode_one(blobs[i], device)
+    return out
+
+
+def decode_crops(
+    data: torch.Tensor, offsets: torch.Tensor, crops: torch.Tensor, resize: int, size: int, device: torch.device
+) -> tuple[torch.Tensor, list[int]]:
+    """Encoded batch -> (uint8 (B, 3, size, size) on ``device``, indices of images that did not decode).
+
+    ``data`` holds the B images' bytes back to back, image i at offsets[i]:offsets[i + 1];
+    ``crops`` (B, 3) float64 holds u, v and flip (0 or 1) as drawn by the worker.
+    """
+    b = len(offsets) - 1
+    bounds = offsets.tolist()
+    images = decode_images([data[bounds[i] : bounds[i + 1]] for i in range(b)], device)
+    out = torch.empty((b, 3, size, size), dtype=torch.uint8, device=device)
+    bad = []
+    for i, (img, (u, v, flip)) in enumerate(zip(images, crops.tolist())):
+        if img is None:
+            bad.append(i)
+            continue
+        crop = resample_box(img, crop_box(img.shape[2], img.shape[1], resize, size, u, v), size)
+        out[i] = crop.flip(-1) if flip else crop
+    return out, bad
+
+
+class Encoded(NamedTuple):
+    """A training batch as a worker sends it with data.decode=gpu: bytes and random numbers."""
+
+    data: torch.Tensor  # uint8 (total bytes,): the B images back to back
+    offsets: torch.Tensor  # int64 (B + 1,): image i is data[offsets[i]:offsets[i + 1]]
+    crops: torch.Tensor  # float64 (B, 3): u, v, flip (0/1) as drawn by the worker
+    labels: torch.Tensor  # int64 (B,)
+    skipped: int  # samples the worker skipped since its previous batch
+
+
+class EncodedBatch:
+    """Collects one Encoded batch in a worker; only the image header is checked there."""
+
+    def __init__(self) -> None:
+        self.blobs: list[bytes] = []
+        self.crops: list[tuple[float, float, float]] = []
+        self.labels: list[int] = []
+
+    @property
+    def fill(self) -> int:
+        return len(self.blobs)
+
+    def add(self, data: bytes, label: int, u: float, v: float, flip: bool) -> None:
+        check_header(data)  # raises CorruptImage; the pixels are decoded by the training rank
+        self.blobs.append(data)
+        self.crops.append((u, v, float(flip)))
+        self.labels.append(label)
+
+    def take(self, skipped: int) -> Encoded:
+        offsets = np.cumsum([0] + [len(b) for b in self.blobs])
+        out = Encoded(
+            torch.frombuffer(bytearray(b"".join(self.blobs)), dtype=torch.uint8),
+            torch.from_numpy(offsets.astype(np.int64)),
+            torch.tensor(self.crops, dtype=torch.float64),
+            torch.tensor(self.labels, dtype=torch.int64),
+            skipped,
+        )
+        self.blobs, self.crops, self.labels = [], [], []
+        return out
+
+
+def decode_batch(batch: Encoded, resize: int, size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(uint8 (B, 3, size, size) on ``device``, labels, skipped) of an Encoded batch.
+
+    An image that does not decode leaves its slot to a copy of another image of the batch, with
+    that image's label, and counts as skipped: the batch keeps its size, so the step count holds.
+    """
+    images, bad = decode_crops(batch.data, batch.offsets, batch.crops, resize, size, device)
+    labels = batch.labels.clone()
+    good = [i for i in range(len(labels)) if i not in set(bad)]
+    if not good:
+        raise DataError(f"no image of a training batch decodes on {device}")
+    for i in bad:
+        j = good[i % len(good)]
+        images[i], labels[i] = images[j], labels[j]
+        log.warning("skipped 1 sample: image %d of a training batch does not decode on %s", i, device)
+    return images, labels, batch.skipped + len(bad)
+
+
+def probe(device: torch.device) -> str | None:
+    """None when ``decode_jpeg`` works on ``device``, else the reason it does not."""
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (10, 200, 30)).save(buf, "JPEG")
+    try:
+        _torchvision_io().decode_jpeg([torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)], device=device)
+    except Exception as e:  # torchvision built without nvjpeg, driver problems, ...
+        return f"{type(e).__name__}: {e}"
+    return None

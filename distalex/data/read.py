@@ -1,0 +1,302 @@
+"""Reading WebDataset tar shards from anywhere: what a sample is, opening URLs, retries.
+
+A shard is a tar stream. Its members are grouped into samples by webdataset's rule: the key is the
+member's path up to the first dot of its base name, the extension is the rest, lower-cased, and the
+members of one sample are adjacent. Members whose base name starts with ``__`` are metadata and
+ignored; a member with no dot in its base name belongs to no sample: it is skipped and counted.
+Sample positions (0, 1, ... per shard) count keys, whatever the sample holds, so the per-shard
+counts of ``_info.json`` (from make_shards or ``distalex.data.index``) fix every position.
+
+A sample is used when it has an image (``jpg``, ``jpeg``, ``png`` or ``webp``; the first of these
+present) and a label: ``cls`` (an integer in ASCII) or, without it, the ``data.label_key`` entry
+of a ``json`` member. Other members are ignored.
+
+URLs: a local path (or ``file://``) is read with seeks over the samples before a segment;
+``pipe:COMMAND`` runs the command and reads its stdout (webdataset's ``gopen``); ``http(s)://``
+goes through ``curl``; any other scheme (``s3://``, ``gs://``, ...) through fsspec
+(``pip install 'distalex[remote]'`` plus the store's fsspec backend, e.g. s3fs), else through
+webdataset's own handlers. A stream cannot seek, so a remote reader reaches the start of its
+segment by reading. A remote read that fails or ends early is retried from where it stopped
+(``data.retries`` times, waiting ``data.retry_wait_s`` doubled each time); then the rest of the
+segment is counted as skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tarfile
+import time
+from collections.abc import Callable, Container, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from urllib.parse import urlparse
+from urllib.request import url2pathname
+
+from webdataset.gopen import Pipe, gopen, gopen_schemes
+
+log = logging.getLogger("distalex.data")
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+LABEL_EXTS = ("cls", "json")
+SAMPLE_FIELDS = frozenset(IMAGE_EXTS + LABEL_EXTS)
+"""The members a training or validation sample needs; others are not read."""
+PIPE_BUFFER = 1 << 20
+
+OnSkip = Callable[[int, str], None]
+"""on_skip(samples, reason): called for samples (or stray members) that are skipped."""
+
+
+class CorruptImage(ValueError):
+    """A sample that cannot be used: no image or no label, a bad label, or image bytes that do not decode."""
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Samples [begin, end) of one shard, in the order they are stored."""
+
+    url: str
+    begin: int
+    end: int
+
+
+@dataclass(frozen=True)
+class ReadPolicy:
+    """How hard a remote read tries (``data.retries``, ``data.retry_wait_s``, ``data.stall_timeout_s``)."""
+
+    retries: int = 3
+    wait_s: float = 1.0
+    stall_s: float = 60.0
+
+    @classmethod
+    def of(cls, data_cfg) -> "ReadPolicy":
+        return cls(data_cfg.retries, data_cfg.retry_wait_s, data_cfg.stall_timeout_s)
+
+
+# ------------------------------------------------------------------ names
+
+
+def split_member(name: str) -> tuple[str, str] | None:
+    """(key, extension) of a tar member by webdataset's rule; None when its base name has no dot."""
+    head, _, base = name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    if not dot:
+        return None
+    return (head + "/" if head else "") + stem, ext.lower()
+
+
+def is_remote(url: str) -> bool:
+    return ("://" in url and not url.startswith("file://")) or url.startswith("pipe:")
+
+
+def local_path(url: str) -> str | None:
+    if url.startswith("file://"):
+        return url2pathname(urlparse(url).path)
+    return None if is_remote(url) else url
+
+
+# ------------------------------------------------------------------ opening
+
+
+def _scheme(url: str) -> str:
+    return "pipe" if url.startswith("pipe:") else urlparse(url).scheme
+
+
+def _fsspec_protocol(scheme: str) -> bool:
+    """True when fsspec is installed and knows the scheme (its backend may still be missing)."""
+    try:
+        import fsspec
+    except ImportError:
+        return False
+    return scheme in fsspec.available_protocols()
+
+
+def check_readable(urls: list[str], what: str) -> None:
+    """Raise ValueError (one line) when a URL's scheme has nothing installed to read it."""
+    for scheme in sorted({_scheme(u) for u in urls if is_remote(u)}):
+        example = next(u for u in urls if is_remote(u) and _scheme(u) == scheme)
+        if scheme in ("http", "https"):
+            if shutil.which("curl") is None:
+                raise ValueError(f"{what}: {example}: reading http(s) shards needs curl on PATH")
+        elif scheme != "pipe" and _fsspec_protocol(scheme):
+            import fsspec
+
+            try:
+                fsspec.get_filesystem_class(scheme)
+            except ImportError as e:
+                raise ValueError(f"{what}: {example}: {e}") from None
+        elif scheme != "pipe" and scheme not in gopen_schemes:
+            raise ValueError(f"{what}: {example}: no reader for {scheme}:// (pip install 'distalex[remote]' for fsspec)")
+
+
+def _curl(url: str, stall_s: float) -> list[str]:
+    # No curl --retry: the reader retries itself, a bounded number of times, from the last sample.
+    t = str(max(1, round(stall_s)))
+    return ["curl", "--fail", "--silent", "--show-error", "--location", "--connect-timeout", t,
+            "--speed-limit", "1", "--speed-time", t, url]
+
+
+@contextmanager
+def open_url(url: str, stall_s: float = 60.0):
+    """(binary stream, seekable) of a shard or file; a subprocess behind it is ended on exit."""
+    path = local_path(url)
+    if path is not None:
+        with open(path, "rb") as f:
+            yield f, True
+        return
+    scheme = _scheme(url)
+    if scheme in ("http", "https"):
+        stream = Pipe(_curl(url, stall_s), mode="rb", bufsize=PIPE_BUFFER)
+    elif scheme != "pipe" and _fsspec_protocol(scheme):
+        import fsspec
+
+        stream = fsspec.open(url, "rb").open()
+    else:
+        stream = gopen(url, "rb", bufsize=PIPE_BUFFER)
+    try:
+        yield stream, False
+    finally:
+        _close_quietly(stream)
+
+
+def _close_quietly(stream) -> None:
+    """Close a stream; a command still writing is killed (stopping early is not its failure)."""
+    if isinstance(stream, Pipe):
+        if stream.proc.poll() is None:
+            stream.proc.kill()
+        stream.stream.close()
+        stream.status = stream.proc.wait()  # its stream is closed, so Pipe.__del__ does nothing more
+    else:
+        stream.close()
+
+
+def read_bytes(url: str, stall_s: float = 60.0) -> bytes:
+    """A whole small file (``_info.json``, the mean image) from a path or URL."""
+    with open_url(url, stall_s) as (f, _):
+        return f.read()
+
+
+# ------------------------------------------------------------------ tar -> samples
+
+
+def tar_samples(
+    url: str, stream, seekable: bool, first: int, last: int, fields: Container[str], on_skip: OnSkip
+) -> Iterator[tuple[int, str, dict[str, bytes | None]]]:
+    """(position, key, {extension: bytes}) of samples first <= position < last of one tar stream.
+
+    Members whose extension is not in ``fields`` appear with None (not read). A seekable file
+    passes over unread members by seeking; a stream reads through them.
+    """
+    index, key, members = -1, None, {}
+    with tarfile.open(fileobj=stream, mode="r:*" if seekable else "r|*") as tf:
+        for ti in tf:
+            tf.members = []  # keep the member list from growing over a large shard
+            if not ti.isreg() or ti.name.rpartition("/")[2].startswith("__"):
+                continue
+            parts = split_member(ti.name)
+            if parts is None:
+                if first <= max(index, 0) < last:
+                    on_skip(1, f"{url}: member {ti.name!r} has no extension, so it belongs to no sample")
+                continue
+            k, ext = parts
+            if k != key:
+                if first <= index:
+                    yield index, key, members
+                index, key, members = index + 1, k, {}
+                if index >= last:
+                    return
+            if index < first:
+                continue
+            data = None
+            if ext in fields:
+                data = tf.extractfile(ti).read()
+                if len(data) != ti.size:
+                    raise tarfile.ReadError(f"{ti.name}: short read")
+            members[ext] = data
+    if first <= index < last:
+        yield index, key, members
+
+
+def read_segment(
+    seg: Segment, on_skip: OnSkip, policy: ReadPolicy = ReadPolicy(), fields: Container[str] = SAMPLE_FIELDS
+) -> Iterator[tuple[str, dict[str, bytes | None]]]:
+    """(key, members) for samples seg.begin .. seg.end - 1 of a shard.
+
+    A local file that ends or breaks early loses the rest of the segment; a remote one is
+    reopened from the first sample not yet yielded, up to ``policy.retries`` times. Samples
+    lost in the end are reported once through ``on_skip(lost, reason)``.
+    """
+    done, tries = seg.begin, 0
+    while done < seg.end:
+        try:
+            with open_url(seg.url, policy.stall_s) as (stream, seekable):
+                for index, key, members in tar_samples(seg.url, stream, seekable, done, seg.end, fields, on_skip):
+                    yield key, members
+                    done = index + 1
+            reason = "tar ended early (truncated?)"
+        except (OSError, EOFError, tarfile.TarError) as e:
+            reason = f"{type(e).__name__}: {e}"
+        if done >= seg.end or not is_remote(seg.url) or tries >= policy.retries:
+            break
+        tries += 1
+        wait = policy.wait_s * 2 ** (tries - 1)
+        log.warning("%s: %s; retry %d of %d from sample %d in %.1f s", seg.url, reason, tries, policy.retries, done, wait)
+        time.sleep(wait)
+    if done < seg.end:
+        on_skip(seg.end - done, f"{seg.url}: samples {done}..{seg.end - 1} lost: {reason}")
+
+
+# ------------------------------------------------------------------ samples -> (image, label)
+
+
+def sample_label(key: str, members: dict[str, bytes | None], label_key: str = "label") -> int | None:
+    """The integer label of a sample (``cls``, else ``json[label_key]``); None when it has neither."""
+    if members.get("cls") is not None:
+        try:
+            return int(members["cls"])
+        except ValueError:
+            raise CorruptImage(f"sample {key!r}: cls {members['cls'][:20]!r} is not an integer") from None
+    if members.get("json") is None:
+        return None
+    try:
+        obj = json.loads(members["json"])
+    except ValueError as e:
+        raise CorruptImage(f"sample {key!r}: json member is not valid JSON ({e})") from None
+    value = obj.get(label_key) if isinstance(obj, dict) else None
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise CorruptImage(f"sample {key!r}: json has no integer {label_key!r} (data.label_key)")
+    return value
+
+
+def parse_sample(
+    key: str, members: dict[str, bytes | None], label_key: str = "label", num_classes: int | None = None
+) -> tuple[bytes, int]:
+    """(image bytes, label) of a raw sample, or CorruptImage naming what is wrong."""
+    image = next((members[e] for e in IMAGE_EXTS if members.get(e) is not None), None)
+    label = sample_label(key, members, label_key)
+    if image is None or label is None:
+        raise CorruptImage(
+            f"sample {key!r} has {sorted(members)}: needs an image ({'/'.join(IMAGE_EXTS)}) "
+            f"and a label (cls, or json with {label_key!r})"
+        )
+    if num_classes is not None and not 0 <= label < num_classes:
+        raise CorruptImage(f"sample {key!r}: label {label} outside 0..{num_classes - 1}")
+    return image, label
+
+
+def count_samples(url: str, policy: ReadPolicy = ReadPolicy()) -> int:
+    """Samples in a shard, by reading its tar headers (a stream is read through)."""
+    n = 0
+    with open_url(url, policy.stall_s) as (stream, seekable):
+        for _ in tar_samples(url, stream, seekable, 0, 1 << 62, (), lambda n, reason: None):
+            n += 1
+    return n
+
+
+def shard_name(url: str) -> str:
+    """The name ``_info.json`` lists a shard under: its file name."""
+    return os.path.basename(url.rstrip("/"))
