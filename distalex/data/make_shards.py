@@ -263,6 +263,19 @@ def _stats_pixels(rgb: Image.Image) -> np.ndarray:
     return np.asarray(square_image(rgb, STATS_SIZE), dtype=np.float64) / 255.0
 
 
+def train_stats(n: int, total: np.ndarray, sq: np.ndarray, out: Path) -> dict:
+    """The ``stats`` entry of ``_info.json`` from the sums over n images of ``_stats_pixels``;
+    writes the mean image (256 x 256 x 3) into the folder ``out``."""
+    mean_img = total / n
+    mean_rgb = mean_img.mean(axis=(0, 1))
+    var_rgb = sq / (n * STATS_SIZE * STATS_SIZE) - mean_rgb**2
+    np.save(out / MEAN_IMAGE, mean_img.astype(np.float32))
+    return {
+        "samples": n, "mean_rgb": mean_rgb.tolist(), "std_rgb": np.sqrt(np.maximum(var_rgb, 1e-12)).tolist(),
+        "mean_image": MEAN_IMAGE, "mean_image_size": STATS_SIZE,
+    }
+
+
 _progress = None  # multiprocessing.Value shared with the pool workers
 
 
@@ -426,14 +439,7 @@ def make_shards(
             if n:
                 total = sum(r.stats_sum for r in results if r.stats_n)
                 sq = sum(r.stats_sq for r in results if r.stats_n)
-                mean_img = total / n  # (256, 256, 3)
-                mean_rgb = mean_img.mean(axis=(0, 1))
-                var_rgb = sq / (n * STATS_SIZE * STATS_SIZE) - mean_rgb**2
-                np.save(out / MEAN_IMAGE, mean_img.astype(np.float32))
-                info["stats"] = {
-                    "samples": n, "mean_rgb": mean_rgb.tolist(), "std_rgb": np.sqrt(np.maximum(var_rgb, 1e-12)).tolist(),
-                    "mean_image": MEAN_IMAGE, "mean_image_size": STATS_SIZE,
-                }
+                info["stats"] = train_stats(n, total, sq, out)
     info["seconds"] = round(time.perf_counter() - t0, 2)
     tmp = out / (INFO_NAME + ".tmp")
     tmp.write_text(json.dumps(info, indent=1))
