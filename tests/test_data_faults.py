@@ -1,0 +1,147 @@
+"""No failure hangs: an exception in a loader worker or in the training step ends the process (and a
+torchrun job) within seconds, with a non-zero status and no loader worker left behind.
+
+The loader workers ignore SIGTERM (so that torchrun's or SLURM's SIGTERM cannot kill them while
+the training process saves a checkpoint); before the fix, Python's exit handler then waited on
+them forever after any unhandled exception. The faults are injected by monkeypatching inside the
+child process (the workers are forked from it, so they inherit the patch); the code under test
+carries no test hook.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.runs import REPO, run_env, tiny_overrides, tiny_shards, torchrun_cmd  # noqa: F401 - fixture
+from tests.test_data_loader import write_shards
+
+LIMIT_S = 30
+
+INJECT = textwrap.dedent('''
+    import os, sys, time
+    import distalex.data.loader as loader
+    import distalex.train as train
+
+    FAULT, STAMP = os.environ["FAULT"], os.environ["FAULT_STAMP"]
+
+    def stamp(what):
+        with open(STAMP, "w") as f:
+            f.write(str(time.time()))
+        raise RuntimeError(f"fault injected in {what}")
+
+    if FAULT == "worker":  # the 20th sample a worker parses
+        real_parse, calls = loader.parse_sample, [0]
+
+        def parse_sample(*args, **kw):
+            calls[0] += 1
+            if calls[0] == 20:
+                stamp("a loader worker")
+            return real_parse(*args, **kw)
+
+        loader.parse_sample = parse_sample
+    else:  # the training step of step 3 on rank 0 (the rank whose process owns the loader workers)
+        real_normalize, steps = train.normalize, [0]
+
+        def normalize(*args, **kw):
+            steps[0] += 1
+            if steps[0] == 3 and os.environ.get("RANK", "0") == "0":
+                stamp("the training step")
+            return real_normalize(*args, **kw)
+
+        train.normalize = normalize
+''')
+
+
+def watch(proc: subprocess.Popen, timeout: float) -> dict[int, float]:
+    """Every descendant seen while ``proc`` runs: pid -> create time (to tell a reused pid apart)."""
+    seen: dict[int, float] = {}
+    deadline = time.time() + timeout
+    parent = psutil.Process(proc.pid)
+    while proc.poll() is None and time.time() < deadline:
+        try:
+            for child in parent.children(recursive=True):
+                seen.setdefault(child.pid, child.create_time())
+        except psutil.NoSuchProcess:
+            pass
+        time.sleep(0.1)
+    return seen
+
+
+def survivors(seen: dict[int, float]) -> list[str]:
+    out = []
+    for pid, created in seen.items():
+        try:
+            p = psutil.Process(pid)
+            if p.create_time() == created and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(f"{pid} {' '.join(p.cmdline())[:120]}")
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def run_until_exit(cmd: list[str], env: dict, cwd: Path, timeout: float):
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = watch(proc, timeout)
+    if proc.poll() is None:
+        for p in [psutil.Process(proc.pid)] + psutil.Process(proc.pid).children(recursive=True):
+            p.kill()
+        out, err = proc.communicate()
+        raise AssertionError(f"still running after {timeout} s (hang)\n{err[-4000:]}")
+    out, err = proc.communicate()
+    return proc.returncode, time.time(), out, err, seen
+
+
+def assert_ended_promptly(rc, ended, err, seen, stamp: Path, what: str, expect_workers: int):
+    assert stamp.is_file(), f"the fault was never injected\n{err[-4000:]}"
+    took = ended - float(stamp.read_text())
+    assert rc != 0, f"{what}: exit status 0 after a fault"
+    assert f"fault injected in {what}" in err
+    print(f"{what}: exit status {rc}, {took:.1f} s after the fault")
+    assert took < LIMIT_S, f"{what}: {took:.1f} s from the fault to the exit"
+    workers = [pid for pid in seen]
+    assert len(workers) >= expect_workers, f"saw {len(workers)} child processes, expected loader workers"
+    left = survivors(seen)
+    assert not left, f"{what}: processes left behind: {left}"
+
+
+@pytest.mark.parametrize("fault", ["worker", "step"])
+def test_a_fault_ends_the_loading_process_with_its_workers(fault, tmp_path):
+    """One process iterating a TrainLoader with 2 workers (no torchrun): seconds, not a hang."""
+    write_shards(tmp_path / "shards", [20, 20, 20])
+    stamp = tmp_path / "stamp"
+    script = INJECT + textwrap.dedent(f'''
+        from pathlib import Path
+        from tests.test_data_loader import cfg_for, dims, SIZE
+        ld = loader.TrainLoader(cfg_for(Path({str(tmp_path / "shards")!r}), workers=2), dims(), 4, SIZE, 0)
+        for batch in ld.epoch(0):
+            train.normalize(batch.images, train=False, data_cfg=ld.cfg)
+    ''')
+    env = dict(os.environ, FAULT=fault, FAULT_STAMP=str(stamp), PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    rc, ended, _, err, seen = run_until_exit([sys.executable, "-c", script], env, tmp_path, timeout=120)
+    what = "a loader worker" if fault == "worker" else "the training step"
+    assert_ended_promptly(rc, ended, err, seen, stamp, what, expect_workers=2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["worker", "step"])
+def test_a_fault_ends_a_torchrun_job_within_seconds(fault, tiny_shards, tmp_path):
+    """2 ranks (tp=2) under torchrun; the fault hits rank 0: both ranks and all workers end."""
+    stamp = tmp_path / "stamp"
+    script = tmp_path / "train_with_fault.py"
+    script.write_text(INJECT + "\ntrain.main()\n")
+    cmd = torchrun_cmd(2)
+    cmd[cmd.index("-m", cmd.index("--max-restarts=0")):cmd.index("distalex.train") + 1] = [str(script)]
+    env = run_env(FAULT=fault, FAULT_STAMP=str(stamp), PYTHONPATH=str(REPO))
+    overrides = tiny_overrides(tiny_shards, run_name="fault", **{"data.workers": 2, "train.deterministic": False})
+    rc, ended, _, err, seen = run_until_exit(cmd + overrides, env, tmp_path, timeout=240)
+    what = "a loader worker" if fault == "worker" else "the training step"
+    # torchrun, 2 ranks, and rank 0's 2 loader workers for training
+    assert_ended_promptly(rc, ended, err, seen, stamp, what, expect_workers=4)
