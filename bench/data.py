@@ -1,18 +1,23 @@
 """Decode + crop + flip throughput on ImageNet-sized JPEGs, per worker and in total.
 
-    python bench/data.py [--images 600] [--workers N] [--resize 256] [--size 224]
+    python bench/data.py [--images 600] [--workers N] [--resize 256] [--size 224] [--sources local,pipe,http]
 
 The images are real photos (scikit-learn's two sample images), cut and scaled into 500x375 views
-and saved as quality-90 JPEGs (about ImageNet's median size and quality). Three numbers:
+and saved as quality-90 JPEGs (about ImageNet's median size and quality). The numbers:
   1. one core, the augmentation alone (``augment.train_crop`` on bytes in memory);
   2. N processes doing the same, to see how it scales on this machine;
   3. the whole ``TrainLoader`` (tar reading, shuffle buffer, decode, crop, flip, batching, hand-over
-     from N DataLoader workers), through shards written by ``make_shards``.
+     from N DataLoader workers), through shards written by ``make_shards``, read as local files,
+     through ``pipe:cat`` and from an HTTP server on 127.0.0.1 (``python -m http.server``'s handler
+     in a thread of this process, so it shares the cores);
+  4. where CUDA exists, the same loader with ``data.decode=gpu`` (the workers only read; the batch
+     is decoded with nvjpeg and cropped on the GPU).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import multiprocessing as mp
 import os
@@ -69,34 +74,80 @@ def _cpu_seconds() -> float:
     return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def bench_loader(jpegs: list[bytes], workers: int, resize: int, size: int, batch: int) -> tuple[int, float, float]:
+def _write_shards(jpegs: list[bytes], root: Path, workers: int) -> Path:
+    from distalex.data.make_shards import make_shards
+
+    src = root / "src"
+    for split in ("train", "val"):
+        for c in range(4):
+            (src / split / f"n{c:08d}").mkdir(parents=True)
+    for i, data in enumerate(jpegs):
+        (src / "train" / f"n{i % 4:08d}" / f"img_{i:06d}.JPEG").write_bytes(data)
+    for c in range(4):
+        (src / "val" / f"n{c:08d}" / "v.JPEG").write_bytes(jpegs[c])
+    make_shards(src, root / "shards", max_count=max(1, len(jpegs) // 8), workers=workers, stats_samples=0)
+    return root / "shards"
+
+
+@contextlib.contextmanager
+def _served(folder: Path):
+    """An HTTP server for ``folder`` on 127.0.0.1, in a thread: yields its base URL."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(folder)))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def _source_spec(shards: Path, source: str, url: str | None) -> tuple[str, str | None]:
+    """(data.train_shards, data.info) reading the shards in ``shards`` as local files, pipe: or HTTP."""
+    from distalex.data.info import read_info
+
+    names = list(read_info(shards).splits["train"].shards)
+    if source == "local":
+        return str(shards), None
+    if source == "pipe":
+        return ",".join(f"pipe:cat {shards / n}" for n in names), str(shards / "_info.json")
+    return ",".join(f"{url}/{n}" for n in names), f"{url}/_info.json"
+
+
+def bench_loader(jpegs: list[bytes], workers: int, resize: int, size: int, batch: int, source: str = "local",
+                 decode: str = "cpu") -> tuple[int, float, float]:
+    """(images, wall seconds, CPU seconds) of one epoch of the TrainLoader over ``jpegs``."""
     import torch
 
     from distalex.config import DataConfig
     from distalex.data.loader import TrainLoader
-    from distalex.data.make_shards import make_shards
     from distalex.parallel.dims import ParallelDims
 
     torch.set_num_threads(1)
+    device = torch.device("cuda" if decode == "gpu" else "cpu")
     with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / "src"
-        for split in ("train", "val"):
-            for c in range(4):
-                (src / split / f"n{c:08d}").mkdir(parents=True)
-        for i, data in enumerate(jpegs):
-            (src / "train" / f"n{i % 4:08d}" / f"img_{i:06d}.JPEG").write_bytes(data)
-        for c in range(4):
-            (src / "val" / f"n{c:08d}" / "v.JPEG").write_bytes(jpegs[c])
-        make_shards(src, Path(tmp) / "shards", max_count=max(1, len(jpegs) // 8), workers=workers, stats_samples=0)
-        cfg = DataConfig(train_shards=str(Path(tmp) / "shards"), workers=workers, resize=resize, shuffle_buffer=256)
-        loader = TrainLoader(cfg, ParallelDims(), batch_size=batch, image_size=size, seed=0)
-        t0, c0 = time.perf_counter(), _cpu_seconds()
-        n = 0
-        for b in loader.epoch(0):
-            n += len(b.labels)
-        wall = time.perf_counter() - t0
-        del b
-        return n, wall, _cpu_seconds() - c0  # the workers have been joined: their CPU time counts
+        shards = _write_shards(jpegs, Path(tmp), workers)
+        with _served(shards) if source == "http" else contextlib.nullcontext() as url:
+            spec, info = _source_spec(shards, source, url)
+            cfg = DataConfig(train_shards=spec, info=info, workers=workers, resize=resize, shuffle_buffer=256,
+                             decode=decode)
+            loader = TrainLoader(cfg, ParallelDims(device=device), batch_size=batch, image_size=size, seed=0)
+            t0, c0 = time.perf_counter(), _cpu_seconds()
+            n = 0
+            for b in loader.epoch(0):
+                n += len(b.labels)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            wall = time.perf_counter() - t0
+            del b
+            return n, wall, _cpu_seconds() - c0  # the workers have been joined: their CPU time counts
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -106,6 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--resize", type=int, default=256)
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--sources", default="local,pipe,http", help="comma list of local, pipe, http")
     a = p.parse_args(argv)
     jpegs = imagenet_like(a.images)
     kb = np.mean([len(j) for j in jpegs]) / 1024
@@ -127,10 +179,19 @@ def main(argv: list[str] | None = None) -> None:
     per = " ".join(f"{n / dt:.0f} [{n / cpu:.0f}]" for n, dt, cpu in res)
     print(f"{a.workers} processes: {sum(r[0] for r in res) / wall:7.0f} images/s total; per worker {per}")
 
-    n, dt, cpu = bench_loader(jpegs, a.workers, a.resize, a.size, a.batch)
-    print(f"TrainLoader, {a.workers} workers: {n / dt:7.0f} images/s total, {n / dt / a.workers:.0f} per worker "
-          f"[{n / cpu:.0f} per core, main process included] (tar read, shuffle, decode, crop, flip, batch, "
-          "worker start-up)")
+    import torch
+
+    runs = [(src, "cpu") for src in a.sources.split(",") if src]
+    if torch.cuda.is_available():
+        runs.append(("local", "gpu"))
+    else:
+        print("data.decode=gpu: not measured (no CUDA device)")
+    for source, decode in runs:
+        n, dt, cpu = bench_loader(jpegs, a.workers, a.resize, a.size, a.batch, source=source, decode=decode)
+        what = f"TrainLoader, {source}" + (", decode on the GPU" if decode == "gpu" else "")
+        print(f"{what:<38} {a.workers} workers: {n / dt:7.0f} images/s total, {n / dt / a.workers:.0f} per "
+              f"worker [{n / cpu:.0f} per core, main process included] (read, shuffle, decode, crop, flip, "
+              "batch, worker start-up)")
 
 
 if __name__ == "__main__":
