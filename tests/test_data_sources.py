@@ -137,6 +137,8 @@ def test_remote_shards_without_info_or_reader_are_clear_errors(served):
         TrainLoader(cfg(f"{server.url}/{SPEC.format(split='train')}"), dims(), 4, SIZE, 0)
     with pytest.raises(DataError, match="no reader for nosuchscheme://"):
         TrainLoader(cfg("nosuchscheme://bucket/a.tar", f"{server.url}/_info.json"), dims(), 4, SIZE, 0)
+    with pytest.raises(DataError, match="nope/_info.json: cannot read _info.json: curl exited with status 22"):
+        TrainLoader(cfg(f"{server.url}/{SPEC.format(split='train')}", f"{server.url}/nope/_info.json"), dims(), 4, SIZE, 0)
     with pytest.raises(DataError, match="not listed under split 'train'"):
         TrainLoader(cfg(f"{server.url}/other.tar", f"{server.url}/_info.json"), dims(), 4, SIZE, 0)
 

@@ -31,23 +31,31 @@ PRECISION_BITS = 22  # Pillow's fixed point for 8-bit images: 32 - 8 - 2 bits
 JPEG_MAGIC = (0xFF, 0xD8)
 
 
-def _taps(in_size: int, lo: float, hi: float, out_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(source index, fixed-point weight), each (out_size, k): Pillow's ``precompute_coeffs``.
+class Taps(NamedTuple):
+    """How one axis is resampled: output i = sum_j weight[i, j] * source[index[i, j]] (fixed point)."""
 
-    Output pixel i covers [lo + i * scale, lo + (i + 1) * scale) of the source; the triangle
-    filter is widened by the scale when shrinking (antialiasing). Float64 operations in Pillow's
-    order, so the rounded weights are Pillow's.
+    index: torch.Tensor  # int64 (out, k)
+    weight: torch.Tensor  # int32 (out, k), sums to about 2**22 per row
+    start: int  # the first source pixel any output reads
+    stop: int  # one past the last
+
+
+def _taps(in_size: int, lo: float, hi: float, out_size: int, device: torch.device) -> Taps:
+    """Pillow's ``precompute_coeffs`` for output pixels covering [lo, hi) of the source.
+
+    Output pixel i covers [lo + i * scale, lo + (i + 1) * scale); the triangle filter is widened
+    by the scale when shrinking (antialiasing). Computed on the CPU in float64 in Pillow's order of
+    operations, so the rounded weights are Pillow's, then sent to ``device`` without a sync.
     """
     lo32, hi32 = np.float32(lo), np.float32(hi)  # Pillow takes the box as C floats
     lo, scale = float(lo32), float(hi32 - lo32) / out_size  # the width subtracted in float, too
     filterscale = max(scale, 1.0)
     support = 1.0 * filterscale  # the bilinear (triangle) filter has support 1
     k = int(math.ceil(support)) * 2 + 1
-    f64 = dict(dtype=torch.float64, device=device)
-    center = lo + (torch.arange(out_size, **f64) + 0.5) * scale
+    center = lo + (torch.arange(out_size, dtype=torch.float64) + 0.5) * scale
     xmin = torch.trunc(center - support + 0.5).clamp(min=0)
     count = torch.trunc(center + support + 0.5).clamp(max=in_size) - xmin
-    taps = torch.arange(k, **f64)
+    taps = torch.arange(k, dtype=torch.float64)
     x = (taps + xmin[:, None]) - center[:, None] + 0.5
     w = (1.0 - (x * (1.0 / filterscale)).abs()).clamp(min=0.0)
     w = torch.where(taps < count[:, None], w, 0.0)
@@ -55,39 +63,48 @@ def _taps(in_size: int, lo: float, hi: float, out_size: int, device) -> tuple[to
     for j in range(1, k):  # summed left to right, as Pillow does
         total += w[:, j]
     w = torch.where(total[:, None] != 0, w / total[:, None], w)
-    fixed = torch.floor(0.5 + w * (1 << PRECISION_BITS)).to(torch.int64)
+    fixed = torch.floor(0.5 + w * (1 << PRECISION_BITS)).to(torch.int32)
     index = (xmin[:, None] + taps).to(torch.int64).clamp(max=in_size - 1)  # taps past the edge weigh 0
-    return index, fixed
+    start, stop = int(xmin[0]), int(xmin[-1] + count[-1])
+    return Taps(host_to_device(index, device), host_to_device(fixed, device), start, stop)
 
 
-def _pass(src: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """One separable pass along dim 0 of an int32 (L, M) array -> (out, M), rounded to 0..255 as Pillow does.
+def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor on ``device`` without waiting for the device: a copy from pageable memory would
+    first synchronize the stream, so it is pinned (torch's caching host allocator) on CUDA."""
+    if t.device.type != "cpu" or device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def _pass(src: torch.Tensor, taps: Taps, offset: int = 0) -> torch.Tensor:
+    """One separable pass along dim 0 of an int32 (L, M) array whose row 0 is source pixel ``offset``
+    -> (out, M), rounded to 0..255 as Pillow does.
 
     The products fit int32 as in Pillow: 255 * 2**22 plus the rounding term stays below 2**31.
     """
-    out, k = index.shape
+    out, k = taps.index.shape
+    index = (taps.index - offset).clamp_(0, src.shape[0] - 1)  # only zero-weight taps are clamped
     picked = src.index_select(0, index.reshape(-1)).view(out, k, -1)  # whole rows: contiguous copies
-    acc = (picked * weight.to(torch.int32)[:, :, None]).sum(1, dtype=torch.int32) + (1 << (PRECISION_BITS - 1))
+    acc = (picked * taps.weight[:, :, None]).sum(1, dtype=torch.int32) + (1 << (PRECISION_BITS - 1))
     return (acc >> PRECISION_BITS).clamp_(0, 255)
 
 
 def resample_box(image: torch.Tensor, box: tuple[float, float, float, float], size: int) -> torch.Tensor:
     """uint8 (3, H, W) -> (3, size, size): ``PIL.Image.resize((size, size), BILINEAR, box=box)``."""
     _, h, w = image.shape
-    x_index, x_weight = _taps(w, box[0], box[2], size, image.device)
-    y_index, y_weight = _taps(h, box[1], box[3], size, image.device)
-    # Each pass reads only the rows (columns) the other needs; the values do not depend on it.
-    top, bottom = int(y_index.min()), int(y_index.max()) + 1
-    left, right = int(x_index.min()), int(x_index.max()) + 1
+    xs = _taps(w, box[0], box[2], size, image.device)
+    ys = _taps(h, box[1], box[3], size, image.device)
+    # The first pass covers only the rows (columns) the second reads; the values do not depend on it.
     if h > size and h - size > 2 * (w - size):  # Pillow's rule for doing the vertical pass first
-        cols = image[:, :, left:right].to(torch.int32).permute(1, 0, 2).reshape(h, -1)  # (H, 3 * cols)
-        tall = _pass(cols, y_index, y_weight).view(size, 3, right - left)
-        flat = tall.permute(2, 1, 0).reshape(right - left, -1)  # (cols, 3 * size)
-        return _pass(flat, x_index - left, x_weight).view(size, 3, size).permute(1, 2, 0).to(torch.uint8)
-    rows = image[:, top:bottom].to(torch.int32).permute(2, 0, 1).reshape(w, -1)  # (W, 3 * rows)
-    wide = _pass(rows, x_index, x_weight).view(size, 3, bottom - top)
-    flat = wide.permute(2, 1, 0).reshape(bottom - top, -1)  # (rows, 3 * size)
-    return _pass(flat, y_index - top, y_weight).view(size, 3, size).permute(1, 0, 2).to(torch.uint8)
+        cols = image[:, :, xs.start : xs.stop].to(torch.int32).permute(1, 0, 2).reshape(h, -1)  # (H, 3 * cols)
+        tall = _pass(cols, ys).view(size, 3, xs.stop - xs.start)
+        flat = tall.permute(2, 1, 0).reshape(xs.stop - xs.start, -1)  # (cols, 3 * size)
+        return _pass(flat, xs, xs.start).view(size, 3, size).permute(1, 2, 0).to(torch.uint8)
+    rows = image[:, ys.start : ys.stop].to(torch.int32).permute(2, 0, 1).reshape(w, -1)  # (W, 3 * rows)
+    wide = _pass(rows, xs).view(size, 3, ys.stop - ys.start)
+    flat = wide.permute(2, 1, 0).reshape(ys.stop - ys.start, -1)  # (rows, 3 * size)
+    return _pass(flat, ys, ys.start).view(size, 3, size).permute(1, 0, 2).to(torch.uint8)
 
 
 def _is_jpeg(blob: torch.Tensor) -> bool:

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from distalex.data.augment import open_rgb
 from distalex.data.info import FORMAT, INFO_NAME, DataError, expand_spec
@@ -140,8 +141,6 @@ def index(spec: str, *, split: str = "train", out: str | None = None, classes_fi
           stats: int = 0, label_key: str = "label", workers: int = 4, policy: ReadPolicy = ReadPolicy(),
           progress: bool = True) -> tuple[dict, Path]:
     """Scan the shards of ``spec`` and write (or update) the ``_info.json``: (its content, its path)."""
-    from tqdm import tqdm
-
     urls = expand_spec(spec, split)
     if not urls:
         raise DataError(f"{spec!r}: matches no shards")
@@ -225,6 +224,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"index: error: {e}", file=sys.stderr)
         sys.exit(2)
     s = info["splits"][a.split]
+    if s["incomplete_samples"]:
+        print(f"index: warning: {s['incomplete_samples']} samples lack an image or a label and will be skipped "
+              "(a sample's members must be adjacent in the tar: create it with GNU tar --sort=name)", file=sys.stderr)
     print(f"{a.split}: {s['count']} samples in {len(s['shards'])} shards ({s['incomplete_samples']} without "
           f"image or label, {len(s['unreadable'])} shards cut short); {len(info['classes'])} classes; "
           f"wrote {path}")

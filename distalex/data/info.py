@@ -11,6 +11,7 @@ ignored.
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import os
@@ -150,7 +151,7 @@ def read_info(spec: str | os.PathLike, info: str | None = None) -> DatasetInfo:
         hint = "set data.info, or run make_shards or python -m distalex.data.index SPEC"
         raise DataError(f"{spec}: no {INFO_NAME} found (expected {location}); {hint}")
     try:
-        raw = json.loads(read_bytes(location))
+        raw = json.loads(read_bytes(location) if local is not None else _remote_text(location))
         splits = {
             name: SplitInfo(
                 count=int(s["count"]),
@@ -172,6 +173,12 @@ def read_info(spec: str | os.PathLike, info: str | None = None) -> DatasetInfo:
         raise DataError(f"{location}: cannot read {INFO_NAME}: {e}") from None
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise DataError(f"{location}: not a valid {INFO_NAME}: {e!r}") from None
+
+
+@functools.lru_cache(maxsize=8)
+def _remote_text(url: str) -> bytes:
+    """A remote _info.json is fetched once per process (setup, both loaders and normalize read it)."""
+    return read_bytes(url)
 
 
 def dataset_info(spec: str, info: str | None = None) -> DatasetInfo | None:

@@ -54,7 +54,7 @@ import torch.distributed as dist
 from torch.utils.data import IterableDataset, get_worker_info
 
 from distalex.data.augment import CorruptImage, centre_crop, centre_square, hwc_to_chw, ten_crop, train_crop
-from distalex.data.decode import Encoded, EncodedBatch, decode_batch, probe
+from distalex.data.decode import Encoded, EncodedBatch, decode_batch, host_to_device, probe
 from distalex.data.info import DataError, Shard, dataset_info, resolve_shards
 from distalex.data.read import ReadPolicy, Segment, parse_sample, read_segment
 from distalex.data.workers import WorkerPool
@@ -314,8 +314,8 @@ class TrainLoader:
                 if pool is not None:
                     images, labels, new_skips = self._decoded(_next_item(pool))
                     skipped += new_skips
-                    images = images.to(dims.device, non_blocking=True)
-                    meta = torch.cat([labels, torch.tensor([skipped])]).to(dims.device)  # (B + 1,) labels, skipped
+                    images = host_to_device(images, dims.device)
+                    meta = host_to_device(torch.cat([labels, torch.tensor([skipped])]), dims.device)  # (B + 1,)
                 else:
                     images = torch.empty((B, 3, S, S), dtype=torch.uint8, device=dims.device)
                     meta = torch.empty((B + 1,), dtype=torch.int64, device=dims.device)

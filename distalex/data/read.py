@@ -37,6 +37,11 @@ from urllib.request import url2pathname
 
 from webdataset.gopen import Pipe, gopen, gopen_schemes
 
+try:
+    import fsspec
+except ImportError:  # optional: pip install 'distalex[remote]'
+    fsspec = None
+
 log = logging.getLogger("distalex.data")
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -106,11 +111,7 @@ def _scheme(url: str) -> str:
 
 def _fsspec_protocol(scheme: str) -> bool:
     """True when fsspec is installed and knows the scheme (its backend may still be missing)."""
-    try:
-        import fsspec
-    except ImportError:
-        return False
-    return scheme in fsspec.available_protocols()
+    return fsspec is not None and scheme in fsspec.available_protocols()
 
 
 def check_readable(urls: list[str], what: str) -> None:
@@ -121,8 +122,6 @@ def check_readable(urls: list[str], what: str) -> None:
             if shutil.which("curl") is None:
                 raise ValueError(f"{what}: {example}: reading http(s) shards needs curl on PATH")
         elif scheme != "pipe" and _fsspec_protocol(scheme):
-            import fsspec
-
             try:
                 fsspec.get_filesystem_class(scheme)
             except ImportError as e:
@@ -150,8 +149,6 @@ def open_url(url: str, stall_s: float = 60.0):
     if scheme in ("http", "https"):
         stream = Pipe(_curl(url, stall_s), mode="rb", bufsize=PIPE_BUFFER)
     elif scheme != "pipe" and _fsspec_protocol(scheme):
-        import fsspec
-
         stream = fsspec.open(url, "rb").open()
     else:
         stream = gopen(url, "rb", bufsize=PIPE_BUFFER)
@@ -175,7 +172,13 @@ def _close_quietly(stream) -> None:
 def read_bytes(url: str, stall_s: float = 60.0) -> bytes:
     """A whole small file (``_info.json``, the mean image) from a path or URL."""
     with open_url(url, stall_s) as (f, _):
-        return f.read()
+        if not isinstance(f, Pipe):
+            return f.read()
+        data = f.stream.read()  # to the end, then one plain message if the command failed
+        if f.proc.wait() != 0:  # e.g. curl --fail on an HTTP error
+            command = f.proc.args if isinstance(f.proc.args, str) else f.proc.args[0]
+            raise OSError(f"{command} exited with status {f.proc.returncode}")
+        return data
 
 
 # ------------------------------------------------------------------ tar -> samples
