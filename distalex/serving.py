@@ -128,7 +128,7 @@ def training_settings(cfg: Config) -> tuple[Preprocessing, list[str]]:
     the working directory): without it, ``augment.normalize`` would fall back to ImageNet's statistics.
     """
     info = read_info(cfg.data.train_shards)
-    mean_rgb, std_rgb, mean_image = training_stats(cfg.data.train_shards, need_mean_image=cfg.data.mean == "pixel")
+    mean_rgb, std_rgb, mean_image = training_stats(cfg.data.train_shards, cfg.data.mean == "pixel", cfg.data.info)
     return Preprocessing(cfg.data.resize, cfg.model.image_size, mean_rgb, std_rgb, mean_image), info.class_names
 
 

@@ -70,11 +70,10 @@ def check_header(data: bytes) -> None:
         raise CorruptImage(f"{type(e).__name__}: {e}") from None
 
 
-def _square(img: Image.Image) -> tuple[float, float, int]:
-    """Top-left corner and side of the central square, in the decoded image's pixels."""
-    w, h = img.size
-    side = min(w, h)
-    return (w - side) / 2, (h - side) / 2, side
+def _square(width: int, height: int) -> tuple[float, float, int]:
+    """Top-left corner and side of the central square of a width x height image, in its pixels."""
+    side = min(width, height)
+    return (width - side) / 2, (height - side) / 2, side
 
 
 def crop_box(width: int, height: int, resize: int, size: int, u: float, v: float) -> tuple[float, float, float, float]:
@@ -83,8 +82,7 @@ def crop_box(width: int, height: int, resize: int, size: int, u: float, v: float
     The crop is size x size pixels of the image scaled to shorter side ``resize`` and cut to its
     central square, at offset (floor(u * (resize - size + 1)), floor(v * (resize - size + 1))).
     """
-    side = min(width, height)
-    x0, y0 = (width - side) / 2, (height - side) / 2
+    x0, y0, side = _square(width, height)
     s = side / resize  # source pixels per output pixel
     span = resize - size + 1
     ox, oy = int(u * span), int(v * span)
@@ -105,7 +103,7 @@ def train_crop(data: bytes, resize: int, size: int, u: float, v: float, flip: bo
 
 def square_image(img: Image.Image, resize: int) -> Image.Image:
     """Shorter side to ``resize`` and the central square, as a resize x resize image."""
-    x0, y0, side = _square(img)
+    x0, y0, side = _square(*img.size)
     return img.resize((resize, resize), Image.BILINEAR, box=(x0, y0, x0 + side, y0 + side))
 
 

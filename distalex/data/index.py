@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from distalex.data.augment import open_rgb
 from distalex.data.info import FORMAT, INFO_NAME, DataError, expand_spec
-from distalex.data.make_shards import STATS_SIZE, _stats_pixels, train_stats
+from distalex.data.make_shards import STATS_SIZE, _stats_pixels, read_synset_mapping, train_stats
 from distalex.data.read import (
     IMAGE_EXTS, CorruptImage, ReadPolicy, Segment, check_readable, is_remote, open_url, parse_sample,
     read_segment, sample_label, shard_name, tar_samples,
@@ -93,22 +93,17 @@ def scan_shard(url: str, label_key: str, policy: ReadPolicy) -> ShardScan:
 
 
 def read_classes(path: str) -> tuple[list[str], list[str]]:
-    """(ids, readable names) from lines ``ID [name ...]``; blank lines are ignored."""
-    ids, names = [], []
+    """(ids, readable names) from lines ``ID [name ...]``, label i being line i."""
     try:
-        lines = Path(path).read_text().splitlines()
+        pairs = read_synset_mapping(Path(path))
     except OSError as e:
         raise DataError(f"--classes {path}: {e.strerror}") from None
-    for line in lines:
-        parts = line.strip().split(maxsplit=1)
-        if parts:
-            ids.append(parts[0])
-            names.append(parts[1] if len(parts) > 1 else parts[0])
+    ids = [i for i, _ in pairs]
     if not ids:
         raise DataError(f"--classes {path}: no class lines")
     if len(set(ids)) != len(ids):
         raise DataError(f"--classes {path}: class ids repeat")
-    return ids, names
+    return ids, [n for _, n in pairs]
 
 
 def measure_stats(shards: list[tuple[str, int]], n: int, label_key: str, policy: ReadPolicy, out_dir: Path) -> dict:

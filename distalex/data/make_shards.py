@@ -148,6 +148,17 @@ def _find_devkit(src: Path, devkit: str | None) -> Path | None:
     return None
 
 
+def read_synset_mapping(path: Path) -> list[tuple[str, str]]:
+    """(id, readable name) of each line ``<id> <name>`` (ImageNet's LOC_synset_mapping.txt), in file
+    order; the id stands for the name where none follows it."""
+    pairs = []
+    for line in path.read_text().splitlines():
+        parts = line.split(maxsplit=1)
+        if parts:
+            pairs.append((parts[0], parts[1].strip() if len(parts) > 1 else parts[0]))
+    return pairs
+
+
 def class_names(src: Path, classes: list[str], devkit: str | None, mapping: str | None = None) -> list[str]:
     """A readable name per class: ``mapping`` or SRC/LOC_synset_mapping.txt (``<wnid> <name>`` lines),
     else the devkit's meta.mat words, else the class ids. A class the source does not name keeps its id."""
@@ -156,10 +167,7 @@ def class_names(src: Path, classes: list[str], devkit: str | None, mapping: str 
         raise DataError(f"--class-names {path}: no such file")
     names: dict[str, str] = {}
     if path.is_file():
-        for line in path.read_text().splitlines():
-            wnid, _, name = line.strip().partition(" ")
-            if wnid and name.strip():
-                names[wnid] = name.strip()
+        names = dict(read_synset_mapping(path))
     else:
         kit = _find_devkit(src, devkit)
         meta = _devkit_file(kit, META) if kit is not None else None
