@@ -127,7 +127,7 @@ def training_settings(cfg: Config) -> tuple[Preprocessing, list[str]]:
     Raises ``DataError`` when that file is not found from here (relative shard paths are taken from
     the working directory): without it, ``augment.normalize`` would fall back to ImageNet's statistics.
     """
-    info = read_info(cfg.data.train_shards)
+    info = read_info(cfg.data.train_shards, cfg.data.info)
     mean_rgb, std_rgb, mean_image = training_stats(cfg.data.train_shards, cfg.data.mean == "pixel", cfg.data.info)
     return Preprocessing(cfg.data.resize, cfg.model.image_size, mean_rgb, std_rgb, mean_image), info.class_names
 

@@ -15,6 +15,8 @@ removes the usual way workers end, so they are ended by other means:
   imported after multiprocessing registered its handler, so ours runs before it.
 - Each worker asks the kernel to SIGKILL it when its parent dies (``PR_SET_PDEATHSIG`` on Linux;
   elsewhere a thread watches the parent pid), so a training process killed outright leaves none.
+  Linux ties this to the thread that started the workers: start an epoch from a thread that
+  lives as long as the loop (the training loop's own thread does).
 """
 
 from __future__ import annotations

@@ -86,7 +86,7 @@ def build_report(
             if images:
                 examples = examples_from_files(images, num_images, source.classes)
             else:
-                examples = examples_from_shards(data_cfg.val_shards, num_images)
+                examples = examples_from_shards(data_cfg.val_shards, num_images, data_cfg.info)
             result = ten_crop_predict(model, examples, data_cfg.resize, data_cfg)
             results["ten_crop"] = plot_ten_crop(result, examples, source.classes, out / "ten_crop.png")
         except ReportError as e:

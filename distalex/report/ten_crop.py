@@ -129,14 +129,15 @@ def examples_from_files(paths: list[str], num: int, classes: list[str]) -> list[
     return out
 
 
-def examples_from_shards(spec: str, num: int) -> list[Example]:
-    """The first ``num`` readable samples of a validation shard list (shards are shuffled when written)."""
+def examples_from_shards(spec: str, num: int, info: str | None = None) -> list[Example]:
+    """The first ``num`` readable samples of a validation shard list (shards are shuffled when written);
+    ``info`` is the run's data.info (where the shards' _info.json is, if not beside them)."""
     from distalex.data.augment import CorruptImage
     from distalex.data.info import DataError, resolve_shards
     from distalex.data.loader import parse_sample, plan_segments, read_segment
 
     try:
-        shards = resolve_shards(spec, "val", "data.val_shards")
+        shards = resolve_shards(spec, "val", "data.val_shards", info)
     except DataError as e:
         raise ReportError(str(e)) from None
     out: list[Example] = []
