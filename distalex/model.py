@@ -168,11 +168,12 @@ class AlexNet(nn.Module):
             m.reseed(seed * 1000 + i)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.pool(self.lrn1(F.relu(self.conv1(x))))  # (B, 96, 27, 27) at 224
-        x = self.pool(self.lrn2(F.relu(self.conv2(x))))  # (B, 256, 13, 13)
-        x = F.relu(self.conv3(x))  # (B, 384, 13, 13)
-        x = F.relu(self.conv4(x))
-        x = self.pool(F.relu(self.conv5(x)))  # (B, 256, 6, 6)
+        # ReLU in place on the conv outputs (their backward does not need them): no new map to allocate.
+        x = self.pool(self.lrn1(F.relu_(self.conv1(x))))  # (B, 96, 27, 27) at 224
+        x = self.pool(self.lrn2(F.relu_(self.conv2(x))))  # (B, 256, 13, 13)
+        x = F.relu_(self.conv3(x))  # (B, 384, 13, 13)
+        x = F.relu_(self.conv4(x))
+        x = self.pool(F.relu_(self.conv5(x)))  # (B, 256, 6, 6)
         # Channel-major flatten: tower t's features are one contiguous block of fc6's inputs
         # (because tp shards fc6 by that block).
         x = torch.flatten(x, 1)  # (B, 9216)

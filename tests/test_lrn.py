@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -34,12 +37,29 @@ def output_and_grad(fn, x: torch.Tensor, g: torch.Tensor, *args):
 @pytest.mark.parametrize("shape", [(4, 48, 13, 13), (3, 7, 5), (2, 5, 3, 4, 2)])
 def test_float32_equals_torch_to_1e6(shape, scale, monkeypatch):
     """Within 1e-6 of the largest value (max |error| / max |reference|), forward and input
-    gradient, at the paper's parameters; the CPU slices (here 1 sample, forced small) add nothing."""
-    monkeypatch.setattr(lrn, "CPU_SLICE_ELEMENTS", 2 * shape[1] * shape[2])  # several slices, the last one shorter
+    gradient, at the paper's parameters, on whole tensors and in slices of 2 samples (the last
+    one shorter) as a single-threaded CPU runs it."""
+    for threads in (1, 2):
+        monkeypatch.setattr(lrn, "CPU_SLICE_ELEMENTS", 2 * math.prod(shape[1:]))
+        with torch_threads(threads):
+            check_float32(shape, scale)
+
+
+def check_float32(shape, scale):
     x, g = relu_like(shape, scale, seed=1), torch.randn(shape, generator=torch.Generator().manual_seed(2))
     y, dx = output_and_grad(local_response_norm, x, g, *PAPER)
     y_ref, dx_ref = output_and_grad(F.local_response_norm, x, g, *PAPER)
-    assert rel_err(y, y_ref) <= 1e-6 and rel_err(dx, dx_ref) <= 1e-6, (rel_err(y, y_ref), rel_err(dx, dx_ref))
+    assert rel_err(y, y_ref) <= 1e-6 and rel_err(dx, dx_ref) <= 1e-6, (torch.get_num_threads(), rel_err(y, y_ref), rel_err(dx, dx_ref))
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    saved = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 4, 5, 6, 9])
