@@ -197,7 +197,7 @@ def prepare_single(row: dict, a, device: torch.device):
     if row["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
     if row["compiled"]:
-        model = torch.compile(model, backend=a.compile_backend)
+        model = torch.compile(model, backend=a.compile_backend, **({"mode": row["compile_mode"]} if row.get("compile_mode") else {}))
     x, y = batch_on(device, a.batch, a.size, row["channels_last"])
     return train_step_fn(model, x, y, torch.bfloat16 if row["dtype"] == "bf16" else None, device)
 
@@ -304,11 +304,12 @@ def run_data(row: dict, a, jpegs_cache: dict) -> dict:
 def plan_rows(device: torch.device, a) -> list[dict]:
     rows = []
 
-    def add(model, compiled, dtype="fp32", channels_last=False, lrn=True, optional=False):
+    def add(model, compiled, dtype="fp32", channels_last=False, lrn=True, optional=False, cuda_graphs=False):
         label = model if lrn else f"{model}-nolrn"
-        name = f"{label}/{'compiled' if compiled else 'eager'}/{dtype}" + ("/channels_last" if channels_last else "")
+        mode = "compiled-cudagraphs" if cuda_graphs else "compiled" if compiled else "eager"
+        name = f"{label}/{mode}/{dtype}" + ("/channels_last" if channels_last else "")
         rows.append(dict(name=name, kind="step", model=model, compiled=compiled, dtype=dtype, channels_last=channels_last,
-                         lrn=lrn, tp=1, optional=optional))
+                         lrn=lrn, tp=1, optional=optional, compile_mode="reduce-overhead" if cuda_graphs else None))
 
     if device.type == "cuda":
         for model in ("distalex", "torchvision"):
@@ -319,6 +320,9 @@ def plan_rows(device: torch.device, a) -> list[dict]:
         for compiled in (False, True):
             add("distalex", compiled, "fp32", lrn=False)
             add("distalex", compiled, "bf16", True, lrn=False)
+        # CUDA graphs (train.cuda_graphs: torch.compile's reduce-overhead mode) in the CUDA default setting
+        for model, lrn in (("distalex", True), ("torchvision", True), ("distalex", False)):
+            add(model, True, "bf16", True, lrn=lrn, cuda_graphs=True)
     else:
         for model in ("distalex", "torchvision"):
             add(model, False)
@@ -339,6 +343,12 @@ def plan_rows(device: torch.device, a) -> list[dict]:
     for name in ("data/decode+crop+flip/1proc", f"data/TrainLoader/{a.data_workers}workers"):
         rows.append(dict(name=name, kind="data", model="-", compiled=False, dtype="uint8", channels_last=False, lrn=None,
                          tp=None, optional=False, **({"skip": "--no-data"} if a.no_data else {})))
+    if a.rows:
+        wanted = [s for s in a.rows.split(",") if s]
+        unknown = sorted(set(wanted) - {r["name"] for r in rows})
+        if unknown:
+            raise SystemExit(f"--rows: no such row on {device.type}: {', '.join(unknown)}")
+        rows = sorted((r for r in rows if r["name"] in wanted), key=lambda r: wanted.index(r["name"]))
     if a.only:
         keep = [s for s in a.only.split(",") if s]
         rows = [r for r in rows if any(k in r["name"] for k in keep)]
@@ -416,6 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-workers", type=int, default=min(4, os.cpu_count() or 1))
     p.add_argument("--no-data", action="store_true", help="skip the input-pipeline rows")
     p.add_argument("--only", default="", help="comma-separated substrings: keep rows whose name contains one")
+    p.add_argument("--rows", default="", help="comma-separated exact row names, run in this order")
     p.add_argument("--interleave", action="store_true",
                    help="time the tp=1 step rows round-robin, window by window (robust to other jobs' load; no peak memory)")
     p.add_argument("--json", default=None, help="default bench/results-<device>.json")
@@ -437,6 +448,13 @@ def main(argv: list[str] | None = None) -> int:
 
     rows, jpegs = plan_rows(device, a), {}
     t_start = time.perf_counter()
+    path = Path(a.json) if a.json else Path(__file__).resolve().parent / f"results-{device.type}.json"
+
+    def write_json() -> None:
+        """After every row: a run cut short (a time limit) still leaves the rows it finished."""
+        path.write_text(json.dumps({"provenance": prov, "config": config, "rows": rows, "ratios": target_ratios(rows),
+                                    "total_wall_s": time.perf_counter() - t_start}, indent=1, default=str))
+
     if a.interleave:
         t0 = time.perf_counter()
         together = [r for r in rows if r["kind"] == "step" and "skip" not in r]
@@ -444,6 +462,7 @@ def main(argv: list[str] | None = None) -> int:
         for row in together:
             row["row_wall_s"] = (time.perf_counter() - t0) / len(together)
             report_row(row)
+        write_json()
     for row in rows:
         if "status" in row:
             continue
@@ -463,13 +482,10 @@ def main(argv: list[str] | None = None) -> int:
                 row["status"] = failure_status(row, e)
         row["row_wall_s"] = time.perf_counter() - t0
         report_row(row)
+        write_json()
     print_table(rows)
-    ratios = target_ratios(rows)
-    print_ratios(ratios)
-
-    path = Path(a.json) if a.json else Path(__file__).resolve().parent / f"results-{device.type}.json"
-    path.write_text(json.dumps({"provenance": prov, "config": config, "rows": rows, "ratios": ratios,
-                                "total_wall_s": time.perf_counter() - t_start}, indent=1, default=str))
+    print_ratios(target_ratios(rows))
+    write_json()
     print(f"\nwrote {path} ({time.perf_counter() - t_start:.0f} s)")
     return 1 if any(r["status"].startswith("error") for r in rows) else 0
 
