@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP_INSTALL = $(PYTHON) -m pip install -q --disable-pip-version-check -e '.[dev]'
 
-.PHONY: install demo test bench
+.PHONY: install demo test bench wheels gpu-check
 
 install:
 	$(PIP_INSTALL)
@@ -17,3 +17,12 @@ test: install
 
 bench: install
 	$(PYTHON) bench/bench.py --tiny
+
+# Wheels for the GPU check's machine (no network there): run here, where pip reaches PyPI.
+wheels:
+	PYTHON=$(PYTHON) bash bench/make_wheelhouse.sh
+
+# On a GPU machine with torch and torchvision (and .whl/ from `make wheels`): CUDA tests + benchmark.
+OUT ?= gpu-check
+gpu-check:
+	PYTHON=$(PYTHON) bash bench/gpu_check.sh $(OUT)

@@ -96,11 +96,8 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(step, images_per_step: int, warmup: int, iters: int, windows: int, device: torch.device) -> dict:
-    """Warm-up, then ``windows`` timed windows of ``iters`` steps; images/s = median over windows.
-
-    Also images per CPU-second of this process (all its threads), median over the windows: on a
-    CPU shared with other jobs it moves less than the wall-clock rate."""
+def warm_up(step, warmup: int, device: torch.device) -> float:
+    """``warmup`` steps (compilation happens in the first); returns the first step's seconds."""
     t0 = time.perf_counter()
     step()
     sync(device)
@@ -108,17 +105,33 @@ def measure(step, images_per_step: int, warmup: int, iters: int, windows: int, d
     for _ in range(warmup - 1):
         step()
     sync(device)
-    rates, cpu_rates = [], []
-    for _ in range(windows):
-        t0, c0 = time.perf_counter(), time.process_time()
-        for _ in range(iters):
-            step()
-        sync(device)
-        rates.append(images_per_step * iters / (time.perf_counter() - t0))
-        cpu_rates.append(images_per_step * iters / max(time.process_time() - c0, 1e-9))
+    return first
+
+
+def time_window(step, images_per_step: int, iters: int, device: torch.device) -> tuple[float, float]:
+    """(images/s, images per CPU-second of this process) over ``iters`` steps."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    for _ in range(iters):
+        step()
+    sync(device)
+    return images_per_step * iters / (time.perf_counter() - t0), images_per_step * iters / max(time.process_time() - c0, 1e-9)
+
+
+def summarize(rates: list[float], cpu_rates: list[float], images_per_step: int, first: float) -> dict:
+    """images/s = median over the windows; images per CPU-second of this process (all its threads),
+    median over the windows too: on a CPU shared with other jobs it moves less than the wall-clock
+    rate. The best window's CPU rate as well: other jobs only ever slow a window down."""
     med = statistics.median(rates)
     return {"images_per_s": med, "step_ms": 1e3 * images_per_step / med, "window_images_per_s": rates,
-            "images_per_cpu_s": statistics.median(cpu_rates), "first_step_s": first}
+            "images_per_cpu_s": statistics.median(cpu_rates), "images_per_cpu_s_best": max(cpu_rates),
+            "window_images_per_cpu_s": cpu_rates, "first_step_s": first}
+
+
+def measure(step, images_per_step: int, warmup: int, iters: int, windows: int, device: torch.device) -> dict:
+    """Warm-up, then ``windows`` timed windows of ``iters`` steps."""
+    first = warm_up(step, warmup, device)
+    rates, cpu_rates = zip(*(time_window(step, images_per_step, iters, device) for _ in range(windows)))
+    return summarize(list(rates), list(cpu_rates), images_per_step, first)
 
 
 def make_model(kind: str, width: float, size: int, lrn: bool = True):
@@ -180,21 +193,51 @@ def batch_on(device, batch: int, size: int, channels_last: bool, seed: int = 0):
     return x, y
 
 
-def run_single(row: dict, a, device: torch.device) -> dict:
-    """One tp=1 row in this process."""
+def prepare_single(row: dict, a, device: torch.device):
+    """The training step of one tp=1 row, its model and batch built in this process."""
     torch.manual_seed(0)
-    mem_kind = reset_peak(device)
     model = make_model(row["model"], a.width, a.size, lrn=row["lrn"]).to(device).train()
     if row["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
     if row["compiled"]:
-        model = torch.compile(model, backend=a.compile_backend)
+        model = torch.compile(model, backend=a.compile_backend, **({"mode": row["compile_mode"]} if row.get("compile_mode") else {}))
     x, y = batch_on(device, a.batch, a.size, row["channels_last"])
-    dtype = torch.bfloat16 if row["dtype"] == "bf16" else None
-    out = measure(train_step_fn(model, x, y, dtype, device), a.batch, a.warmup, a.iters, a.windows, device)
+    return train_step_fn(model, x, y, torch.bfloat16 if row["dtype"] == "bf16" else None, device)
+
+
+def run_single(row: dict, a, device: torch.device) -> dict:
+    """One tp=1 row in this process, on its own."""
+    mem_kind = reset_peak(device)
+    out = measure(prepare_single(row, a, device), a.batch, a.warmup, a.iters, a.windows, device)
     out.update(peak_mem_bytes=peak_bytes(device), peak_mem_kind=mem_kind)
-    del model, x, y
     return out
+
+
+def run_interleaved(rows: list[dict], a, device: torch.device) -> None:
+    """The tp=1 rows side by side: built and warmed up one after another, then their timed windows
+    alternate (row 1, row 2, ..., row 1, ...), so that load from other processes lands on all of
+    them alike. Fills each row's results and status. All models live at once, so a row's peak
+    memory is not its own: it is left out."""
+    steps, firsts = {}, {}
+    for row in rows:
+        try:
+            steps[row["name"]] = prepare_single(row, a, device)
+            firsts[row["name"]] = warm_up(steps[row["name"]], a.warmup, device)
+        except Exception as e:  # noqa: BLE001 - reported in the row, the others still run
+            steps.pop(row["name"], None)
+            row["status"] = failure_status(row, e)
+    samples = {name: ([], []) for name in steps}
+    for _ in range(a.windows):
+        for name, step in steps.items():
+            rate, cpu_rate = time_window(step, a.batch, a.iters, device)
+            samples[name][0].append(rate)
+            samples[name][1].append(cpu_rate)
+    for row in rows:
+        if row["name"] in steps:
+            row.update(summarize(*samples[row["name"]], a.batch, firsts[row["name"]]), status="ok",
+                       peak_mem_bytes=None, peak_mem_kind="not measured (rows interleaved)")
+    steps.clear()
+    gc.collect()
 
 
 # ------------------------------------------------------------------ tp=2
@@ -231,6 +274,7 @@ def run_tp2(row: dict, a) -> dict:
     out["per_rank_images_per_s"] = [o["images_per_s"] for o in outs]
     # CPU-seconds of the job are both ranks': images per (sum of their CPU time)
     out["images_per_cpu_s"] = 1 / sum(1 / o["images_per_cpu_s"] for o in outs)
+    out["images_per_cpu_s_best"] = 1 / sum(1 / o["images_per_cpu_s_best"] for o in outs)
     out.pop("rank", None)
     return out
 
@@ -267,11 +311,12 @@ def run_data(row: dict, a, jpegs_cache: dict) -> dict:
 def plan_rows(device: torch.device, a) -> list[dict]:
     rows = []
 
-    def add(model, compiled, dtype="fp32", channels_last=False, lrn=True, optional=False):
+    def add(model, compiled, dtype="fp32", channels_last=False, lrn=True, optional=False, cuda_graphs=False):
         label = model if lrn else f"{model}-nolrn"
-        name = f"{label}/{'compiled' if compiled else 'eager'}/{dtype}" + ("/channels_last" if channels_last else "")
+        mode = "compiled-cudagraphs" if cuda_graphs else "compiled" if compiled else "eager"
+        name = f"{label}/{mode}/{dtype}" + ("/channels_last" if channels_last else "")
         rows.append(dict(name=name, kind="step", model=model, compiled=compiled, dtype=dtype, channels_last=channels_last,
-                         lrn=lrn, tp=1, optional=optional))
+                         lrn=lrn, tp=1, optional=optional, compile_mode="reduce-overhead" if cuda_graphs else None))
 
     if device.type == "cuda":
         for model in ("distalex", "torchvision"):
@@ -282,6 +327,9 @@ def plan_rows(device: torch.device, a) -> list[dict]:
         for compiled in (False, True):
             add("distalex", compiled, "fp32", lrn=False)
             add("distalex", compiled, "bf16", True, lrn=False)
+        # CUDA graphs (train.cuda_graphs: torch.compile's reduce-overhead mode) in the CUDA default setting
+        for model, lrn in (("distalex", True), ("torchvision", True), ("distalex", False)):
+            add(model, True, "bf16", True, lrn=lrn, cuda_graphs=True)
     else:
         for model in ("distalex", "torchvision"):
             add(model, False)
@@ -303,6 +351,12 @@ def plan_rows(device: torch.device, a) -> list[dict]:
     for name in ("data/decode+crop+flip/1proc", f"data/TrainLoader/{a.data_workers}workers"):
         rows.append(dict(name=name, kind="data", model="-", compiled=False, dtype="uint8", channels_last=False, lrn=None,
                          tp=None, optional=False, **({"skip": "--no-data"} if a.no_data else {})))
+    if a.rows:
+        wanted = [s for s in a.rows.split(",") if s]
+        unknown = sorted(set(wanted) - {r["name"] for r in rows})
+        if unknown:
+            raise SystemExit(f"--rows: no such row on {device.type}: {', '.join(unknown)}")
+        rows = sorted((r for r in rows if r["name"] in wanted), key=lambda r: wanted.index(r["name"]))
     if a.only:
         keep = [s for s in a.only.split(",") if s]
         rows = [r for r in rows if any(k in r["name"] for k in keep)]
@@ -324,6 +378,46 @@ def print_table(rows: list[dict]) -> None:
               f"{val('step_ms'):9.1f} {val('first_step_s'):10.2f} {fmt_bytes(r.get('peak_mem_bytes')):>11s}  {r['status']}")
 
 
+def failure_status(row: dict, e: Exception) -> str:
+    """A failed row's status: 'unsupported: ...' for an optional row, else 'error: ...' (exit status 1)."""
+    msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+    if row["optional"]:
+        return "unsupported: " + msg
+    traceback.print_exc()
+    return "error: " + msg
+
+
+def report_row(row: dict) -> None:
+    row.pop("optional", None)
+    print(f"  {row['name']:42s} {row.get('images_per_s', float('nan')):10.1f} images/s  "
+          f"({row['row_wall_s']:.1f} s)  {row['status']}", flush=True)
+
+
+def target_ratios(rows: list[dict]) -> list[dict]:
+    """distalex against torchvision's alexnet and against its own no-LRN form, for every setting
+    (compiled, dtype, memory format) that has both rows: in images/s, and in images per CPU-second."""
+    ok = {r["name"]: r for r in rows if r.get("status") == "ok" and r["kind"] == "step"}
+    out = []
+    for name, r in ok.items():
+        if r["model"] != "distalex" or not r["lrn"]:
+            continue
+        for other in (name.replace("distalex/", "torchvision/", 1), name.replace("distalex/", "distalex-nolrn/", 1)):
+            if other in ok:
+                o = ok[other]
+                out.append({"row": name, "against": other, "images_per_s": r["images_per_s"] / o["images_per_s"],
+                            "images_per_cpu_s": r["images_per_cpu_s"] / o["images_per_cpu_s"],
+                            "images_per_cpu_s_best": r["images_per_cpu_s_best"] / o["images_per_cpu_s_best"]})
+    return out
+
+
+def print_ratios(ratios: list[dict]) -> None:
+    if ratios:
+        print(f"\n{'ratio':78s} {'images/s':>9s} {'img/CPU-s':>10s} {'best window':>12s}")
+    for q in ratios:
+        print(f"{q['row'] + ' / ' + q['against']:78s} {q['images_per_s']:8.2f}x {q['images_per_cpu_s']:9.2f}x "
+              f"{q['images_per_cpu_s_best']:11.2f}x")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tiny", action="store_true", help="width 1/16, 64 px, batch 8, few iterations (CI smoke)")
@@ -342,6 +436,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-workers", type=int, default=min(4, os.cpu_count() or 1))
     p.add_argument("--no-data", action="store_true", help="skip the input-pipeline rows")
     p.add_argument("--only", default="", help="comma-separated substrings: keep rows whose name contains one")
+    p.add_argument("--rows", default="", help="comma-separated exact row names, run in this order")
+    p.add_argument("--interleave", action="store_true",
+                   help="time the tp=1 step rows round-robin, window by window (robust to other jobs' load; no peak memory)")
     p.add_argument("--json", default=None, help="default bench/results-<device>.json")
     a = p.parse_args(argv)
     for k, v in (TINY if a.tiny else FULL).items():
@@ -353,15 +450,32 @@ def main(argv: list[str] | None = None) -> int:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     prov = provenance(argv)
-    config = {k: getattr(a, k) for k in ("tiny", "width", "size", "batch", "warmup", "iters", "windows", "compile_backend",
+    config = {k: getattr(a, k) for k in ("tiny", "width", "size", "batch", "warmup", "iters", "windows", "interleave", "compile_backend",
                                           "data_images", "data_workers", "data_resize", "data_size")}
     config.update(device=str(device), torch_threads=torch.get_num_threads())
     print(f"{prov['machine']}; torch {prov['torch']}; {prov['commit']}; load {prov['load_average_at_start']}")
     print("config: " + ", ".join(f"{k}={v}" for k, v in config.items()), flush=True)
 
-    rows, failed, jpegs = plan_rows(device, a), False, {}
+    rows, jpegs = plan_rows(device, a), {}
     t_start = time.perf_counter()
+    path = Path(a.json) if a.json else Path(__file__).resolve().parent / f"results-{device.type}.json"
+
+    def write_json() -> None:
+        """After every row: a run cut short (a time limit) still leaves the rows it finished."""
+        path.write_text(json.dumps({"provenance": prov, "config": config, "rows": rows, "ratios": target_ratios(rows),
+                                    "total_wall_s": time.perf_counter() - t_start}, indent=1, default=str))
+
+    if a.interleave:
+        t0 = time.perf_counter()
+        together = [r for r in rows if r["kind"] == "step" and "skip" not in r]
+        run_interleaved(together, a, device)
+        for row in together:
+            row["row_wall_s"] = (time.perf_counter() - t0) / len(together)
+            report_row(row)
+        write_json()
     for row in rows:
+        if "status" in row:
+            continue
         t0 = time.perf_counter()
         if "skip" in row:
             row["status"] = "skipped: " + row.pop("skip")
@@ -375,24 +489,15 @@ def main(argv: list[str] | None = None) -> int:
                     row.update(run_data(row, a, jpegs))
                 row["status"] = "ok"
             except Exception as e:  # noqa: BLE001 - a row's failure is reported, the others still run
-                msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
-                if row["optional"]:
-                    row["status"] = "unsupported: " + msg
-                else:
-                    row["status"] = "error: " + msg
-                    failed = True
-                    traceback.print_exc()
+                row["status"] = failure_status(row, e)
         row["row_wall_s"] = time.perf_counter() - t0
-        row.pop("optional", None)
-        print(f"  {row['name']:42s} {row.get('images_per_s', float('nan')):10.1f} images/s  "
-              f"({row['row_wall_s']:.1f} s)  {row['status']}", flush=True)
+        report_row(row)
+        write_json()
     print_table(rows)
-
-    path = Path(a.json) if a.json else Path(__file__).resolve().parent / f"results-{device.type}.json"
-    path.write_text(json.dumps({"provenance": prov, "config": config, "rows": rows,
-                                "total_wall_s": time.perf_counter() - t_start}, indent=1, default=str))
+    print_ratios(target_ratios(rows))
+    write_json()
     print(f"\nwrote {path} ({time.perf_counter() - t_start:.0f} s)")
-    return 1 if failed else 0
+    return 1 if any(r["status"].startswith("error") for r in rows) else 0
 
 
 if __name__ == "__main__":

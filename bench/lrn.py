@@ -16,11 +16,11 @@ b = a / (k + alpha/n * sum_window a^2)^beta:
   conv2d      the window sum as a conv2d with a ones (5, 1) kernel on the same view
   cumsum      cumulative sum over channels, window = difference of two slices
   shift       zero-pad the channels once, add the 5 shifted slices; autograd for the backward
-  shift_fn    the shift sum in a custom autograd Function with the analytic backward
-              dx = g * d^-beta - (2 alpha beta / n) * x * window_sum(g * x * d^(-beta-1))
-              (the window is symmetric, so the backward uses the same window sum)
+  distalex    distalex.lrn.local_response_norm, what the model uses: an autograd Function with the
+              analytic backward dx = g * d^-beta - (2 alpha beta / n) * x * window_sum(g * x * d^(-beta-1)),
+              window sums from power-of-two partial sums, over cache-sized slices on one CPU thread
   pool3d      avg_pool3d as PyTorch does, but with the padding inside the pool (no padded copy)
-  pool3d_fn   pool3d's forward in a custom autograd Function with the analytic backward above
+  pool3d_fn   pool3d's forward in a custom autograd Function with distalex's analytic backward
 
 Each variant is checked against the reference (output and input gradient) before it is timed:
 max |variant - torch| <= 1e-6 * max |torch| per tensor. Times are the median of ``--repeats`` runs
@@ -43,6 +43,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from distalex.lrn import local_response_norm  # noqa: E402
 from distalex.model import LRN_ALPHA, LRN_BETA, LRN_K, LRN_SIZE  # noqa: E402
 
 SIZE, ALPHA, BETA, K = LRN_SIZE, LRN_ALPHA, LRN_BETA, LRN_K
@@ -95,40 +96,12 @@ def window_sum(t: torch.Tensor) -> torch.Tensor:
     return s
 
 
-def window_sum_nopad(t: torch.Tensor) -> torch.Tensor:
-    """window_sum without the padded copy: SIZE-1 in-place adds of channel-shifted slices
-    (outside autograd only: slice assignment)."""
-    s = t.clone()
-    for off in range(1, SIZE // 2 + 1):
-        s[:, off:] += t[:, :-off]
-    for off in range(1, (SIZE - 1) // 2 + 1):
-        s[:, :-off] += t[:, off:]
-    return s
-
-
 def lrn_shift(x: torch.Tensor) -> torch.Tensor:
     return x / window_sum(x * x).mul(ALPHA / SIZE).add(K).pow(BETA)
 
 
-class _LRNFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        d = window_sum_nopad(x * x).mul_(ALPHA / SIZE).add_(K)  # k + alpha/n * sum a^2
-        scale = d.pow(-BETA)  # d^-beta
-        ctx.save_for_backward(x, d, scale)
-        return x * scale
-
-    @staticmethod
-    def backward(ctx, g):
-        x, d, scale = ctx.saved_tensors
-        gs = g * scale
-        # d b_j / d a_i = delta_ij d_j^-beta - 2 (alpha/n) beta a_i a_j d_j^(-beta-1), j in window(i)
-        inner = (gs * x).div_(d)
-        return torch.addcmul(gs, window_sum_nopad(inner), x, value=-2 * ALPHA * BETA / SIZE)
-
-
-def lrn_shift_fn(x: torch.Tensor) -> torch.Tensor:
-    return _LRNFunction.apply(x)
+def lrn_distalex(x: torch.Tensor) -> torch.Tensor:
+    return local_response_norm(x, SIZE, ALPHA, BETA, K)
 
 
 def window_mean(t: torch.Tensor) -> torch.Tensor:
@@ -174,7 +147,7 @@ VARIANTS = {
     "conv2d": lrn_conv2d,
     "cumsum": lrn_cumsum,
     "shift": lrn_shift,
-    "shift_fn": lrn_shift_fn,
+    "distalex": lrn_distalex,
     "pool3d": lrn_pool3d,
     "pool3d_fn": lrn_pool3d_fn,
 }
@@ -258,7 +231,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1, help="1: CPU time is then robust to other jobs")
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
-    p.add_argument("--compile", action="store_true", help="also time torch.compile'd torch and shift (inductor)")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile'd torch and distalex (inductor)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (on CUDA the 'CPU' columns are synchronised wall time)")
     p.add_argument("--json", default=None, help="write the rows here too")
     a = p.parse_args(argv)
@@ -267,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
     names = [n for n in a.variants.split(",") if n]
     fns = {n: VARIANTS[n] for n in names}
     if a.compile:
-        fns.update({f"{n}+compile": torch.compile(VARIANTS[n], dynamic=False) for n in ("torch", "shift") if n in names})
+        fns.update({f"{n}+compile": torch.compile(VARIANTS[n], dynamic=False) for n in ("torch", "distalex") if n in names})
     print(f"torch {torch.__version__}, {device}, {torch.get_num_threads()} thread(s), float32, batch {a.batch}; median of {a.repeats} "
           f"round-robin runs; speed-up = {names[0]} CPU time / variant CPU time")
     rows = []

@@ -122,7 +122,11 @@ class TrainConfig(Section):
     channels_last: bool = True
     """Memory format on CUDA (ignored on CPU)."""
     compile: bool = False
-    """torch.compile the model."""
+    """torch.compile the model (inductor)."""
+    cuda_graphs: bool = False
+    """Replay the compiled model's kernels as CUDA graphs (torch.compile's ``reduce-overhead``
+    mode): fewer kernel launches per step. Needs ``train.compile`` and a CUDA device; without one
+    (``parallel.device: auto`` on a CPU machine) it is ignored with a warning."""
     log_every: int = Field(10, ge=1)
     """Steps between logged metrics (reading the loss is a device sync)."""
     eval_every_epochs: int = Field(1, ge=1)
@@ -174,6 +178,10 @@ class Config(Section):
     def _layout(self) -> "Config":
         if self.parallel.layout == "towers":
             towers_per_rank(self.model.towers, self.parallel.tp)
+        if self.train.cuda_graphs and not self.train.compile:
+            raise ValueError("train.cuda_graphs=true needs train.compile=true: torch.compile captures the CUDA graphs")
+        if self.train.cuda_graphs and self.parallel.device == "cpu":
+            raise ValueError("train.cuda_graphs=true needs a CUDA device, but parallel.device=cpu")
         return self
 
     @property

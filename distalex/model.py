@@ -16,7 +16,8 @@ Two (``towers``) columns of kernels that meet only at conv3 and the fully connec
 
 Choices the paper leaves open, stated:
 - Padding: conv1 pads by 2 (torchvision's choice), so a 224 input gives the paper's 55x55 map.
-- LRN: ``F.local_response_norm(size=5, alpha=1e-4, beta=0.75, k=2)``. PyTorch divides alpha by
+- LRN: ``F.local_response_norm(size=5, alpha=1e-4, beta=0.75, k=2)`` (computed by
+  ``distalex.lrn.local_response_norm``, the same function made fast). PyTorch divides alpha by
   size, as the authors' cuda-convnet code does; the paper's formula with alpha=1e-4 taken
   literally would be alpha=5e-4 here. The window never crosses into the other tower.
 - Channels of tower t are the t-th contiguous block of every layer's channels, as in a grouped
@@ -30,6 +31,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from distalex.lrn import local_response_norm
+from distalex.pool import MaxPool2d
 
 # Kernels (or fc units) per tower at width 1.0: the paper's numbers.
 PER_TOWER = {"conv1": 48, "conv2": 128, "conv3": 192, "conv4": 192, "conv5": 128, "fc": 2048}
@@ -67,8 +71,7 @@ class TowerLRN(nn.Module):
         b, c, h, w = x.shape
         per = self.channels_per_tower
         # (B, C, H, W) -> (B*towers, C/towers, H, W): each tower normalised on its own.
-        y = F.local_response_norm(x.reshape(b * (c // per), per, h, w), LRN_SIZE, LRN_ALPHA, LRN_BETA, LRN_K)
-        return y.reshape(b, c, h, w)
+        return local_response_norm(x.reshape(b * (c // per), per, h, w), LRN_SIZE, LRN_ALPHA, LRN_BETA, LRN_K).reshape(b, c, h, w)
 
     def extra_repr(self) -> str:
         return f"channels_per_tower={self.channels_per_tower}, size={LRN_SIZE}, alpha={LRN_ALPHA}, beta={LRN_BETA}, k={LRN_K}"
@@ -140,7 +143,7 @@ class AlexNet(nn.Module):
         self.conv3 = nn.Conv2d(ch["conv2"], ch["conv3"], 3, padding=1)  # reads both towers
         self.conv4 = nn.Conv2d(ch["conv3"], ch["conv4"], 3, padding=1, groups=towers)
         self.conv5 = nn.Conv2d(ch["conv4"], ch["conv5"], 3, padding=1, groups=towers)
-        self.pool = nn.MaxPool2d(3, stride=2)
+        self.pool = MaxPool2d(3, stride=2)  # nn.MaxPool2d's function, faster on the CPU
         self.fc6 = nn.Linear(ch["conv5"] * side * side, ch["fc"])
         self.drop6 = SharedDropout(dropout, ch["fc"], seed=6)
         self.fc7 = nn.Linear(ch["fc"], ch["fc"])
@@ -177,11 +180,12 @@ class AlexNet(nn.Module):
             m.reseed(seed * 1000 + i)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.pool(self.lrn1(F.relu(self.conv1(x))))  # (B, 96, 27, 27) at 224
-        x = self.pool(self.lrn2(F.relu(self.conv2(x))))  # (B, 256, 13, 13)
-        x = F.relu(self.conv3(x))  # (B, 384, 13, 13)
-        x = F.relu(self.conv4(x))
-        x = self.pool(F.relu(self.conv5(x)))  # (B, 256, 6, 6)
+        # ReLU in place on the conv outputs (their backward does not need them): no new map to allocate.
+        x = self.pool(self.lrn1(F.relu_(self.conv1(x))))  # (B, 96, 27, 27) at 224
+        x = self.pool(self.lrn2(F.relu_(self.conv2(x))))  # (B, 256, 13, 13)
+        x = F.relu_(self.conv3(x))  # (B, 384, 13, 13)
+        x = F.relu_(self.conv4(x))
+        x = self.pool(F.relu_(self.conv5(x)))  # (B, 256, 6, 6)
         # Channel-major flatten: tower t's features are one contiguous block of fc6's inputs
         # (because tp shards fc6 by that block).
         x = torch.flatten(x, 1)  # (B, 9216)

@@ -14,6 +14,7 @@ import math
 import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,8 +87,20 @@ def build_parallel_model(cfg: Config, dims: ParallelDims):
     if dims.device.type == "cuda" and cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if cfg.train.compile:
-        model.compile()
+        model.compile(**compile_options(cfg, dims))
     return model
+
+
+def compile_options(cfg: Config, dims: ParallelDims) -> dict:
+    """torch.compile's arguments for the model: CUDA graphs (reduce-overhead) where asked and possible."""
+    if not cfg.train.cuda_graphs:
+        return {}
+    if dims.device.type != "cuda":
+        if dims.is_main:
+            warnings.warn(f"train.cuda_graphs=true: no CUDA device (running on {dims.device.type}); compiling without CUDA graphs",
+                          stacklevel=2)
+        return {}
+    return {"mode": "reduce-overhead"}
 
 
 def setup(cfg: Config, dims: ParallelDims, stop: StopRequested) -> Run:

@@ -1,12 +1,15 @@
-"""bench/bench.py --tiny runs end to end and writes every row (a smoke test: no timing thresholds)."""
+"""bench/bench.py --tiny and bench/gpu_check.sh run end to end (smoke tests: no timing thresholds)."""
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,3 +41,52 @@ def test_bench_tiny_writes_every_row(tmp_path):
     # Rows that may not run here say why instead of vanishing.
     assert all(r["status"] == "ok" or r["status"].startswith(("skipped", "unsupported")) for r in rows.values())
     assert result["config"]["tiny"] is True and result["provenance"]["commit"]
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_end_to_end_without_cuda(tmp_path):
+    """bench/gpu_check.sh on this machine: every stage runs; without CUDA each CUDA test skips with
+    its reason and the benchmark runs its tiny CPU rows. Its files land in OUT_DIR."""
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHON=sys.executable, WHEELHOUSE=str(tmp_path / "no-wheels"))
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), str(out)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == ["bench.json", "bench.txt", "cuda-tests.log", "cuda-tests.xml", "env.txt", "gpu-check.log"]
+    log = (out / "gpu-check.log").read_text()
+    assert "== done: exit status 0" in log and "requirements: already importable" in log
+    bench = json.loads((out / "bench.json").read_text())
+    if torch.cuda.is_available():
+        return  # the rest describes a machine without CUDA
+    assert "CUDA: not available" in (out / "env.txt").read_text()
+    tests_log = (out / "cuda-tests.log").read_text()
+    n_tests = len(re.findall(r"<testcase ", (out / "cuda-tests.xml").read_text()))
+    assert n_tests >= 9 and f"{n_tests} skipped" in tests_log and "passed" not in tests_log
+    assert tests_log.count("SKIPPED") >= 1 and "needs a CUDA GPU" in tests_log  # the reason is printed
+    assert bench["config"]["tiny"] is True
+    assert [r["name"] for r in bench["rows"]] == ["distalex/eager/fp32", "torchvision/eager/fp32", "distalex-nolrn/eager/fp32"]
+    assert all(r["status"] == "ok" and r["images_per_s"] > 0 for r in bench["rows"])
+    assert {q["against"] for q in bench["ratios"]} == {"torchvision/eager/fp32", "distalex-nolrn/eager/fp32"}
+
+
+def test_gpu_check_usage_and_missing_requirements(tmp_path):
+    """Bad usage, and a Python without the requirements and no wheels to install them from: exit 2
+    with a message that says what to do."""
+    script = str(ROOT / "bench" / "gpu_check.sh")
+    proc = subprocess.run(["bash", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "usage: bash bench/gpu_check.sh OUT_DIR" in proc.stderr
+    # A Python that has torch and torchvision but, with -S and its own path, none of the rest.
+    fake = tmp_path / "python"
+    site = Path(torch.__file__).parents[1]
+    only_torch = tmp_path / "only-torch"
+    only_torch.mkdir()
+    for name in ("torch", "torchvision", "torchgen", "functorch", "typing_extensions.py", "sympy", "mpmath", "filelock",
+                 "fsspec", "jinja2", "markupsafe", "networkx", "numpy", "PIL", "numpy.libs", "pillow.libs"):
+        if (site / name).exists():
+            (only_torch / name).symlink_to(site / name)
+    fake.write_text(f'#!/bin/sh\nPYTHONPATH="$PYTHONPATH:{only_torch}" exec "{sys.executable}" -S "$@"\n')
+    fake.chmod(0o755)
+    env = dict(os.environ, PYTHON=str(fake), WHEELHOUSE=str(tmp_path / "no-wheels"))
+    proc = subprocess.run(["bash", script, str(tmp_path / "out")], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout[-3000:]
+    assert "requirements missing and no" in proc.stdout and "bench/make_wheelhouse.sh" in proc.stdout

@@ -5,9 +5,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from distalex.config import ConfigError, flatten, load_config
-from distalex.parallel.dims import ParallelConfigError, check_layout, read_launch_env
+from distalex.parallel.dims import ParallelConfigError, ParallelDims, check_layout, read_launch_env
+from distalex.train import compile_options
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -81,3 +83,17 @@ def test_layout_errors_before_any_collective():
         read_launch_env({"WORLD_SIZE": "2", "RANK": "0"})
     with pytest.raises(ParallelConfigError, match="RANK=5 WORLD_SIZE=2"):
         read_launch_env({"WORLD_SIZE": "2", "RANK": "5", "MASTER_ADDR": "x", "MASTER_PORT": "1"})
+
+
+def test_cuda_graphs_needs_compile_and_a_cuda_device():
+    """Asked for where it cannot work: an error naming the keys; on a CPU that ``device: auto``
+    chose, a warning and torch.compile's default mode."""
+    with pytest.raises(ConfigError, match="train.cuda_graphs=true needs train.compile=true"):
+        load_config(None, ["train.cuda_graphs=true"])
+    with pytest.raises(ConfigError, match="train.cuda_graphs=true needs a CUDA device, but parallel.device=cpu"):
+        load_config(None, ["train.cuda_graphs=true", "train.compile=true", "parallel.device=cpu"])
+    cfg = load_config(None, ["train.cuda_graphs=true", "train.compile=true"])
+    with pytest.warns(UserWarning, match="no CUDA device .*compiling without CUDA graphs"):
+        assert compile_options(cfg, ParallelDims()) == {}
+    assert compile_options(cfg, ParallelDims(device=torch.device("cuda"))) == {"mode": "reduce-overhead"}
+    assert compile_options(load_config(None, ["train.compile=true"]), ParallelDims(device=torch.device("cuda"))) == {}

@@ -1,4 +1,6 @@
-"""Record the collectives a piece of code makes: kind, group, tensors, phase and layer.
+"""Record the collectives a piece of code makes (kind, group, tensors, phase and layer), and the
+places it reads a tensor's value on the host (``HostReadSpy``: on a GPU each such read waits for
+the device).
 
     with CollectiveSpy() as spy:
         label_layers(model, spy)          # optional: which module each call belongs to
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -164,3 +167,73 @@ def recording_allreduce_hook(group, spy: CollectiveSpy, layer: str = "DDP gradie
         return dist.all_reduce(buf, group=group, async_op=True).get_future().then(lambda fut: fut.value()[0])
 
     return hook
+
+
+@dataclass
+class HostRead:
+    kind: str  # the Tensor method: item, __bool__, __int__, __float__, __index__, tolist, numpy, cpu
+    shape: tuple[int, ...]
+    device: str
+    where: str  # file:line of the first caller outside torch and this module
+
+
+class HostReadSpy:
+    """Records every read of a tensor's value into Python (``.item()``, ``int(t)``, ``bool(t)``,
+    ``float(t)``, indexing with it, ``.tolist()``, ``.numpy()``) and every ``.cpu()`` while
+    installed, with the line that made it.
+
+    On a GPU each of these waits for the device to finish everything queued before it (a host
+    sync); on the CPU they cost nothing, so a CPU test counts them instead. The real methods still
+    run. Reads made inside torch itself are attributed to the line that called into torch;
+    ``calls_from`` keeps those made under a folder or in a file.
+
+        with HostReadSpy() as reads:
+            train_step(...)
+        assert reads.calls_from(distalex.__path__[0]) == []
+    """
+
+    METHODS = ("item", "__bool__", "__int__", "__float__", "__index__", "tolist", "numpy", "cpu")
+
+    def __init__(self):
+        self.calls: list[HostRead] = []
+        self._saved: dict[str, object] = {}
+
+    def install(self) -> "HostReadSpy":
+        for name in self.METHODS:
+            real = getattr(torch.Tensor, name)
+            self._saved[name] = real
+            setattr(torch.Tensor, name, self._wrap(name, real))
+        return self
+
+    def uninstall(self) -> None:
+        for name, real in self._saved.items():
+            setattr(torch.Tensor, name, real)
+        self._saved.clear()
+
+    __enter__ = install
+
+    def __exit__(self, *exc):
+        self.uninstall()
+
+    def calls_from(self, path: str) -> list[HostRead]:
+        """The reads made by code in ``path`` (a file, or a folder and everything under it)."""
+        return [c for c in self.calls if c.where.rsplit(":", 1)[0] == path or c.where.startswith(path.rstrip("/") + "/")]
+
+    def _wrap(self, kind, real):
+        def spy(tensor, *args, **kwargs):
+            self.calls.append(HostRead(kind, tuple(tensor.shape), str(tensor.device), _caller()))
+            return real(tensor, *args, **kwargs)
+
+        return spy
+
+
+def _caller() -> str:
+    """file:line of the innermost frame that is neither torch's nor this module's."""
+    frame = inspect.currentframe()
+    torch_dir = str(Path(torch.__file__).parent)
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if name != __file__ and not name.startswith(torch_dir):
+            return f"{name}:{frame.f_lineno}"
+        frame = frame.f_back
+    return "?"

@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# The GPU check: the CUDA tests, then the benchmark with torchvision's AlexNet in the same run.
+#
+#   bash bench/gpu_check.sh OUT_DIR          (or: make gpu-check OUT=OUT_DIR)
+#
+# For a GPU machine that has torch and torchvision but no network: the project's other
+# requirements come from wheels in .whl/ made beforehand where pip reaches PyPI
+# (bash bench/make_wheelhouse.sh), carried to the machine with the repository, and installed with
+# pip --no-index. The repository is used in place (PYTHONPATH), not installed. Fits in 8 minutes:
+# each stage has its own time limit, and the benchmark writes its JSON after every row, so a stage
+# cut short still leaves what it finished. Without CUDA every CUDA test skips with its reason and
+# the benchmark runs its tiny CPU form instead: the script itself is tested that way on CPU
+# (tests/test_bench_smoke.py).
+#
+# OUT_DIR receives: gpu-check.log (everything), env.txt, cuda-tests.log, cuda-tests.xml (JUnit),
+# bench.txt (the table and ratios) and bench.json.
+# Exit status: 0 all ran and passed; 1 a CUDA test failed or a benchmark row errored; 2 bad usage
+# or a requirement missing.
+set -uo pipefail
+
+if [ $# -ne 1 ]; then
+  echo "usage: bash bench/gpu_check.sh OUT_DIR" >&2
+  exit 2
+fi
+OUT=$1
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+PYTHON=${PYTHON:-python3}
+TEST_LIMIT_S=${GPU_CHECK_TEST_LIMIT_S:-220}
+BENCH_LIMIT_S=${GPU_CHECK_BENCH_LIMIT_S:-240}
+mkdir -p "$OUT" || exit 2
+OUT=$(cd "$OUT" && pwd)
+cd "$ROOT" || exit 2
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+exec > >(tee "$OUT/gpu-check.log") 2>&1
+tee_pid=$!
+trap 'exec >&- 2>&-; wait "$tee_pid"' EXIT  # the log is complete when the script returns
+started=$(date +%s)
+stage() { echo; echo "== $1 ($(( $(date +%s) - started )) s)"; }
+
+stage "environment"
+{
+  date -u '+%Y-%m-%d %H:%M UTC'
+  echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git status --porcelain -- distalex bench tests 2>/dev/null | grep -q . && echo ' + uncommitted changes')"
+  nvidia-smi -L 2>/dev/null || echo "nvidia-smi: not available"
+  "$PYTHON" -c 'import sys, torch, torchvision; print("python", sys.version.split()[0], "| torch", torch.__version__, "| torchvision", torchvision.__version__); print("CUDA:", torch.cuda.is_available() and f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}" or "not available")'
+} | tee "$OUT/env.txt"
+[ "${PIPESTATUS[0]}" -eq 0 ] || { echo "error: $PYTHON cannot import torch and torchvision"; exit 2; }
+has_cuda=$("$PYTHON" -c 'import torch; print(int(torch.cuda.is_available()))')
+
+stage "requirements"
+WHEELHOUSE=${WHEELHOUSE:-.whl}
+importable() { "$PYTHON" -c 'import pydantic, yaml, numpy, PIL, braceexpand, webdataset, pytest' "$@"; }
+if importable 2>/dev/null; then
+  echo "requirements: already importable"
+elif [ -f "$WHEELHOUSE/requirements.txt" ]; then
+  "$PYTHON" -m pip install -q --disable-pip-version-check --no-index --find-links "$WHEELHOUSE" -r "$WHEELHOUSE/requirements.txt" \
+    && importable && echo "requirements: installed from $WHEELHOUSE" \
+    || { echo "error: installing the requirements from $WHEELHOUSE failed"; exit 2; }
+else
+  echo "error: requirements missing and no $WHEELHOUSE/requirements.txt; where pip reaches PyPI run"
+  echo "       'bash bench/make_wheelhouse.sh' (for this machine's Python) and bring .whl/ along"
+  importable
+  exit 2
+fi
+
+status=0
+stage "CUDA tests (limit ${TEST_LIMIT_S} s)"
+timeout --kill-after=10 "$TEST_LIMIT_S" "$PYTHON" -m pytest -p no:cacheprovider -q -rs -m cuda tests/test_cuda.py \
+  --junitxml="$OUT/cuda-tests.xml" -o junit_family=xunit1 2>&1 | tee "$OUT/cuda-tests.log"
+rc=${PIPESTATUS[0]}
+[ "$rc" -eq 124 ] && echo "CUDA tests: stopped at the ${TEST_LIMIT_S} s limit"
+[ "$rc" -ne 0 ] && status=1
+
+if [ "$has_cuda" = 1 ]; then
+  # The issue's comparisons first (bf16 + channels_last, eager and compiled, CUDA graphs), then the
+  # rows that decide the defaults (fp32, NCHW). One compile takes about a minute.
+  rows=distalex/eager/bf16/channels_last,torchvision/eager/bf16/channels_last,distalex-nolrn/eager/bf16/channels_last
+  rows+=,distalex/eager/fp32,distalex/eager/bf16,distalex/eager/fp32/channels_last
+  rows+=,distalex/compiled/bf16/channels_last,torchvision/compiled/bf16/channels_last,distalex-nolrn/compiled/bf16/channels_last
+  rows+=,distalex/compiled-cudagraphs/bf16/channels_last,distalex/compiled/bf16
+  bench_args=(--rows "$rows" --warmup 3 --iters 5 --windows 5)
+else
+  bench_args=(--tiny --rows distalex/eager/fp32,torchvision/eager/fp32,distalex-nolrn/eager/fp32)
+  echo "no CUDA: the benchmark's tiny CPU form"
+fi
+stage "benchmark (limit ${BENCH_LIMIT_S} s)"
+timeout --kill-after=10 "$BENCH_LIMIT_S" "$PYTHON" bench/bench.py "${bench_args[@]}" --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt"
+rc=${PIPESTATUS[0]}
+[ "$rc" -eq 124 ] && echo "benchmark: stopped at the ${BENCH_LIMIT_S} s limit; bench.json has the rows it finished"
+[ "$rc" -ne 0 ] && status=1
+
+stage "done: exit status $status"
+exit $status

@@ -1,0 +1,195 @@
+"""What only a CUDA GPU can check: bf16 against float32, compiled against eager, channels-last
+against NCHW, the LRN on the GPU, JPEG decoding on the GPU, and a short training run.
+
+Marked ``cuda``; on a machine without CUDA every test skips and says why. ``bash bench/gpu_check.sh
+OUT_DIR`` runs them (and the benchmark) on a GPU machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from distalex.checkpoint import complete_checkpoints
+from distalex.config import load_config
+from distalex.engine import build_engine
+from distalex.lrn import local_response_norm
+from distalex.model import LRN_ALPHA, LRN_BETA, LRN_K, LRN_SIZE
+from distalex.parallel.dims import ParallelDims
+from distalex.train import build_parallel_model
+from tests.runs import launch, tiny_overrides, tiny_shards  # noqa: F401 - tiny_shards is a fixture
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bash bench/gpu_check.sh OUT_DIR runs these on one)"),
+]
+
+PAPER_LRN = (LRN_SIZE, LRN_ALPHA, LRN_BETA, LRN_K)
+
+
+@pytest.fixture
+def cuda_dims() -> ParallelDims:
+    return ParallelDims(device=torch.device("cuda"))
+
+
+@contextlib.contextmanager
+def exact_float32():
+    """Plain float32 convolutions and matmuls (no TF32), so that two layouts or two compilers of one
+    net can be compared closely."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def paper_net_config(*overrides: str):
+    """The paper's net (224 px, width 1) on one GPU; Kaiming init so that the logits carry signal."""
+    return load_config(None, ["parallel.tp=1", "parallel.device=cuda", "model.init=kaiming", *overrides])
+
+
+def batch(size: int = 32, classes: int = 1000, side: int = 224, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(size, 3, side, side, generator=g).cuda(), torch.randint(0, classes, (size,), generator=g).cuda()
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return F.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0).item()
+
+
+def forward_backward(model, x, y):
+    """Logits and every parameter's gradient of one cross-entropy step (no optimizer)."""
+    model.zero_grad(set_to_none=True)
+    logits = model(x)
+    F.cross_entropy(logits, y).backward()
+    return logits.detach().float(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_bf16_step_is_within_tolerance_of_float32(cuda_dims):
+    """One SGD step through the engine (``train.precision``): bf16 autocast against float32 from
+    the same weights and batch. The loss agrees to 2%, every gradient points the same way."""
+    x, y = batch()
+    results = {}
+    for precision in ("fp32", "bf16"):
+        cfg = paper_net_config(f"train.precision={precision}", "model.dropout=0")
+        engine = build_engine(build_parallel_model(cfg, cuda_dims), cfg, cuda_dims)
+        assert engine.autocast_dtype == (torch.bfloat16 if precision == "bf16" else None)
+        with exact_float32():
+            loss = engine.train_step(x, y).item()
+        results[precision] = loss, {n: p.grad.float() for n, p in engine.module.named_parameters()}
+    (loss32, grads32), (loss16, grads16) = results["fp32"], results["bf16"]
+    assert abs(loss16 - loss32) <= 0.02 * loss32, (loss16, loss32)
+    worst = min((cosine(grads16[n], grads32[n]), n) for n in grads32)
+    assert worst[0] > 0.98, worst
+
+
+@pytest.mark.parametrize("cuda_graphs", [False, True], ids=["compiled", "compiled-cudagraphs"])
+def test_compiled_equals_eager(cuda_dims, cuda_graphs):
+    """``train.compile`` (inductor; with ``train.cuda_graphs``, replayed as CUDA graphs) computes
+    the eager net: logits and gradients, dropout on (its masks come from the same generators), two
+    steps so that a replayed graph is checked too."""
+    eager_cfg = paper_net_config()
+    compiled_cfg = paper_net_config("train.compile=true", f"train.cuda_graphs={str(cuda_graphs).lower()}")
+    eager, compiled = build_parallel_model(eager_cfg, cuda_dims), build_parallel_model(compiled_cfg, cuda_dims)
+    with exact_float32():
+        for step in range(2):
+            x, y = batch(seed=step)
+            out_e, g_e = forward_backward(eager, x, y)
+            out_c, g_c = forward_backward(compiled, x, y)
+            assert rel(out_c, out_e) < 1e-3, step
+            worst = max((rel(g_c[n], g_e[n]), n) for n in g_e)
+            assert worst[0] < 1e-3, (step, worst)
+
+
+def test_channels_last_equals_nchw(cuda_dims):
+    """``train.channels_last`` changes the memory layout, not the function (float32, no TF32)."""
+    cfg = paper_net_config("model.dropout=0")
+    nchw, cl = build_parallel_model(cfg, cuda_dims), build_parallel_model(cfg, cuda_dims)
+    cl = cl.to(memory_format=torch.channels_last)
+    x, y = batch()
+    with exact_float32():
+        out_n, g_n = forward_backward(nchw, x, y)
+        out_c, g_c = forward_backward(cl, x.contiguous(memory_format=torch.channels_last), y)
+    assert rel(out_c, out_n) < 1e-4
+    worst = max((rel(g_c[n], g_n[n]), n) for n in g_n)
+    assert worst[0] < 1e-4, worst
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "inductor"])
+def test_fast_lrn_equals_torch_on_cuda(compiled):
+    """distalex.lrn on the GPU, eager and compiled to Triton by inductor: F.local_response_norm's
+    output and input gradient to 1e-6 in float32; in bf16, within a bf16 unit of the float32 LRN."""
+    fn = lambda t: local_response_norm(t, *PAPER_LRN)  # noqa: E731
+    if compiled:
+        fn = torch.compile(fn, fullgraph=True)
+    g = torch.Generator().manual_seed(0)
+    for shape in ((256, 48, 55, 55), (256, 128, 27, 27)):  # the tower views at batch 128
+        x = (torch.randn(shape, generator=g).clamp_(min=0) * 30).cuda()
+        grad = torch.randn(shape, generator=g).cuda()
+        for dtype in (torch.float32, torch.bfloat16):
+            xd = x.to(dtype).requires_grad_()
+            out = fn(xd)
+            (dx,) = torch.autograd.grad(out, xd, grad.to(dtype))
+            xr = xd.detach().float().requires_grad_()
+            ref = F.local_response_norm(xr, *PAPER_LRN)
+            (dref,) = torch.autograd.grad(ref, xr, grad.to(dtype).float())
+            tol = 1e-6 if dtype == torch.float32 else 2.0**-8
+            assert out.dtype == dtype and rel(out, ref) <= tol and rel(dx, dref) <= tol, (shape, dtype)
+
+
+def jpeg_bytes(subsampling: int, seed: int) -> tuple[bytes, np.ndarray]:
+    """A photo-like 256 x 320 image (smooth colour fields, edges, noise) encoded by PIL at quality 90."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:256, 0:320].astype(np.float32)
+    img = np.stack([128 + 100 * np.sin(xx / 37 + c) * np.cos(yy / 23 - c) for c in range(3)], axis=-1)
+    img[80:160, 100:220] = rng.integers(0, 256, 3)  # a flat patch with sharp edges
+    img = np.clip(img + rng.normal(0, 6, img.shape), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="JPEG", quality=90, subsampling=subsampling)
+    return buf.getvalue(), img
+
+
+@pytest.mark.parametrize("subsampling", [0, 2], ids=["4:4:4", "4:2:0"])
+def test_gpu_jpeg_decode_equals_cpu_decode(subsampling):
+    """nvJPEG (torchvision.io.decode_jpeg on 'cuda') against PIL's libjpeg on the same bytes. The
+    IDCTs differ in rounding and, with 4:2:0, in chroma upsampling: equal to a level or two on
+    average, never far apart."""
+    from PIL import Image
+    from torchvision.io import decode_jpeg
+
+    for seed in range(4):
+        data, _ = jpeg_bytes(subsampling, seed)
+        cpu = torch.from_numpy(np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))).permute(2, 0, 1)
+        gpu = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), device="cuda").cpu()
+        assert gpu.shape == cpu.shape and gpu.dtype == torch.uint8
+        diff = (gpu.int() - cpu.int()).abs().float()
+        limit_mean, limit_999 = (0.6, 4) if subsampling == 0 else (2.0, 32)
+        assert diff.mean() <= limit_mean and diff.flatten().quantile(0.999) <= limit_999, (
+            subsampling, seed, diff.mean().item(), diff.max().item())
+
+
+def test_short_training_run_on_cuda(tiny_shards, tmp_path):
+    """The demo config on the GPU for a few steps, tp=1: one process per GPU (up to 2; with 2, dp=2
+    over nccl; with 1, world size 1 needs no process group). It ends cleanly with a finite loss
+    and a checkpoint."""
+    nproc = min(2, torch.cuda.device_count())
+    overrides = tiny_overrides(tiny_shards, **{"parallel.tp": 1, "parallel.device": "cuda", "train.epochs": 1,
+                                               "train.max_steps": 6, "tracking.enabled": "false",
+                                               "train.deterministic": "false"})
+    proc = launch(tmp_path, overrides, nproc=nproc, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"(dp={nproc} x tp=1) backend=nccl" in proc.stdout
+    last = complete_checkpoints(tmp_path / "runs" / "demo" / "checkpoints")[-1]
+    assert int(last.name.split("-")[1]) == 6, last

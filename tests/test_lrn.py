@@ -1,0 +1,125 @@
+"""distalex.lrn.local_response_norm is F.local_response_norm: output and input gradient."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import distalex.lrn as lrn
+from distalex.lrn import local_response_norm
+from distalex.model import LRN_ALPHA, LRN_BETA, LRN_K, LRN_SIZE
+
+PAPER = (LRN_SIZE, LRN_ALPHA, LRN_BETA, LRN_K)
+
+
+def relu_like(shape, scale: float, seed: int = 0, dtype=torch.float32) -> torch.Tensor:
+    """Non-negative with zeros, as after ReLU; ``scale`` sets how much the alpha term weighs."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g, dtype=dtype).clamp_(min=0).mul_(scale)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+def output_and_grad(fn, x: torch.Tensor, g: torch.Tensor, *args):
+    x = x.detach().requires_grad_()
+    y = fn(x, *args)
+    (dx,) = torch.autograd.grad(y, x, g)
+    return y.detach(), dx
+
+
+@pytest.mark.parametrize("scale", [1.0, 30.0, 300.0])
+@pytest.mark.parametrize("shape", [(4, 48, 13, 13), (3, 7, 5), (2, 5, 3, 4, 2)])
+def test_float32_equals_torch_to_1e6(shape, scale, monkeypatch):
+    """Within 1e-6 of the largest value (max |error| / max |reference|), forward and input
+    gradient, at the paper's parameters, on whole tensors and in slices of 2 samples (the last
+    one shorter) as a single-threaded CPU runs it."""
+    for threads in (1, 2):
+        monkeypatch.setattr(lrn, "CPU_SLICE_ELEMENTS", 2 * math.prod(shape[1:]))
+        with torch_threads(threads):
+            check_float32(shape, scale)
+
+
+def check_float32(shape, scale):
+    x, g = relu_like(shape, scale, seed=1), torch.randn(shape, generator=torch.Generator().manual_seed(2))
+    y, dx = output_and_grad(local_response_norm, x, g, *PAPER)
+    y_ref, dx_ref = output_and_grad(F.local_response_norm, x, g, *PAPER)
+    assert rel_err(y, y_ref) <= 1e-6 and rel_err(dx, dx_ref) <= 1e-6, (torch.get_num_threads(), rel_err(y, y_ref), rel_err(dx, dx_ref))
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    saved = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 4, 5, 6, 9])
+@pytest.mark.parametrize("beta", [0.75, 0.5])
+def test_float64_equals_torch_for_any_window(size, beta):
+    """In float64 the rounding is gone: equal to 1e-12 for odd and even windows (the backward's
+    window is the forward's mirrored), windows wider than the channels, and the general beta path."""
+    shape = (3, 7, 4, 5)
+    x, g = relu_like(shape, 30.0, seed=3, dtype=torch.float64), torch.randn(shape, dtype=torch.float64)
+    args = (size, 2e-4, beta, 1.5)
+    y, dx = output_and_grad(local_response_norm, x, g, *args)
+    y_ref, dx_ref = output_and_grad(F.local_response_norm, x, g, *args)
+    assert rel_err(y, y_ref) <= 1e-12 and rel_err(dx, dx_ref) <= 1e-12
+
+
+def test_gradcheck_against_finite_differences():
+    """The closed-form backward against numerical derivatives, inputs of both signs."""
+    x = torch.randn(2, 6, 3, 3, dtype=torch.float64, requires_grad=True) * 20
+    assert torch.autograd.gradcheck(lambda t: local_response_norm(t, 5, 1e-2, 0.75, 2.0), (x.detach().requires_grad_(),))
+
+
+def test_bfloat16_within_bfloat16_rounding():
+    """bf16 in: the result is the float32 LRN of the same input rounded once to bf16, gradient
+    likewise: each element within half a bf16 unit (<= 2^-8 relative) of the float32 value, and
+    all but the rare elements that float32's own error moves across a rounding boundary equal to it."""
+    shape = (4, 48, 13, 13)
+    x32, g32 = relu_like(shape, 30.0, seed=4), torch.randn(shape, generator=torch.Generator().manual_seed(5))
+    x, g = x32.bfloat16(), g32.bfloat16()
+    y, dx = output_and_grad(local_response_norm, x, g, *PAPER)
+    assert y.dtype == dx.dtype == torch.bfloat16
+    y_ref, dx_ref = output_and_grad(F.local_response_norm, x.float(), g.float(), *PAPER)  # exact bf16 inputs, fp32 math
+    for got, ref in ((y, y_ref), (dx, dx_ref)):
+        assert ((got.float() - ref).abs() <= 2.0**-8 * ref.abs() + 1e-6 * ref.abs().max()).all()
+        assert (got != ref.bfloat16()).float().mean() < 1e-3
+    assert rel_err(y, y_ref) > 0  # it was rounded: the checks above are not vacuous
+
+
+def test_rejects_what_torch_rejects():
+    with pytest.raises(ValueError, match=r"\(N, C, L, \.\.\.\).*\(4, 9\)"):
+        local_response_norm(torch.ones(4, 9), 5)
+    with pytest.raises(ValueError, match="size must be >= 1, got 0"):
+        local_response_norm(torch.ones(2, 3, 4), 0)
+
+
+def test_fullgraph_compile_traces_forward_and_backward():
+    """torch.compile(fullgraph=True) traces the whole Function, backward included, without a graph
+    break (aot_eager: the tracing inductor also does, without its code generation)."""
+    x, g = relu_like((2, 8, 5, 5), 30.0, seed=6), torch.randn(2, 8, 5, 5)
+    fn = torch.compile(lambda t: local_response_norm(t, *PAPER), fullgraph=True, backend="aot_eager")
+    y, dx = output_and_grad(fn, x, g)
+    y_ref, dx_ref = output_and_grad(F.local_response_norm, x, g, *PAPER)
+    assert rel_err(y, y_ref) <= 1e-6 and rel_err(dx, dx_ref) <= 1e-6
+
+
+@pytest.mark.slow
+def test_inductor_compiled_equals_torch():
+    """Inductor's generated CPU kernels (what CUDA runs as Triton) compute the same LRN. A cold
+    compile takes about a minute on a 2-core machine."""
+    x, g = relu_like((2, 8, 5, 5), 300.0, seed=7), torch.randn(2, 8, 5, 5)
+    fn = torch.compile(lambda t: local_response_norm(t, *PAPER), fullgraph=True, backend="inductor")
+    y, dx = output_and_grad(fn, x, g)
+    y_ref, dx_ref = output_and_grad(F.local_response_norm, x, g, *PAPER)
+    assert rel_err(y, y_ref) <= 1e-6 and rel_err(dx, dx_ref) <= 1e-6
