@@ -22,6 +22,8 @@ math is written plainly and the compiler fuses it.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -100,7 +102,7 @@ def _flat(t: Tensor) -> Tensor:
     """(N, C, ...) -> (N, C, L); float32 for 16-bit inputs (their window sums of squares lose too much)."""
     if t.dtype in (torch.float16, torch.bfloat16):
         t = t.float()
-    return t.reshape(t.shape[0], t.shape[1], -1)
+    return t.reshape(t.shape[0], t.shape[1], math.prod(t.shape[2:]))  # explicit: a rank may hold 0 samples
 
 
 def _padded_slices(a: Tensor, front: int, back: int, fill: float) -> tuple[Tensor, Tensor, int]:
@@ -108,7 +110,7 @@ def _padded_slices(a: Tensor, front: int, back: int, fill: float) -> tuple[Tenso
     channels, and the (rows, C, L) view of its middle that each slice's values are written into."""
     n, c, length = a.shape
     sliced = a.device.type == "cpu" and torch.get_num_threads() == 1
-    rows = max(1, min(n, CPU_SLICE_ELEMENTS // max(1, c * length))) if sliced else n
+    rows = max(1, min(n, CPU_SLICE_ELEMENTS // max(1, c * length))) if sliced else max(1, n)
     buf = a.new_empty(rows, front + c + back, length)
     buf[:, :front].fill_(fill)
     buf[:, front + c :].fill_(fill)

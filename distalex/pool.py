@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 def max_pool2d(x: Tensor, kernel_size: int, stride: int) -> Tensor:
     """``F.max_pool2d(x, kernel_size, stride)`` of an (N, C, H, W) tensor, no padding."""
-    if x.device.type != "cpu" or x.dim() != 4 or torch.compiler.is_compiling() or x.is_contiguous(memory_format=torch.channels_last):
+    if x.device.type != "cpu" or x.dim() != 4 or x.numel() == 0 or torch.compiler.is_compiling() or x.is_contiguous(memory_format=torch.channels_last):
         return F.max_pool2d(x, kernel_size, stride)
     return _ChannelsLastMaxPool.apply(x, kernel_size, stride)
 

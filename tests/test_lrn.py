@@ -123,3 +123,21 @@ def test_inductor_compiled_equals_torch():
     y, dx = output_and_grad(fn, x, g)
     y_ref, dx_ref = output_and_grad(F.local_response_norm, x, g, *PAPER)
     assert rel_err(y, y_ref) <= 1e-6 and rel_err(dx, dx_ref) <= 1e-6
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_empty_batch_passes_through(threads):
+    """Under the hybrid layout a rank can convolve 0 samples of a small batch: LRN and pooling must
+    return empty results (and gradients) of the right shape, as PyTorch's functions do."""
+    from distalex.pool import max_pool2d
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x = torch.randn(0, 6, 7, 7, requires_grad=True)
+        y = local_response_norm(x, 5, 1e-4, 0.75, 2.0)
+        y.sum().backward()
+        assert y.shape == x.shape and x.grad.shape == x.shape
+        assert max_pool2d(x.detach(), 3, 2).shape == F.max_pool2d(x.detach(), 3, 2).shape
+    finally:
+        torch.set_num_threads(before)
