@@ -122,6 +122,7 @@ class Resumed:
     """Settings that decide which samples a step of an epoch reads and that differ from the
     checkpoint's (e.g. "dp 2 -> 1", "data.workers 4 -> 8"): the saved step_in_epoch means nothing
     under them, so the epoch it points into cannot be continued sample for sample."""
+    saved_steps_per_epoch: int = 0
 
 
 
@@ -200,7 +201,7 @@ def layout_of(cfg: Config, dims: ParallelDims) -> dict:
     return {"tp": dims.tp, "towers": cfg.model.towers, "model": cfg.model.model_dump(exclude={"dropout"})}
 
 
-def data_position_settings(cfg: Config, dims: ParallelDims, samples_in_shards: int) -> dict:
+def data_position_settings(cfg: Config, dims: ParallelDims, samples_in_shards: int, steps_per_epoch: int) -> dict:
     """What decides which samples step k of an epoch reads, besides batch size and seed (refused
     when changed): the dp split, the loader's per-worker streams, the epoch length and the shards.
     Worker counts 0 and 1 read the same single stream."""
@@ -210,6 +211,7 @@ def data_position_settings(cfg: Config, dims: ParallelDims, samples_in_shards: i
         "data.shuffle_buffer": cfg.data.shuffle_buffer,
         "data.train_samples": cfg.data.train_samples,
         "samples in data.train_shards": samples_in_shards,
+        "steps per epoch": steps_per_epoch,
     }
 
 
@@ -264,7 +266,7 @@ class CheckpointManager:
     def __init__(self, cfg: Config, dims: ParallelDims, classes: list[str] | None = None,
                  data_position: dict | None = None):
         self.cfg, self.dims, self.classes = cfg, dims, list(classes or [])
-        self.data_position = data_position or data_position_settings(cfg, dims, 0)
+        self.data_position = data_position or data_position_settings(cfg, dims, 0, 0)
         self.root = cfg.checkpoint_dir
 
     def resume_path(self) -> Path | None:
@@ -324,6 +326,7 @@ class CheckpointManager:
         saved_dp, saved_tp = meta["world"]["dp"], meta["world"]["tp"]
         resumed = Resumed(folder, [f"{k} {a} -> {b}" for k, a, b in (("dp", saved_dp, dims.dp), ("tp", saved_tp, dims.tp)) if a != b])
         saved_position = meta.get("data_position", {})
+        resumed.saved_steps_per_epoch = saved_position.get("steps per epoch", 0)
         resumed.position_changes = [
             f"{key} {saved_position[key]} -> {now}" for key, now in self.data_position.items()
             if key in saved_position and saved_position[key] != now

@@ -185,14 +185,17 @@ def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tiny_shards,
         assert all(torch.isfinite(t).all() for t in state.values()), f"{ckpt} holds non-finite weights"
 
 
-def test_resume_with_a_different_model_is_refused(reference_run, tiny_shards, tmp_path):
+def test_resume_with_a_different_model_batch_size_or_seed_is_refused(reference_run, tiny_shards, tmp_path):
     ref_dir, _ = reference_run
     ckpts = ref_dir / "runs" / "tiny" / "checkpoints"
     proc = launch(tmp_path, tiny_overrides(tiny_shards, run_name="other", **{"checkpoint.resume": ckpts, "model.width": 0.25}))
-    assert proc.returncode != 0
+    assert proc.returncode != 0 and "exitcode: 2" in proc.stderr
     assert "model.width: checkpoint 0.125, now 0.25" in proc.stderr, proc.stderr[-3000:]
-    proc = launch(tmp_path, tiny_overrides(tiny_shards, run_name="other", **{"checkpoint.resume": ckpts, "parallel.tp": 1}))
-    assert "parallel.tp: checkpoint 2, now 1" in proc.stderr, proc.stderr[-3000:]
+    changed = {"checkpoint.resume": ckpts, "train.batch_size": 16, "train.seed": 5}
+    proc = launch(tmp_path, tiny_overrides(tiny_shards, run_name="other", **changed))
+    assert proc.returncode != 0 and "exitcode: 2" in proc.stderr  # torchrun reports the workers' status 2
+    assert "a resumed run cannot change train.batch_size: checkpoint 32, now 16; train.seed: checkpoint 0, now 5" in proc.stderr, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
 
 
 def test_corrupt_or_partial_checkpoint_is_refused_with_its_path(reference_run, tiny_shards, tmp_path):

@@ -31,9 +31,13 @@ one after it (and its ``skipped`` count starts lower).
 
 from __future__ import annotations
 
+import functools
 import logging
+import multiprocessing as mp
+import os
 import signal
 import tarfile
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -242,19 +246,29 @@ class _TrainStream(IterableDataset):
                 )
 
 
-def _worker_init(_: int) -> None:
+def _worker_init(quit_event, _: int) -> None:
     torch.set_num_threads(1)  # the workers decode with PIL; torch ops here are tiny copies
     # torchrun (killpg) and SLURM (every process of the step) send SIGTERM to these workers too;
     # torch's worker handler dies on a SIGTERM that is not from its parent, and the training
     # process then raises "DataLoader worker ... killed by signal" mid-checkpoint. The training
     # process stops them itself after saving; SIGKILL still ends them.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if quit_event is not None:
+        threading.Thread(target=_exit_on, args=(quit_event,), daemon=True, name="distalex-worker-quit").start()
 
 
-def _make_loader(dataset: IterableDataset, workers: int, device: torch.device) -> DataLoader:
+def _exit_on(quit_event) -> None:
+    """A worker's way out that is not SIGTERM: the loader sets the event when it is closed. torch
+    itself only asks a worker to stop between two batches, which can be minutes apart while it
+    fills its shuffle buffer. Exit status 0: torch's SIGCHLD check reports only failures."""
+    quit_event.wait()
+    os._exit(0)
+
+
+def _make_loader(dataset: IterableDataset, workers: int, device: torch.device, quit_event=None) -> DataLoader:
     return DataLoader(
         dataset, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
-        worker_init_fn=_worker_init if workers > 0 else None,
+        worker_init_fn=functools.partial(_worker_init, quit_event) if workers > 0 else None,
         prefetch_factor=4 if workers > 0 else None,
     )
 
@@ -298,17 +312,58 @@ class TrainLoader:
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         """Batches for steps start_step .. steps_per_epoch - 1 of ``epoch``; the same on every replay."""
+        batches = self.start(epoch, start_step)
+        try:
+            yield from batches
+        finally:
+            batches.close()
+
+    def start(self, epoch: int, start_step: int = 0) -> EpochBatches:
+        """Start the workers for ``epoch`` from ``start_step``; see ``EpochBatches``."""
         if not 0 <= start_step <= self.steps_per_epoch:
             raise ValueError(f"start_step={start_step} outside 0..{self.steps_per_epoch}")
-        dims, B, S = self.dims, self.batch_size, self.image_size
-        source = None
-        if dims.tp_rank == 0 and start_step < self.steps_per_epoch:
-            self.stream.epoch, self.stream.start_step = epoch, start_step
-            source = iter(_make_loader(self.stream, self.workers, dims.device))
+        return EpochBatches(self, epoch, start_step)
+
+
+class EpochBatches:
+    """One epoch's batches from ``start_step`` on: iterate for them, ``close`` on every way out.
+
+    Loader start-up (workers filling their shuffle buffers, a resumed epoch replaying the samples
+    before ``start_step``) can take minutes. So the loading rank fetches the first batch on a
+    helper thread from the moment the epoch starts, and ``ready(timeout)`` lets the training loop
+    wait for it in slices and still act on a stop; iteration then takes the fetched batch first.
+    ``close`` makes the workers exit at once, wherever they are (they hold nothing to save).
+    """
+
+    def __init__(self, loader: TrainLoader, epoch: int, start_step: int):
+        self.loader, self.start_step = loader, start_step
+        self._source, self._fetch, self._first, self._quit = None, None, None, None
+        if loader.dims.tp_rank == 0 and start_step < loader.steps_per_epoch:
+            loader.stream.epoch, loader.stream.start_step = epoch, start_step
+            self._quit = mp.get_context().Event() if loader.workers > 0 else None
+            self._source = iter(_make_loader(loader.stream, loader.workers, loader.dims.device, self._quit))
+            self._fetch = threading.Thread(target=self._fetch_first, daemon=True, name="distalex-first-batch")
+            self._fetch.start()
+
+    def _fetch_first(self) -> None:
+        try:
+            self._first = ("ok", next(self._source))
+        except BaseException as e:  # noqa: BLE001 - re-raised in the training thread by __iter__
+            self._first = ("error", e)
+
+    def ready(self, timeout: float = 0.0) -> bool:
+        """Whether the first batch is here (always True on ranks that do not load)."""
+        if self._fetch is not None:
+            self._fetch.join(timeout)
+        return self._fetch is None or not self._fetch.is_alive()
+
+    def __iter__(self) -> Iterator[Batch]:
+        loader, dims = self.loader, self.loader.dims
+        B, S = loader.batch_size, loader.image_size
         skipped = 0
-        for _ in range(start_step, self.steps_per_epoch):
-            if source is not None:
-                images, labels, new_skips = next(source)
+        for _ in range(self.start_step, loader.steps_per_epoch):
+            if self._source is not None:
+                images, labels, new_skips = self._next()
                 skipped += new_skips
                 images = images.to(dims.device, non_blocking=True)
                 meta = torch.cat([labels, torch.tensor([skipped])]).to(dims.device)  # (B + 1,) labels, skipped
@@ -319,9 +374,27 @@ class TrainLoader:
                 # tp rank 0 -> its tp peers: the same pixels for every tower.
                 dist.broadcast(images, src=dims.tp_src, group=dims.tp_group)
                 dist.broadcast(meta, src=dims.tp_src, group=dims.tp_group)
-                if source is None:
+                if self._source is None:
                     skipped = int(meta[-1])  # device sync on CUDA; one int per step
             yield Batch(images=images, labels=meta[:-1], skipped=skipped)
+
+    def _next(self):
+        if self._fetch is not None:
+            self._fetch.join()
+            self._fetch, (status, item) = None, self._first
+            self._first = None
+            if status == "error":
+                raise item
+            return item
+        return next(self._source)
+
+    def close(self) -> None:
+        """End the workers now. A first batch still being fetched is abandoned with its thread."""
+        if self._quit is not None:
+            self._quit.set()
+        if self._fetch is None or not self._fetch.is_alive():
+            self._source = None  # the iterator's shutdown joins the (exited) workers
+        self._fetch = None
 
 
 # ------------------------------------------------------------------ validation stream

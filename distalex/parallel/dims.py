@@ -133,14 +133,6 @@ class ParallelDims:
         if self.distributed:
             dist.barrier(group=self.control_group)
 
-    def any_rank(self, flag: bool) -> bool:
-        """True on every rank if ``flag`` is True on any (a host-side all-reduce; no device sync)."""
-        if not self.distributed:
-            return flag
-        t = torch.tensor([int(flag)])
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.control_group)
-        return bool(t.item())
-
     def describe(self) -> str:
         return f"world={self.world_size} (dp={self.dp} x tp={self.tp}) backend={backend_for(self.device)}"
 
@@ -183,7 +175,9 @@ def init_parallel(tp: int, towers: int, device: str = "auto", timeout_s: float =
             device_id=dev if dev.type == "cuda" else None,
         )
     mesh = init_device_mesh(dev.type, (dp, tp), mesh_dim_names=("dp", "tp"))
-    control = dist.new_group(backend="gloo") if dev.type == "cuda" else dist.group.WORLD
+    # Its own gloo group, also on CPU: at dp=1 the mesh's tp group is the world group itself, and the
+    # stop agreement should not queue behind (or between) the model's collectives.
+    control = dist.new_group(backend="gloo")
     return ParallelDims(
         dp=dp, tp=tp, rank=launch.rank, local_rank=launch.local_rank, device=dev, mesh=mesh, control_group=control
     )
