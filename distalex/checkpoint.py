@@ -331,21 +331,24 @@ class CheckpointManager:
             f"{key} {saved_position[key]} -> {now}" for key, now in self.data_position.items()
             if key in saved_position and saved_position[key] != now
         ]
+        error = None
         try:
             model, momentum = read_local_shard(folder, meta["partition"], saved_tp, engine.module, dims)
             engine.load_shard_state(model, momentum)
-        except CheckpointError:
-            raise
         except Exception as e:  # noqa: BLE001 - truncated, corrupt or mismatched shard files alike
-            raise CheckpointError(f"{folder}: cannot load this rank's shard ({type(e).__name__}: {e})") from None
-        state.load_state_dict(meta["train_state"])
+            error = CheckpointError(f"{folder}: cannot load this rank's shard ({type(e).__name__}: {e})")
         source = rng_source_rank(dims, saved_dp, saved_tp)
-        if source is not None:  # None: a dp rank the checkpoint did not have keeps its fresh streams
+        if error is None and source is not None:  # None: a new dp rank keeps its fresh streams
             try:
                 streams.load_state_dict(torch.load(rng_file(folder, source), weights_only=True))
             except Exception as e:  # noqa: BLE001 - anything but plain tensors is refused here too
-                raise CheckpointError(f"{rng_file(folder, source)}: unreadable ({type(e).__name__}: {e})") from None
-        dims.barrier()  # every rank has read the folder before rank 0 may tidy or replace it
+                error = CheckpointError(f"{rng_file(folder, source)}: unreadable ({type(e).__name__}: {e})")
+        # Every rank learns of a failure on any, so all exit with status 2 rather than one waiting
+        # for a peer that is gone. It also means every rank has read the folder before rank 0 may
+        # tidy or replace it.
+        if dims.any_rank(error is not None):
+            raise error or CheckpointError(f"{folder}: another rank could not load its part (see its error)")
+        state.load_state_dict(meta["train_state"])
         return resumed
 
     def check_fits(self, folder: Path, meta: dict) -> None:

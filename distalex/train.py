@@ -40,6 +40,9 @@ from distalex.tracking import (
 EXIT_BAD_INPUT, EXIT_DIVERGED = 2, 3
 LOADER_POLL_S = 0.2
 """While an epoch's loader starts, how often the ranks agree on a stop."""
+STOP_TRACKER_CLOSE_S = 10.0
+"""After a stop, how long MLflow may take to send what is queued: the job must be gone within the
+cluster's grace period (Slurm's KillWait, 30 s by default) even when the server does not answer."""
 
 
 class Diverged(RuntimeError):
@@ -404,7 +407,10 @@ def train(cfg: Config, dims: ParallelDims, stop: StopRequested) -> int:
     finally:
         if progress is not None:
             progress.close()
-        run.tracker.close(status)
+        if status == "KILLED":
+            run.tracker.close(status, timeout=STOP_TRACKER_CLOSE_S)
+        else:
+            run.tracker.close(status)
 
 
 def main(argv: list[str] | None = None) -> None:

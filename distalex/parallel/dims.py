@@ -133,6 +133,14 @@ class ParallelDims:
         if self.distributed:
             dist.barrier(group=self.control_group)
 
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank if ``flag`` is True on any (a host-side all-reduce; no device sync)."""
+        if not self.distributed:
+            return flag
+        t = torch.tensor([int(flag)])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.control_group)
+        return bool(t.item())
+
     def describe(self) -> str:
         return f"world={self.world_size} (dp={self.dp} x tp={self.tp}) backend={backend_for(self.device)}"
 
