@@ -31,23 +31,19 @@ one after it (and its ``skipped`` count starts lower).
 
 from __future__ import annotations
 
-import functools
 import logging
-import multiprocessing as mp
-import os
-import signal
 import tarfile
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 
 from distalex.data.augment import CorruptImage, centre_crop, centre_square, hwc_to_chw, ten_crop, train_crop
 from distalex.data.info import DataError, Shard, resolve_shards, sample_key
+from distalex.data.workers import Prefetched, make_loader
 
 log = logging.getLogger("distalex.data")
 
@@ -246,33 +242,6 @@ class _TrainStream(IterableDataset):
                 )
 
 
-def _worker_init(quit_event, _: int) -> None:
-    torch.set_num_threads(1)  # the workers decode with PIL; torch ops here are tiny copies
-    # torchrun (killpg) and SLURM (every process of the step) send SIGTERM to these workers too;
-    # torch's worker handler dies on a SIGTERM that is not from its parent, and the training
-    # process then raises "DataLoader worker ... killed by signal" mid-checkpoint. The training
-    # process stops them itself after saving; SIGKILL still ends them.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    if quit_event is not None:
-        threading.Thread(target=_exit_on, args=(quit_event,), daemon=True, name="distalex-worker-quit").start()
-
-
-def _exit_on(quit_event) -> None:
-    """A worker's way out that is not SIGTERM: the loader sets the event when it is closed. torch
-    itself only asks a worker to stop between two batches, which can be minutes apart while it
-    fills its shuffle buffer. Exit status 0: torch's SIGCHLD check reports only failures."""
-    quit_event.wait()
-    os._exit(0)
-
-
-def _make_loader(dataset: IterableDataset, workers: int, device: torch.device, quit_event=None) -> DataLoader:
-    return DataLoader(
-        dataset, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
-        worker_init_fn=functools.partial(_worker_init, quit_event) if workers > 0 else None,
-        prefetch_factor=4 if workers > 0 else None,
-    )
-
-
 def _check_sizes(data_cfg, image_size: int) -> None:
     if image_size > data_cfg.resize:
         raise DataError(
@@ -328,34 +297,19 @@ class TrainLoader:
 class EpochBatches:
     """One epoch's batches from ``start_step`` on: iterate for them, ``close`` on every way out.
 
-    Loader start-up (workers filling their shuffle buffers, a resumed epoch replaying the samples
-    before ``start_step``) can take minutes. So the loading rank fetches the first batch on a
-    helper thread from the moment the epoch starts, and ``ready(timeout)`` lets the training loop
-    wait for it in slices and still act on a stop; iteration then takes the fetched batch first.
-    ``close`` makes the workers exit at once, wherever they are (they hold nothing to save).
+    On the loading rank the workers start at once and the first batch is fetched in the
+    background (``workers.Prefetched``): ``ready(timeout)`` waits for it in slices, so the
+    training loop can act on a stop during a long start-up. Other ranks are always ready.
     """
 
     def __init__(self, loader: TrainLoader, epoch: int, start_step: int):
-        self.loader, self.start_step = loader, start_step
-        self._source, self._fetch, self._first, self._quit = None, None, None, None
+        self.loader, self.start_step, self._source = loader, start_step, None
         if loader.dims.tp_rank == 0 and start_step < loader.steps_per_epoch:
             loader.stream.epoch, loader.stream.start_step = epoch, start_step
-            self._quit = mp.get_context().Event() if loader.workers > 0 else None
-            self._source = iter(_make_loader(loader.stream, loader.workers, loader.dims.device, self._quit))
-            self._fetch = threading.Thread(target=self._fetch_first, daemon=True, name="distalex-first-batch")
-            self._fetch.start()
-
-    def _fetch_first(self) -> None:
-        try:
-            self._first = ("ok", next(self._source))
-        except BaseException as e:  # noqa: BLE001 - re-raised in the training thread by __iter__
-            self._first = ("error", e)
+            self._source = Prefetched(loader.stream, loader.workers, loader.dims.device)
 
     def ready(self, timeout: float = 0.0) -> bool:
-        """Whether the first batch is here (always True on ranks that do not load)."""
-        if self._fetch is not None:
-            self._fetch.join(timeout)
-        return self._fetch is None or not self._fetch.is_alive()
+        return self._source is None or self._source.ready(timeout)
 
     def __iter__(self) -> Iterator[Batch]:
         loader, dims = self.loader, self.loader.dims
@@ -363,7 +317,7 @@ class EpochBatches:
         skipped = 0
         for _ in range(self.start_step, loader.steps_per_epoch):
             if self._source is not None:
-                images, labels, new_skips = self._next()
+                images, labels, new_skips = next(self._source)
                 skipped += new_skips
                 images = images.to(dims.device, non_blocking=True)
                 meta = torch.cat([labels, torch.tensor([skipped])]).to(dims.device)  # (B + 1,) labels, skipped
@@ -378,23 +332,10 @@ class EpochBatches:
                     skipped = int(meta[-1])  # device sync on CUDA; one int per step
             yield Batch(images=images, labels=meta[:-1], skipped=skipped)
 
-    def _next(self):
-        if self._fetch is not None:
-            self._fetch.join()
-            self._fetch, (status, item) = None, self._first
-            self._first = None
-            if status == "error":
-                raise item
-            return item
-        return next(self._source)
-
     def close(self) -> None:
-        """End the workers now. A first batch still being fetched is abandoned with its thread."""
-        if self._quit is not None:
-            self._quit.set()
-        if self._fetch is None or not self._fetch.is_alive():
-            self._source = None  # the iterator's shutdown joins the (exited) workers
-        self._fetch = None
+        """Make the workers exit now, wherever they are (they hold nothing to save)."""
+        if self._source is not None:
+            self._source.close()
 
 
 # ------------------------------------------------------------------ validation stream
@@ -479,7 +420,7 @@ class ValLoader:
                 self.segments, num=self.num_samples, batch_size=self.batch_size, image_size=S,
                 resize=self.cfg.resize, ten=self.ten_crop, workers=max(1, self.workers),
             )
-            source = iter(_make_loader(stream, self.workers, dims.device))
+            source = iter(make_loader(stream, self.workers, dims.device))
         skipped = 0
         while True:
             if source is not None:
