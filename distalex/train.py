@@ -343,10 +343,9 @@ def run_epochs(run: Run, progress) -> str | None:
     """Train, validate and save to the end. Returns where a stop was agreed, None when done."""
     cfg, state = run.cfg, run.state
     steps = run.train_loader.steps_per_epoch
-    at_max_steps = lambda: cfg.train.max_steps is not None and state.step >= cfg.train.max_steps  # noqa: E731
     while state.epoch < cfg.train.epochs:
         t0 = time.perf_counter()
-        if state.step_in_epoch < steps and not at_max_steps():
+        if state.step_in_epoch < steps and not at_max_steps(run):
             where = train_epoch(run, progress)
             if where is not None:
                 return where
@@ -368,9 +367,13 @@ def run_epochs(run: Run, progress) -> str | None:
         save(run)
         if run.agree.now():
             return "after the epoch-end checkpoint"
-        if at_max_steps():
+        if at_max_steps(run):
             break
     return None
+
+
+def at_max_steps(run: Run) -> bool:
+    return run.cfg.train.max_steps is not None and run.state.step >= run.cfg.train.max_steps
 
 
 def train(cfg: Config, dims: ParallelDims, stop: StopRequested) -> int:

@@ -5,7 +5,7 @@ import re
 
 from distalex.model import AlexNet
 from distalex.parallel.dims import init_parallel
-from distalex.parallel.plan import parallelize
+from distalex.parallel.plan import full_state_dict, local_state_dict, parallelize
 from tests.distributed import run_workers
 
 
@@ -22,6 +22,9 @@ def repr_worker():
         "keys": list(model.state_dict()),
         "towers": model.towers,
         "lrn": (model.lrn1.channels_per_tower, model.lrn2.channels_per_tower),
+        # a checkpoint resumed at another tp is cut as parallelize cuts the serial model
+        "recut": all(t.equal(p) for t, p in zip(
+            local_state_dict(full_state_dict(model, dims.tp_group), model, dims.tp_group).values(), model.parameters())),
     }
 
 
@@ -48,3 +51,4 @@ def test_print_of_a_tp_rank_names_each_exchange():
         assert run["keys"] == list(serial.state_dict())
         assert run["towers"] == serial.towers == 2
         assert run["lrn"] == (serial.lrn1.channels_per_tower, serial.lrn2.channels_per_tower)
+        assert run["recut"]

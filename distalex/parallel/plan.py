@@ -28,7 +28,7 @@ from torch import nn
 
 from distalex.config import towers_per_rank
 from distalex.model import AlexNet
-from distalex.parallel.collectives import group_size
+from distalex.parallel.collectives import group_rank, group_size
 from distalex.parallel.layers import (
     ColumnParallelLinear,
     GatherChannelsConv2d,
