@@ -77,6 +77,7 @@ def step_worker(global_batch: int, shards: str, tp: int, layout: str) -> dict:
     from distalex.data.loader import TrainLoader
     from distalex.engine import build_engine
     from distalex.parallel.dims import init_parallel
+    from distalex.stopping import StopAgreement, StopRequested
     from distalex.train import build_parallel_model
 
     cfg = load_config(None, [
@@ -91,6 +92,7 @@ def step_worker(global_batch: int, shards: str, tp: int, layout: str) -> dict:
     lighting = torch.Generator().manual_seed(cfg.train.seed)
     local_param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
 
+    agree = StopAgreement(StopRequested(), dims)
     spy = CollectiveSpy()
     if dims.dp_enabled:
         engine.model.register_comm_hook(None, recording_allreduce_hook(dims.dp_group, spy))
@@ -101,9 +103,10 @@ def step_worker(global_batch: int, shards: str, tp: int, layout: str) -> dict:
         b = next(iter(loader.epoch(0)))
         x = normalize(b.images, train=True, data_cfg=cfg.data, generator=lighting)
         engine.train_step(x, b.labels)  # the hooks set phase fwd / bwd and the layer
-        spy.phase, spy.layer = "loop", "stop flag (dims.any_rank)"
-        dims.any_rank(False)
+        spy.phase, spy.layer = "loop", "stop flag (StopAgreement, not waited for)"
+        agree.after_step()
     wall = time.perf_counter() - t0
+    agree.now()  # collects the agreement started in the step
     return {
         "rank": dims.rank, "dp": dims.dp, "tp": dims.tp, "per_rank_batch": batch, "wall_s": wall,
         "tp_ranks": tuple(dist.get_process_group_ranks(dims.tp_group)),

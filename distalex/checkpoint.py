@@ -1,16 +1,31 @@
-"""Sharded checkpoints that a crash never leaves looking complete.
+"""Sharded checkpoints that a crash never leaves looking complete, resumable at any dp x tp.
 
 A checkpoint is a folder ``<checkpoint.dir>/step-00001234/``:
 
-    model-tp00.pt, model-tp01.pt   each tensor-parallel shard (model, optimizer), from dp rank 0
-                                   (dp replicas are equal); the deepspeed engine adds its own files
+    model-tp00.pt, model-tp01.pt   each tensor-parallel shard: {"model": weights, "momentum": SGD
+                                   momentum buffers}, by parameter name, written by dp rank 0 (with
+                                   ZeRO the dp partitions of the momentum are gathered first)
     rng-rank00000.pt ...           every rank's random streams (torch, CUDA, dropout, lighting)
     meta.json                      train state (step, epoch, data position, LR schedule, MLflow run
-                                   id), the resolved config, layout and parameter partitioning
+                                   id), the resolved config, layout, parameter partitioning and the
+                                   settings that give the data position its meaning
 
-Every rank writes into ``.step-00001234.tmp``; after a barrier rank 0 writes meta.json and renames
-the folder. A ``step-*`` folder therefore always has meta.json and every shard; a crash mid-write
-leaves only a ``.tmp`` folder, which is ignored and cleaned up by the next save.
+Every file is plain tensors in dicts, read back with ``torch.load(weights_only=True)``: loading a
+checkpoint folder from elsewhere runs no code.
+
+Writing: every rank writes into ``.step-00001234.tmp``; after a barrier rank 0 writes meta.json and
+renames the folder. A folder counts as a checkpoint only once it has meta.json, and a checkpoint
+that is replaced or pruned loses its meta.json first, so a crash at any point leaves either the old
+or the new checkpoint complete, never a half-deleted one that looks complete:
+
+- re-saving a step that exists (after a resume from a checkpoint saved before the epoch's
+  validation) renames the old folder aside to ``.step-N.old`` (still found by ``resume: auto``),
+  renames the new one into place, then deletes the old one;
+- pruning to ``checkpoint.keep`` starts only after the new checkpoint is in place.
+
+Resuming at another layout: the shards are joined into the serial (tp=1) layout along the
+partition map in meta.json and split again for the new tp (``parallel.plan.local_state_dict``),
+momentum the same way; ZeRO re-partitions the momentum over the new dp when it is loaded.
 """
 
 from __future__ import annotations
@@ -28,13 +43,21 @@ from torch import nn
 
 from distalex.config import Config
 from distalex.parallel.dims import ParallelDims
+from distalex.parallel.plan import local_state_dict
 
 if TYPE_CHECKING:
     from distalex.engine.base import Engine
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
+ASIDE_DIR = re.compile(r"^\.step-(\d{8})\.old$")
+"""A complete checkpoint moved aside while the same step is re-saved; used only if step-N is missing."""
 META = "meta.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
+"""Format 1 (before momentum was stored by name) still exports and evaluates, but does not resume."""
+
+REFUSED_CHANGES = ("train.batch_size", "train.seed")
+"""Settings a resumed run may not change: every later batch and random stream depends on them."""
 
 
 class CheckpointError(RuntimeError):
@@ -52,8 +75,9 @@ class TrainState:
     best_top1_error: float = float("inf")
     epochs_since_best: int = 0
     mlflow_run_id: str | None = None
-    epoch_loss_sum: float = 0.0  # loss x steps logged so far this epoch (the epoch's mean survives a restart)
+    epoch_loss_sum: float = 0.0  # loss x steps of this epoch so far (the epoch's mean survives a restart)
     epoch_loss_steps: int = 0
+    validated_step: int = -1  # the step at which validation last ran (a stop during it runs it again)
 
     def state_dict(self) -> dict:
         d = asdict(self)
@@ -87,21 +111,50 @@ class RandomStreams:
             g.set_state(state["own"][k])
 
 
-def shard_file(folder: Path, tp_rank: int) -> Path:
-    """The model (and, with DDP, optimizer) file of one tensor-parallel shard in a checkpoint folder."""
-    return folder / f"model-tp{tp_rank:02d}.pt"
+@dataclass
+class Resumed:
+    """What ``CheckpointManager.load`` found beyond the train state."""
+
+    folder: Path
+    layout_changes: list[str] = field(default_factory=list)
+    """e.g. ["dp 2 -> 1", "tp 2 -> 1"]: weights and momentum were re-split for this layout."""
+    position_changes: list[str] = field(default_factory=list)
+    """Settings that decide which samples a step of an epoch reads and that differ from the
+    checkpoint's (e.g. "dp 2 -> 1", "data.workers 4 -> 8"): the saved step_in_epoch means nothing
+    under them, so the epoch it points into cannot be continued sample for sample."""
+    saved_steps_per_epoch: int = 0
+
 
 
 def step_dir(root: Path, step: int) -> Path:
     return root / f"step-{step:08d}"
 
 
+def shard_file(folder: Path, tp_rank: int) -> Path:
+    """The weights and momentum of one tensor-parallel shard in a checkpoint folder."""
+    return folder / f"model-tp{tp_rank:02d}.pt"
+
+
+def rng_file(folder: Path, rank: int) -> Path:
+    return folder / f"rng-rank{rank:05d}.pt"
+
+
 def complete_checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoints in ``root``, oldest first (a folder is complete once it has meta.json)."""
+    """Complete checkpoints in ``root``, oldest first (a folder is complete once it has meta.json).
+
+    A ``.step-N.old`` folder (moved aside during a re-save of step N) stands in for ``step-N``
+    when the job stopped before ``step-N`` was back in place.
+    """
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name) and (p / META).is_file()]
-    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
+    found: dict[int, Path] = {}
+    for p in root.iterdir():
+        m = STEP_DIR.match(p.name) or ASIDE_DIR.match(p.name)
+        if m and p.is_dir() and (p / META).is_file():
+            step = int(m.group(1))
+            if step not in found or STEP_DIR.match(p.name):
+                found[step] = p
+    return [found[s] for s in sorted(found)]
 
 
 def latest_checkpoint(root: Path) -> Path | None:
@@ -119,7 +172,7 @@ def read_meta(folder: str | Path) -> dict:
         meta = json.loads((folder / META).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{folder / META}: unreadable ({e})") from None
-    if meta.get("format") != FORMAT_VERSION:
+    if meta.get("format") not in READABLE_FORMATS:
         raise CheckpointError(f"{folder / META}: unknown checkpoint format {meta.get('format')!r}")
     return meta
 
@@ -144,10 +197,25 @@ def partition_map(module: nn.Module) -> dict[str, int | None]:
 
 
 def layout_of(cfg: Config, dims: ParallelDims) -> dict:
-    """What must match for a checkpoint's shards to fit this job's model. ``layout`` says which
-    parameters the shards split (towers: the conv kernels too; hybrid: only fc6-fc8's)."""
+    """The model a checkpoint's shards belong to. tp is recorded, but any tp dividing the towers can
+    load it; ``layout`` says which parameters the shards split (towers: the conv kernels too;
+    hybrid: only fc6-fc8's)."""
     return {"tp": dims.tp, "layout": cfg.parallel.layout, "towers": cfg.model.towers,
             "model": cfg.model.model_dump(exclude={"dropout"})}
+
+
+def data_position_settings(cfg: Config, dims: ParallelDims, samples_in_shards: int, steps_per_epoch: int) -> dict:
+    """What decides which samples step k of an epoch reads, besides batch size and seed (refused
+    when changed): the dp split, the loader's per-worker streams, the epoch length and the shards.
+    Worker counts 0 and 1 read the same single stream."""
+    return {
+        "dp": dims.dp,
+        "data.workers": max(1, cfg.data.workers),
+        "data.shuffle_buffer": cfg.data.shuffle_buffer,
+        "data.train_samples": cfg.data.train_samples,
+        "samples in data.train_shards": samples_in_shards,
+        "steps per epoch": steps_per_epoch,
+    }
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
@@ -156,14 +224,52 @@ def _write_json_atomic(path: Path, data: dict) -> None:
         json.dump(data, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
-    tmp.replace(path)
+    os.replace(tmp, path)
+
+
+def discard(folder: Path) -> None:
+    """Delete a checkpoint folder so that no crash leaves it looking complete: meta.json goes first."""
+    (folder / META).unlink(missing_ok=True)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _tidy(root: Path) -> None:
+    """What a stopped save or prune left behind: temporary folders, half-deleted checkpoints, and a
+    checkpoint moved aside for a re-save (put back when the re-save never completed)."""
+    for p in root.iterdir():
+        if not p.is_dir():
+            continue
+        aside = ASIDE_DIR.match(p.name)
+        if p.name.startswith(".step-") and p.name.endswith(".tmp"):
+            discard(p)
+        elif aside and (p / META).is_file() and not (step_dir(root, int(aside.group(1))) / META).is_file():
+            final = step_dir(root, int(aside.group(1)))
+            discard(final)  # a half-written or half-deleted step-N without meta.json
+            p.rename(final)
+        elif aside or (STEP_DIR.match(p.name) and not (p / META).is_file()):
+            discard(p)
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Rename the complete ``tmp`` folder to ``final``; an existing ``final`` stays complete (moved
+    aside, still found by resume) until the new one is in place."""
+    if not final.exists():
+        tmp.rename(final)
+        return
+    aside = final.with_name(f".{final.name}.old")
+    discard(aside)
+    final.rename(aside)
+    tmp.rename(final)
+    discard(aside)
 
 
 class CheckpointManager:
     """Saves and finds this run's checkpoints; every rank calls ``save`` and ``load``."""
 
-    def __init__(self, cfg: Config, dims: ParallelDims, classes: list[str] | None = None):
+    def __init__(self, cfg: Config, dims: ParallelDims, classes: list[str] | None = None,
+                 data_position: dict | None = None):
         self.cfg, self.dims, self.classes = cfg, dims, list(classes or [])
+        self.data_position = data_position or data_position_settings(cfg, dims, 0, 0)
         self.root = cfg.checkpoint_dir
 
     def resume_path(self) -> Path | None:
@@ -176,19 +282,20 @@ class CheckpointManager:
         return resolve_checkpoint(resume)
 
     def save(self, engine: Engine, state: TrainState, streams: RandomStreams) -> Path:
+        """Every rank: its shard (dp rank 0 of each tp group) and random streams; rank 0: meta.json,
+        then the folder is put in place and old checkpoints are pruned."""
         dims = self.dims
         final = step_dir(self.root, state.step)
         tmp = self.root / f".{final.name}.tmp"
         if dims.is_main:
             self.root.mkdir(parents=True, exist_ok=True)
-            for stale in self.root.glob(".step-*.tmp"):
-                shutil.rmtree(stale, ignore_errors=True)
-            if final.exists():  # e.g. saved at this step before a restart
-                shutil.rmtree(final)
+            _tidy(self.root)
             tmp.mkdir()
         dims.barrier()
-        engine.save(tmp, dims)
-        torch.save(streams.state_dict(), tmp / f"rng-rank{dims.rank:05d}.pt")
+        model, momentum = engine.shard_state()  # a collective over dp with ZeRO: every rank calls
+        if dims.dp_rank == 0:
+            torch.save({"model": model, "momentum": momentum}, shard_file(tmp, dims.tp_rank))
+        torch.save(streams.state_dict(), rng_file(tmp, dims.rank))
         dims.barrier()  # every shard is on disk before the checkpoint is declared complete
         if dims.is_main:
             meta = {
@@ -196,44 +303,64 @@ class CheckpointManager:
                 "train_state": state.state_dict(),
                 "layout": layout_of(self.cfg, dims),
                 "world": {"dp": dims.dp, "tp": dims.tp, "engine": self.cfg.train.engine},
+                "data_position": self.data_position,
                 "partition": partition_map(engine.module),
                 "config": self.cfg.model_dump(),
                 "classes": self.classes,
             }
             _write_json_atomic(tmp / META, meta)
-            tmp.rename(final)
+            _publish(tmp, final)
             for old in complete_checkpoints(self.root)[: -self.cfg.checkpoint.keep]:
-                shutil.rmtree(old, ignore_errors=True)
+                discard(old)
         dims.barrier()
         return final
 
-    def load(self, folder: Path, engine: Engine, state: TrainState, streams: RandomStreams) -> None:
+    def load(self, folder: Path, engine: Engine, state: TrainState, streams: RandomStreams) -> Resumed:
+        """Weights, momentum, train state and random streams of ``folder``, re-split for this job's
+        layout if it differs; refuses a different model or a changed batch size or seed."""
+        dims = self.dims
         meta = read_meta(folder)
-        self.check_layout(folder, meta)
-        if self.cfg.train.engine != meta["world"]["engine"]:
+        self.check_fits(folder, meta)
+        if meta["format"] != FORMAT_VERSION:
             raise CheckpointError(
-                f"{folder}: written by engine {meta['world']['engine']!r}, this run uses {self.cfg.train.engine!r}"
+                f"{folder}: checkpoint format {meta['format']} holds no momentum by name and cannot be resumed "
+                "(python -m distalex.export still reads its weights)"
             )
-        if self.cfg.train.engine == "deepspeed" and meta["world"]["dp"] != self.dims.dp:
-            raise CheckpointError(
-                f"{folder}: ZeRO optimizer state was partitioned over dp={meta['world']['dp']}; this job has dp={self.dims.dp}"
-            )
+        saved_dp, saved_tp = meta["world"]["dp"], meta["world"]["tp"]
+        resumed = Resumed(folder, [f"{k} {a} -> {b}" for k, a, b in (("dp", saved_dp, dims.dp), ("tp", saved_tp, dims.tp)) if a != b])
+        saved_position = meta.get("data_position", {})
+        resumed.saved_steps_per_epoch = saved_position.get("steps per epoch", 0)
+        resumed.position_changes = [
+            f"{key} {saved_position[key]} -> {now}" for key, now in self.data_position.items()
+            if key in saved_position and saved_position[key] != now
+        ]
+        error = None
         try:
-            engine.load(folder, self.dims)
+            model, momentum = read_local_shard(folder, meta["partition"], saved_tp, engine.module, dims)
+            engine.load_shard_state(model, momentum)
         except Exception as e:  # noqa: BLE001 - truncated, corrupt or mismatched shard files alike
-            raise CheckpointError(f"{folder}: cannot load this rank's shard ({type(e).__name__}: {e})") from None
+            error = CheckpointError(f"{folder}: cannot load this rank's shard ({type(e).__name__}: {e})")
+        source = rng_source_rank(dims, saved_dp, saved_tp)
+        if error is None and source is not None:  # None: a new dp rank keeps its fresh streams
+            try:
+                streams.load_state_dict(torch.load(rng_file(folder, source), weights_only=True))
+            except Exception as e:  # noqa: BLE001 - anything but plain tensors is refused here too
+                error = CheckpointError(f"{rng_file(folder, source)}: unreadable ({type(e).__name__}: {e})")
+        # Every rank learns of a failure on any, so all exit with status 2 rather than one waiting
+        # for a peer that is gone. It also means every rank has read the folder before rank 0 may
+        # tidy or replace it.
+        if dims.any_rank(error is not None):
+            raise error or CheckpointError(f"{folder}: another rank could not load its part (see its error)")
         state.load_state_dict(meta["train_state"])
-        rng = folder / f"rng-rank{self.dims.rank:05d}.pt"
-        if rng.is_file():  # absent when the world grew: keep this rank's fresh streams
-            streams.load_state_dict(torch.load(rng, weights_only=False))
+        return resumed
 
-    def check_layout(self, folder: Path, meta: dict) -> None:
-        """Refuse a checkpoint whose shards cannot fit: names each difference."""
+    def check_fits(self, folder: Path, meta: dict) -> None:
+        """Refuse a checkpoint whose shards cannot fit this model, or whose run this one cannot
+        continue; the message names every difference by key."""
         saved, now = meta["layout"], layout_of(self.cfg, self.dims)
         diffs = []
-        for key in ("tp", "towers"):
-            if saved[key] != now[key]:
-                diffs.append(f"{'parallel.tp' if key == 'tp' else 'model.towers'}: checkpoint {saved[key]}, now {now[key]}")
+        if saved["towers"] != now["towers"]:
+            diffs.append(f"model.towers: checkpoint {saved['towers']}, now {now['towers']}")
         # Shards split the same serial state differently per layout (one rank holds everything at tp=1).
         layout = saved.get("layout", "towers")  # checkpoints from before layouts were recorded: towers
         if layout != now["layout"] and max(saved["tp"], now["tp"]) > 1:
@@ -243,6 +370,62 @@ class CheckpointManager:
                 diffs.append(f"model.{key}: checkpoint {value}, now {now['model'].get(key)}")
         if diffs:
             raise CheckpointError(f"{folder}: does not fit this run's model: " + "; ".join(diffs))
+        saved_cfg, now_cfg = meta["config"], self.cfg.model_dump()
+        changed = []
+        for key in REFUSED_CHANGES:
+            section, name = key.split(".")
+            if saved_cfg[section][name] != now_cfg[section][name]:
+                changed.append(f"{key}: checkpoint {saved_cfg[section][name]}, now {now_cfg[section][name]}")
+        if changed:
+            raise CheckpointError(
+                f"{folder}: a resumed run cannot change " + "; ".join(changed)
+                + " (set them back, or start a new run with checkpoint.resume=none or another run_name)"
+            )
+
+
+def rng_source_rank(dims: ParallelDims, saved_dp: int, saved_tp: int) -> int | None:
+    """The saved rank whose random streams this rank continues: the same dp rank (its streams are
+    per dp group: tp peers hold equal dropout and lighting streams), or None for a new dp rank."""
+    if dims.dp_rank >= saved_dp:
+        return None
+    return dims.dp_rank * saved_tp + dims.tp_rank % saved_tp
+
+
+def _read_shard(folder: Path, tp_rank: int) -> dict:
+    f = shard_file(folder, tp_rank)
+    if not f.is_file():
+        raise CheckpointError(f"{folder}: missing shard {f.name}")
+    try:
+        return torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a corrupt shard gets one clear message
+        raise CheckpointError(f"{f}: unreadable shard ({type(e).__name__}: {e})") from None
+
+
+def join_shards(folder: Path, partition: dict[str, int | None], shards: list[dict]) -> dict[str, torch.Tensor | None]:
+    """One serial (tp=1) tensor per name from the tp shards' tensors, joined along the partition map
+    (a replicated tensor is tp rank 0's; None stays None: no momentum before the first step)."""
+    out = {}
+    for name, dim in partition.items():
+        if any(name not in s for s in shards):
+            raise CheckpointError(f"{folder}: {META} lists {name} but a shard lacks it")
+        parts = [s[name] for s in shards]
+        out[name] = parts[0] if dim is None or parts[0] is None else torch.cat(parts, dim=dim)
+    return out
+
+
+def read_local_shard(folder: Path, partition: dict[str, int | None], saved_tp: int, module: nn.Module,
+                     dims: ParallelDims) -> tuple[dict, dict]:
+    """(weights, momentum) of this rank's shard of ``module``: its own file when tp and the split are unchanged,
+    else every shard joined into the serial layout and split again for this rank."""
+    if saved_tp == dims.tp and partition == partition_map(module):
+        blob = _read_shard(folder, dims.tp_rank)
+        return blob["model"], blob["momentum"]
+    blobs = [_read_shard(folder, r) for r in range(saved_tp)]
+    model = join_shards(folder, partition, [b["model"] for b in blobs])
+    momentum = join_shards(folder, partition, [b["momentum"] for b in blobs])
+    present = {k: v for k, v in momentum.items() if v is not None}
+    local_momentum = dict.fromkeys(momentum) | local_state_dict(present, module, dims.tp_group)
+    return local_state_dict(model, module, dims.tp_group), local_momentum
 
 
 def load_serial_state(path: str | Path) -> tuple[dict[str, torch.Tensor], Config, list[str]]:
@@ -250,19 +433,5 @@ def load_serial_state(path: str | Path) -> tuple[dict[str, torch.Tensor], Config
     folder = resolve_checkpoint(path)
     meta = read_meta(folder)
     cfg = Config.model_validate(meta["config"])
-    shards = []
-    for tp_rank in range(meta["layout"]["tp"]):
-        f = shard_file(folder, tp_rank)
-        if not f.is_file():
-            raise CheckpointError(f"{folder}: missing shard {f.name}")
-        try:
-            shards.append(torch.load(f, map_location="cpu", weights_only=True)["model"])
-        except Exception as e:  # noqa: BLE001 - a corrupt shard gets one clear message
-            raise CheckpointError(f"{f}: unreadable shard ({type(e).__name__}: {e})") from None
-    state = {}
-    for name, dim in meta["partition"].items():
-        if any(name not in s for s in shards):
-            raise CheckpointError(f"{folder}: {META} lists {name} but a shard lacks it")
-        parts = [s[name] for s in shards]
-        state[name] = parts[0] if dim is None else torch.cat(parts, dim=dim)
-    return state, cfg, meta.get("classes", [])
+    shards = [_read_shard(folder, r)["model"] for r in range(meta["layout"]["tp"])]
+    return join_shards(folder, meta["partition"], shards), cfg, meta.get("classes", [])

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -26,14 +27,20 @@ from distalex.serving import class_probabilities
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, dims: ParallelDims, data_cfg, autocast=contextlib.nullcontext) -> dict[str, float]:
-    """Sum of (samples, top-1 hits, top-5 hits, loss) over this dp rank's batches, reduced over dp."""
+def evaluate(model: nn.Module, loader, dims: ParallelDims, data_cfg, autocast=contextlib.nullcontext,
+             poll_stop: Callable[[bool], tuple[bool, bool]] | None = None) -> dict[str, float] | None:
+    """Sum of (samples, top-1 hits, top-5 hits, loss) over this dp rank's batches, reduced over dp.
+
+    ``poll_stop(busy)`` (``StopAgreement.poll``), if given, is asked after every batch and then until
+    no rank has batches left (dp ranks may have different numbers); None is returned, on every
+    rank, as soon as it reports a stop.
+    """
     from distalex.data.augment import normalize
 
     was_training = model.training
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=dims.device)  # samples, top1, top5, loss sum
-    skipped = 0
+    skipped, stopped = 0, False
     for batch in loader:
         x = normalize(batch.images, train=False, data_cfg=data_cfg)
         b = x.shape[0]
@@ -48,10 +55,18 @@ def evaluate(model: nn.Module, loader, dims: ParallelDims, data_cfg, autocast=co
             F.nll_loss(probs.clamp_min(1e-12).log(), batch.labels, reduction="sum").double(),
         ])
         skipped = batch.skipped
+        if poll_stop is not None and poll_stop(True)[0]:
+            stopped = True
+            break
+    busy = poll_stop is not None and not stopped
+    while busy and not stopped:  # until every rank is through its batches, or a stop
+        stopped, busy = poll_stop(False)
+    model.train(was_training)
+    if stopped:
+        return None
     counts = torch.cat([totals, torch.tensor([float(skipped)], dtype=torch.float64, device=dims.device)])
     if dims.dp_enabled:
         dist.all_reduce(counts, group=dims.dp_group)  # tp peers already hold the same sums
-    model.train(was_training)
     n, top1, top5, loss, skipped_total = counts.tolist()
     if n == 0:
         raise RuntimeError("evaluation saw no readable validation image")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import signal
 import sys
 import time
 import warnings
@@ -21,41 +20,34 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from distalex.checkpoint import CheckpointError, CheckpointManager, RandomStreams, TrainState
+from distalex.checkpoint import (
+    CheckpointError, CheckpointManager, RandomStreams, Resumed, TrainState, data_position_settings,
+)
 from distalex.config import Config, ConfigError, add_config_args, config_from_args, to_yaml
 from distalex.data.augment import normalize
 from distalex.data.info import DataError, read_info
-from distalex.data.loader import TrainLoader, ValLoader
+from distalex.data.loader import EpochBatches, TrainLoader, ValLoader
 from distalex.engine import Engine, build_engine
 from distalex.evaluate import evaluate
 from distalex.model import build_model
 from distalex.parallel.dims import ParallelConfigError, ParallelDims, destroy_parallel, init_parallel
 from distalex.parallel.plan import full_state_dict, gather_full, is_sharded, parallelize
+from distalex.stopping import StopAgreement, StopRequested
 from distalex.tracking import (
-    METRIC_EPOCH_LOSS, METRIC_IMAGES_PER_S, METRIC_LOSS, METRIC_LR, METRIC_SKIPPED,
+    METRIC_EPOCH_LOSS, METRIC_IMAGES_PER_S, METRIC_LOSS, METRIC_LR, METRIC_SKIPPED, METRIC_STEPS_SKIPPED,
     METRIC_TOP1, METRIC_TOP5, METRIC_VAL_LOSS, Tracker,
 )
 
 EXIT_BAD_INPUT, EXIT_DIVERGED = 2, 3
+LOADER_POLL_S = 0.2
+"""While an epoch's loader starts, how often the ranks agree on a stop."""
+STOP_TRACKER_CLOSE_S = 10.0
+"""After a stop, how long MLflow may take to send what is queued: the job must be gone within the
+cluster's grace period (Slurm's KillWait, 30 s by default) even when the server does not answer."""
 
 
 class Diverged(RuntimeError):
     """The loss became NaN or inf."""
-
-
-class StopRequested:
-    """Set by SIGTERM (torchrun and SLURM send it); the loop saves and exits at the next step.
-
-    The handler only sets a flag; ranks agree on stopping through ``dims.any_rank`` so they all
-    stop after the same step.
-    """
-
-    def __init__(self):
-        self.requested = False
-        signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame):
-        self.requested = True
 
 
 @dataclass
@@ -74,7 +66,9 @@ class Run:
     tracker: Tracker
     run_dir: Path
     classes: list[str]
-    stop: StopRequested
+    agree: StopAgreement
+    saved: tuple | None = None
+    """The train state this process last saved (a stop right after a save does not save it again)."""
 
 
 def build_parallel_model(cfg: Config, dims: ParallelDims):
@@ -118,11 +112,12 @@ def setup(cfg: Config, dims: ParallelDims, stop: StopRequested) -> Run:
     engine = build_engine(model, cfg, dims)
     lighting = torch.Generator(device=dims.device).manual_seed(cfg.train.seed * 1_000_003 + dims.dp_rank)
     streams = RandomStreams({"lighting": lighting, **{f"dropout{i}": m.generator_on(dims.device) for i, m in enumerate(model.dropouts())}})
-    checkpoints = CheckpointManager(cfg, dims, info.classes)
+    position = data_position_settings(cfg, dims, train_loader.num_samples, train_loader.steps_per_epoch)
+    checkpoints = CheckpointManager(cfg, dims, info.classes, position)
     state = TrainState(lr=cfg.optim.lr)
-    resume = checkpoints.resume_path()
+    resume, resumed = checkpoints.resume_path(), None
     if resume is not None:
-        checkpoints.load(resume, engine, state, streams)
+        resumed = checkpoints.load(resume, engine, state, streams)
         if dims.is_main:
             print(f"resumed from {resume} (step {state.step}, epoch {state.epoch}, batch {state.step_in_epoch})", flush=True)
     engine.lr = state.lr
@@ -135,7 +130,36 @@ def setup(cfg: Config, dims: ParallelDims, stop: StopRequested) -> Run:
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
         if resume is None:
             tracker.log_text(to_yaml(cfg), "config.yaml")
-    return Run(cfg, dims, engine, train_loader, val_loader, checkpoints, state, streams, lighting, tracker, run_dir, info.classes, stop)
+    run = Run(cfg, dims, engine, train_loader, val_loader, checkpoints, state, streams, lighting, tracker, run_dir,
+              info.classes, StopAgreement(stop, dims))
+    if resumed is not None:
+        continue_at_this_layout(run, resumed)
+    return run
+
+
+def continue_at_this_layout(run: Run, resumed: Resumed) -> None:
+    """Say what a resume at another layout changed, and apply the data-position rule: when the
+    settings that split an epoch's samples over dp ranks, workers and steps changed (dp,
+    data.workers, data.shuffle_buffer, data.train_samples, the shards), the saved position names no
+    sample under the new ones, so the interrupted epoch ends at its saved step (validation and the
+    LR rule run as at any epoch's end) and the run continues from the start of the next epoch.
+    A change of tp alone moves no sample: the run continues exactly where it stopped."""
+    state, steps = run.state, run.train_loader.steps_per_epoch
+    if resumed.layout_changes and run.dims.is_main:
+        print(f"resumed at {run.dims.describe()}: weights and momentum re-split ({', '.join(resumed.layout_changes)})", flush=True)
+    if not resumed.position_changes or state.step_in_epoch == 0:
+        return
+    skipped = max(resumed.saved_steps_per_epoch - state.step_in_epoch, 0)
+    message = (
+        f"data position: {', '.join(resumed.position_changes)} since the checkpoint, so step {state.step_in_epoch} of "
+        f"epoch {state.epoch + 1} means no sample now: epoch {state.epoch + 1} ends at it ({skipped} of its "
+        f"{resumed.saved_steps_per_epoch} steps skipped) and the run continues from the start of epoch {state.epoch + 2}"
+    )
+    state.step_in_epoch = steps
+    run.tracker.log_metrics({METRIC_STEPS_SKIPPED: float(skipped)}, step=state.step)
+    run.tracker.log_text(message + "\n", f"resumes/step-{state.step:08d}.txt")
+    if run.dims.is_main:
+        print(message, flush=True)
 
 
 def broadcast_str(value: str | None, dims: ParallelDims) -> str | None:
@@ -146,50 +170,67 @@ def broadcast_str(value: str | None, dims: ParallelDims) -> str | None:
     return box[0]
 
 
-def train_epoch(run: Run, progress) -> bool:
-    """The rest of the current epoch from the saved data position. Returns True if stopped by SIGTERM."""
+def train_epoch(run: Run, progress) -> str | None:
+    """The rest of the current epoch from the saved data position. Returns where a stop was
+    agreed ("during loader start-up", "during training"), None at the epoch's end or train.max_steps."""
     cfg, dims, state, engine = run.cfg, run.dims, run.state, run.engine
     steps = run.train_loader.steps_per_epoch
-    # The loss stays on the device and is read every log_every steps: reading it is a sync.
-    window_sum, window_n, window_t = torch.zeros((), device=dims.device), 0, time.perf_counter()
-    for batch in run.train_loader.epoch(state.epoch, start_step=state.step_in_epoch):
-        x = normalize(batch.images, train=True, data_cfg=cfg.data, generator=run.lighting)
-        if dims.device.type == "cuda" and cfg.train.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        loss = engine.train_step(x, batch.labels)
-        window_sum += loss
-        window_n += 1
-        state.step += 1
-        state.step_in_epoch += 1
-        last = state.step_in_epoch == steps or state.step == cfg.train.max_steps
-        stopping = dims.any_rank(run.stop.requested)  # agreed by every rank: they stop after the same step
-        if window_n == cfg.train.log_every or last or stopping:
-            mean = checked_loss(window_sum, window_n, run)  # sync point; a checkpoint only follows finite losses
-            state.skipped_samples = int(batch.skipped)  # a device tensor: read only here and before a save
-            ips = window_n * cfg.train.batch_size / max(time.perf_counter() - window_t, 1e-9)
-            run.tracker.log_metrics(
-                {METRIC_LOSS: mean, METRIC_LR: engine.lr, METRIC_IMAGES_PER_S: ips, METRIC_SKIPPED: float(state.skipped_samples)},
-                step=state.step,
-            )
+    batches = run.train_loader.start(state.epoch, start_step=state.step_in_epoch)
+    try:
+        if not loader_started(batches, run.agree):
+            save(run, flush=False)
+            return "during loader start-up"
+        # The loss stays on the device and is read every log_every steps: reading it is a sync.
+        window_sum, window_n, window_t = torch.zeros((), device=dims.device), 0, time.perf_counter()
+        for batch in batches:
+            x = normalize(batch.images, train=True, data_cfg=cfg.data, generator=run.lighting)
+            if dims.device.type == "cuda" and cfg.train.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            loss = engine.train_step(x, batch.labels)
+            window_sum += loss
+            window_n += 1
+            state.step += 1
+            state.step_in_epoch += 1
+            stopping = run.agree.after_step()  # no wait: decided by the flags of one step ago, the same on every rank
+            last = state.step_in_epoch == steps or state.step == cfg.train.max_steps
+            periodic = cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0
+            saving = stopping or (periodic and not last)  # the epoch's end is saved after validation
+            # A save closes the loss window too, so the epoch's loss holds every step after a resume.
+            if window_n == cfg.train.log_every or last or saving:
+                mean = checked_loss(window_sum, window_n, run)  # sync point; a checkpoint only follows finite losses
+                ips = window_n * cfg.train.batch_size / max(time.perf_counter() - window_t, 1e-9)
+                run.tracker.log_metrics(
+                    {METRIC_LOSS: mean, METRIC_LR: engine.lr, METRIC_IMAGES_PER_S: ips, METRIC_SKIPPED: float(batch.skipped)},  # a device tensor: read at log points only
+                    step=state.step,
+                )
+                if progress is not None:
+                    progress.set_postfix(loss=f"{mean:.4f}", lr=f"{engine.lr:.2e}", img_s=f"{ips:.0f}", refresh=False)
+                state.epoch_loss_sum += mean * window_n
+                state.epoch_loss_steps += window_n
+                window_sum.zero_()
+                window_n, window_t = 0, time.perf_counter()
             if progress is not None:
-                progress.set_postfix(loss=f"{mean:.4f}", lr=f"{engine.lr:.2e}", img_s=f"{ips:.0f}", refresh=False)
-            state.epoch_loss_sum += mean * window_n
-            state.epoch_loss_steps += window_n
-            window_sum.zero_()
-            window_n, window_t = 0, time.perf_counter()
-        if progress is not None:
-            progress.update(1)
-        periodic = cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0
-        if stopping or (periodic and not last):  # the epoch's end is saved after validation
-            if window_n:
-                checked_loss(window_sum, window_n, run)
-            state.skipped_samples = int(batch.skipped)
-            save(run)
-        if stopping:
+                progress.update(1)
+            if saving:
+                save(run, flush=not stopping)
+            if stopping:
+                return "during training"
+            if state.step == cfg.train.max_steps:
+                break
+        return None
+    finally:
+        batches.close()
+
+
+def loader_started(batches: EpochBatches, agree: StopAgreement) -> bool:
+    """Wait for the first batch on every loading rank, agreeing on a stop every LOADER_POLL_S;
+    False if a stop was agreed first."""
+    while True:
+        stop, busy = agree.poll(busy=not batches.ready(timeout=LOADER_POLL_S))
+        if stop:
+            return False
+        if not busy:
             return True
-        if state.step == cfg.train.max_steps:
-            break
-    return False
 
 
 def checked_loss(window_sum: torch.Tensor, window_n: int, run: Run) -> float:
@@ -209,19 +250,31 @@ def mean_over_dp(value: torch.Tensor, dims: ParallelDims) -> float:
     return value.item()
 
 
-def save(run: Run) -> Path:
-    run.tracker.flush()
-    path = run.checkpoints.save(run.engine, run.state, run.streams)
+def save(run: Run, flush: bool = True) -> None:
+    """A checkpoint of the current state, unless this process saved exactly this state already.
+    ``flush=False`` on a stop: MLflow's queue is sent at exit, after the checkpoint is safe."""
+    state = run.state
+    key = (state.step, state.epoch, state.step_in_epoch, state.validated_step)
+    if run.saved == key:
+        return
+    if flush:
+        run.tracker.flush()
+    path = run.checkpoints.save(run.engine, state, run.streams)
+    run.saved = key
     if run.dims.is_main:
         print(f"checkpoint: {path}", file=sys.stderr, flush=True)
-    return path
 
 
-def end_of_epoch(run: Run, t0: float) -> None:
-    """Validate, adjust the LR on a plateau, log and print the epoch's line."""
+def validate(run: Run) -> dict | None:
+    """Validation of the current weights; None if a stop was agreed during it (within one batch)."""
+    cfg = run.cfg
+    return evaluate(run.engine.module, run.val_loader, run.dims, cfg.data, autocast=run.engine.autocast, poll_stop=run.agree.poll)
+
+
+def end_of_epoch(run: Run, result: dict, t0: float) -> None:
+    """After validating an epoch's weights: adjust the LR on a plateau, log, print, next epoch."""
     cfg, dims, state, engine = run.cfg, run.dims, run.state, run.engine
     train_loss = state.epoch_loss_sum / max(state.epoch_loss_steps, 1)  # over restarts too
-    result = evaluate(engine.module, run.val_loader, dims, cfg.data, autocast=engine.autocast)
     improved = result["top1_error"] < state.best_top1_error - 1e-6
     state.best_top1_error = min(state.best_top1_error, result["top1_error"])
     state.epochs_since_best = 0 if improved else state.epochs_since_best + 1
@@ -229,20 +282,37 @@ def end_of_epoch(run: Run, t0: float) -> None:
         state.lr = max(state.lr * cfg.optim.lr_drop_factor, cfg.optim.min_lr)
         state.epochs_since_best = 0
         engine.lr = state.lr
-    metrics = {
-        METRIC_EPOCH_LOSS: train_loss, METRIC_TOP1: result["top1_error"], METRIC_TOP5: result["top5_error"],
-        METRIC_VAL_LOSS: result["loss"], "epoch": float(state.epoch + 1),
-    }
-    run.tracker.log_metrics(metrics, step=state.step)
-    log_kernels(run)
+    log_validation(run, result, {METRIC_EPOCH_LOSS: train_loss, "epoch": float(state.epoch + 1)})
     if dims.is_main:
         print(
-            f"epoch {state.epoch + 1}/{cfg.train.epochs}: train loss {train_loss:.4f}, "
-            f"val top-1 error {100 * result['top1_error']:.2f}%, top-5 error {100 * result['top5_error']:.2f}% "
-            f"({result['samples']} images{', 10-crop' if cfg.train.eval_ten_crop else ''}), "
+            f"epoch {state.epoch + 1}/{cfg.train.epochs}: train loss {train_loss:.4f}, {describe(result, cfg)}, "
             f"lr {state.lr:.2e}, {time.perf_counter() - t0:.1f} s",
             flush=True,
         )
+    state.epoch, state.step_in_epoch = state.epoch + 1, 0
+    state.epoch_loss_sum, state.epoch_loss_steps = 0.0, 0
+
+
+def end_at_max_steps(run: Run, result: dict) -> None:
+    """Validation where train.max_steps ends a run inside an epoch: logged and printed, but a
+    partial epoch neither counts for the LR plateau rule nor ends the epoch (a longer run resumed
+    from here finishes it)."""
+    log_validation(run, result, {})
+    if run.dims.is_main:
+        print(f"step {run.state.step} (train.max_steps, in epoch {run.state.epoch + 1}): {describe(result, run.cfg)}", flush=True)
+
+
+def describe(result: dict, cfg: Config) -> str:
+    return (
+        f"val top-1 error {100 * result['top1_error']:.2f}%, top-5 error {100 * result['top5_error']:.2f}% "
+        f"({result['samples']} images{', 10-crop' if cfg.train.eval_ten_crop else ''})"
+    )
+
+
+def log_validation(run: Run, result: dict, extra: dict) -> None:
+    metrics = {METRIC_TOP1: result["top1_error"], METRIC_TOP5: result["top5_error"], METRIC_VAL_LOSS: result["loss"], **extra}
+    run.tracker.log_metrics(metrics, step=run.state.step)
+    log_kernels(run)
 
 
 def log_kernels(run: Run) -> None:
@@ -282,6 +352,43 @@ def finish(run: Run) -> Path | None:
     return path
 
 
+def run_epochs(run: Run, progress) -> str | None:
+    """Train, validate and save to the end. Returns where a stop was agreed, None when done."""
+    cfg, state = run.cfg, run.state
+    steps = run.train_loader.steps_per_epoch
+    while state.epoch < cfg.train.epochs:
+        t0 = time.perf_counter()
+        if state.step_in_epoch < steps and not at_max_steps(run):
+            where = train_epoch(run, progress)
+            if where is not None:
+                return where
+        epoch_done = state.step_in_epoch == steps
+        if not epoch_done and state.validated_step == state.step:
+            break  # stopped by train.max_steps, validated already
+        if run.agree.now():
+            save(run, flush=False)
+            return "before validation"
+        result = validate(run)
+        if result is None:
+            save(run, flush=False)
+            return "during validation"
+        state.validated_step = state.step
+        if epoch_done:
+            end_of_epoch(run, result, t0)
+        else:
+            end_at_max_steps(run, result)
+        save(run)
+        if run.agree.now():
+            return "after the epoch-end checkpoint"
+        if at_max_steps(run):
+            break
+    return None
+
+
+def at_max_steps(run: Run) -> bool:
+    return run.cfg.train.max_steps is not None and run.state.step >= run.cfg.train.max_steps
+
+
 def train(cfg: Config, dims: ParallelDims, stop: StopRequested) -> int:
     run = setup(cfg, dims, stop)
     state = run.state
@@ -295,20 +402,12 @@ def train(cfg: Config, dims: ParallelDims, stop: StopRequested) -> int:
         progress = tqdm(total=total, initial=state.step, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
     status = "FAILED"
     try:
-        while state.epoch < cfg.train.epochs and (cfg.train.max_steps is None or state.step < cfg.train.max_steps):
-            t0 = time.perf_counter()
-            if train_epoch(run, progress):
-                status = "KILLED"
-                if dims.is_main:
-                    print(f"stopped by SIGTERM at step {state.step}; resume continues from the checkpoint", flush=True)
-                return 0
-            epoch_done = state.step_in_epoch == steps
-            if epoch_done or state.step == cfg.train.max_steps:
-                end_of_epoch(run, t0)
-            if epoch_done:
-                state.epoch, state.step_in_epoch = state.epoch + 1, 0
-                state.epoch_loss_sum, state.epoch_loss_steps = 0.0, 0
-            save(run)
+        where = run_epochs(run, progress)
+        if where is not None:
+            status = "KILLED"
+            if dims.is_main:
+                print(f"stopped by SIGTERM at step {state.step} ({where}); resume continues from the checkpoint", flush=True)
+            return 0
         model_path = finish(run)
         status = "FINISHED"
         if dims.is_main:
@@ -324,7 +423,10 @@ def train(cfg: Config, dims: ParallelDims, stop: StopRequested) -> int:
     finally:
         if progress is not None:
             progress.close()
-        run.tracker.close(status)
+        if status == "KILLED":
+            run.tracker.close(status, timeout=STOP_TRACKER_CLOSE_S)
+        else:
+            run.tracker.close(status)
 
 
 def main(argv: list[str] | None = None) -> None:

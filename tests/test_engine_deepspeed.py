@@ -2,8 +2,8 @@
 
 One worker run per layout (dp=2 on 2 processes; dp=2 x tp=2 on 4, towers and hybrid) does everything, because
 DeepSpeed's start-up is the slow part: the ``ddp`` engine, then for each ZeRO stage a
-``deepspeed`` engine that trains, saves half way and trains on, and a freshly built one that loads
-the checkpoint and trains the second half. Same seed, dropout off, the paper's SGD (momentum,
+``deepspeed`` engine that trains, takes its shard state (weights, momentum gathered over dp) half
+way and trains on, and a freshly built one that loads that state and trains the second half. Same seed, dropout off, the paper's SGD (momentum,
 weight decay) with an LR drop half way, set through ``engine.lr`` as the training loop does.
 At dp=2 a last engine runs the bf16 path CUDA takes (autocast inside DeepSpeed's forward, float32
 gradient averaging) on the CPU.
@@ -27,11 +27,13 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from distalex.checkpoint import shard_file
+from distalex.checkpoint import (
+    CheckpointManager, RandomStreams, TrainState, join_shards, load_serial_state, partition_map, read_meta, shard_file,
+)
 from distalex.config import Config
 from distalex.engine import DDPEngine
 from distalex.parallel.dims import ParallelDims, init_parallel
-from distalex.parallel.plan import full_state_dict, parallelize
+from distalex.parallel.plan import full_state_dict, gather_full, parallelize
 from distalex.parallel.trace import CollectiveSpy
 from tests.distributed import run_workers
 from tests.test_tensor_parallel import BATCH, LR, MOMENTUM, WD, assert_close_rel, data, tiny_model
@@ -104,7 +106,14 @@ def momentum(engine) -> list[torch.Tensor]:
     return [None if b is None else b.clone() for b in buffers]
 
 
-def engines_worker(tp: int, folder: str, layout: str) -> dict:
+def save_checkpoint(engine, kind: str, dims, folder: str, layout: str) -> None:
+    """A real checkpoint of ``engine`` after SAVE_AFTER steps, in folder/<kind>/step-00000002."""
+    cfg = make_cfg("ddp" if kind == "ddp" else "deepspeed", dims.tp, 2 if kind == "zero2" else 1, layout)
+    cfg.checkpoint.dir = os.path.join(folder, kind)
+    CheckpointManager(cfg, dims).save(engine, TrainState(step=SAVE_AFTER, lr=LR * LR_DROP), RandomStreams())
+
+
+def engines_worker(tp: int, folder: str, layout: str = "towers") -> dict:
     os.environ["DS_ACCELERATOR"] = "cpu"  # before deepspeed is first imported
     dims = init_parallel(tp=tp, towers=2, device="cpu", layout=layout)
     x, y = local_batch(dims)
@@ -115,13 +124,14 @@ def engines_worker(tp: int, folder: str, layout: str) -> dict:
     }
 
     ddp = DDPEngine(parallelize(tiny_model(), dims.tp_group, layout), make_cfg("ddp", tp, layout=layout), dims)
-    losses = run_steps(ddp, x, y, range(STEPS))
+    losses = run_steps(ddp, x, y, range(SAVE_AFTER))
+    save_checkpoint(ddp, "ddp", dims, folder, layout)
+    losses += run_steps(ddp, x, y, range(SAVE_AFTER, STEPS))
     out["ddp"] = {"local_losses": losses, "losses": dp_mean(losses, dims), "weights": full_state_dict(ddp.module, dims.tp_group)}
 
     from distalex.engine.deepspeed import DeepSpeedEngine
 
     for stage in STAGES:
-        ckpt = os.path.join(folder, f"zero{stage}")
         world_pg = dist.group.WORLD
         spy = CollectiveSpy().install()
         try:
@@ -129,8 +139,9 @@ def engines_worker(tp: int, folder: str, layout: str) -> dict:
             losses, norms = [], []
             for step in range(STEPS):
                 if step == SAVE_AFTER:
-                    ds.lr = LR * LR_DROP  # (run_steps sets it here too) saved with the optimizer state
-                    ds.save(ckpt, dims)
+                    ds.lr = LR * LR_DROP  # (run_steps sets it here too)
+                    shard = ds.shard_state()
+                    save_checkpoint(ds, f"zero{stage}", dims, folder, layout)
                     saved = {"weights": local_state(ds.module), "momentum": momentum(ds)}
                 losses += run_steps(ds, x, y, [step])
                 norms.append(float(ds.model.get_global_grad_norm()))
@@ -146,14 +157,14 @@ def engines_worker(tp: int, folder: str, layout: str) -> dict:
             "weights": full_state_dict(ds.module, dims.tp_group),
             "local_weights": local_state(ds.module),
             "collectives": [(c.kind, c.ranks) for c in spy.calls],
-            "shard_file": torch.load(shard_file(Path(ckpt), dims.tp_rank), weights_only=True),
+            "shard_state": shard,
             "saved_weights": saved["weights"],
+            "saved_partition": saved["momentum"],
         }
-        # A freshly built engine (initial weights, zero momentum) loads the checkpoint and runs the
-        # second half; the caller sets the LR afterwards, as the training loop does.
+        # A freshly built engine (initial weights, no momentum) loads the shard state and runs the
+        # second half; the caller sets the LR, as the training loop does.
         fresh = DeepSpeedEngine(parallelize(tiny_model(), dims.tp_group, layout), make_cfg("deepspeed", tp, stage, layout), dims)
-        fresh.load(ckpt, dims)
-        res["lr_after_load"] = fresh.lr
+        fresh.load_shard_state(*shard)
         res["loaded_weights_equal"] = all(torch.equal(v, saved["weights"][k]) for k, v in fresh.module.state_dict().items())
         loaded_momentum = momentum(fresh)
         res["loaded_momentum_equal"] = len(loaded_momentum) == len(saved["momentum"]) and all(
@@ -213,10 +224,18 @@ def serial():
 
 
 @pytest.fixture(scope="module", params=list(LAYOUTS))
-def layout(request, tmp_path_factory):
+def layout(request, saved):
     world, tp, kind = LAYOUTS[request.param]
-    runs = run_workers(engines_worker, world, tp, str(tmp_path_factory.mktemp(request.param)), kind, timeout=240)
+    folder = saved["root"] / request.param
+    runs = run_workers(engines_worker, world, tp, str(folder), kind, timeout=240)
+    saved[request.param] = (folder, runs)
     return request.param, runs
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory) -> dict:
+    """The layout runs' checkpoints and results, by layout name, as the layout fixture makes them."""
+    return {"root": tmp_path_factory.mktemp("checkpoints")}
 
 
 def max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -280,16 +299,22 @@ def test_resume_equals_uninterrupted(layout, stage):
         ds = run[f"zero{stage}"]
         assert ds["momentum_nonzero"] and ds["loaded_momentum_equal"], name
         assert ds["loaded_weights_equal"], name
-        # DeepSpeed restores the LR saved with the optimizer state, as DDPEngine does; the training
-        # loop sets engine.lr from its own state after loading anyway.
-        assert ds["lr_after_load"] == LR * LR_DROP, ds["lr_after_load"]
         assert ds["resumed_local_losses"] == ds["local_losses"][SAVE_AFTER:], name
         for k, v in ds["local_weights"].items():
             assert torch.equal(ds["resumed_local_weights"][k], v), f"{name} zero{stage} {k}"
-        # The tp-shard file the export tool reads holds this rank's model at save time.
-        model = ds["shard_file"]["model"]
-        assert model.keys() == ds["saved_weights"].keys()
+        # The shard state a checkpoint stores: this rank's weights, and its momentum whole over dp.
+        model, full_momentum = ds["shard_state"]
+        assert model.keys() == ds["saved_weights"].keys() == full_momentum.keys()
         assert all(torch.equal(model[k], ds["saved_weights"][k]) for k in model)
+        for peer in runs:  # every dp rank of the tp group reports the same whole momentum ...
+            if peer["tp_rank"] == run["tp_rank"]:
+                other = peer[f"zero{stage}"]["shard_state"][1]
+                assert all(torch.equal(other[k], full_momentum[k]) for k in full_momentum)
+        # ... which is exactly the dp ranks' partitions put together (their squares add up)
+        parts = sum(sum(float((m.double() ** 2).sum()) for m in peer[f"zero{stage}"]["saved_partition"])
+                    for peer in runs if peer["tp_rank"] == run["tp_rank"])
+        whole = sum(float((m.double() ** 2).sum()) for m in full_momentum.values())
+        assert whole == pytest.approx(parts, rel=1e-12) and whole > 0
 
 
 def test_bf16_computes_in_bf16_and_averages_in_fp32(layout):
@@ -307,3 +332,74 @@ def test_bf16_computes_in_bf16_and_averages_in_fp32(layout):
         assert bf16["param_dtypes"] == {torch.float32}
         fp32 = run["ddp"]["local_losses"][0]
         assert bf16["loss"] != fp32 and abs(bf16["loss"] - fp32) < 0.05 * fp32, (bf16["loss"], fp32)
+
+
+# ---------------------------------------------------------------------------- resume at another layout
+#
+# The dp=2 x tp=2 run above saved a checkpoint of each engine after SAVE_AFTER steps. Each is
+# resumed at dp=1 x tp=2, dp=2 x tp=1 and dp=1 x tp=1 (and the DDP one also by ZeRO-1: both write
+# the same format): the shards are joined into the serial layout and split for the new tp, ZeRO cuts
+# the momentum for the new dp. The second half then runs on the same global batch, split over the
+# new dp, so it must end where the uninterrupted dp=2 x tp=2 run ended, to RTOL (the reductions'
+# summation order differs with the layout, as in the parity tests).
+
+TARGETS = {"dp1xtp2": (2, 2), "dp2xtp1": (2, 1), "dp1xtp1": (1, 1)}  # world, tp
+CHANGES = {"dp1xtp2": ["dp 2 -> 1"], "dp2xtp1": ["tp 2 -> 1"], "dp1xtp1": ["dp 2 -> 1", "tp 2 -> 1"]}
+RESUMES = {"ddp": "ddp", "zero1": "zero1", "zero2": "zero2", "ddp->zero1": "ddp"}  # engine -> checkpoint
+
+
+def engine_for(kind: str, dims):
+    from distalex.engine.deepspeed import DeepSpeedEngine
+
+    if kind == "ddp":
+        return DDPEngine(parallelize(tiny_model(), dims.tp_group), make_cfg("ddp", dims.tp), dims)
+    stage = 2 if kind == "zero2" else 1
+    return DeepSpeedEngine(parallelize(tiny_model(), dims.tp_group), make_cfg("deepspeed", dims.tp, stage), dims)
+
+
+def resume_worker(tp: int, folder: str) -> dict:
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    dims = init_parallel(tp=tp, towers=2, device="cpu")
+    x, y = local_batch(dims)
+    out = {}
+    for name, ckpt in RESUMES.items():
+        engine = engine_for(name.split("->")[-1], dims)
+        cfg = make_cfg("ddp", tp)  # the checkpoint's batch size and seed; the engine does not matter
+        step = os.path.join(folder, ckpt, f"step-{SAVE_AFTER:08d}")
+        resumed = CheckpointManager(cfg, dims).load(Path(step), engine, TrainState(), RandomStreams())
+        model, momentum = engine.shard_state()
+        partition = partition_map(engine.module)
+        loaded_momentum = {n: gather_full(m, partition[n] is not None, partition[n] or 0, dims.tp_group) for n, m in momentum.items()}
+        engine.lr = LR * LR_DROP
+        run_steps(engine, x, y, range(SAVE_AFTER, STEPS))
+        out[name] = {"changes": resumed.layout_changes, "momentum": loaded_momentum,
+                     "weights": full_state_dict(engine.module, dims.tp_group)}
+    return out
+
+
+@pytest.fixture(scope="module", params=list(TARGETS))
+def resumed(request, saved):
+    if "dp2xtp2" not in saved:  # normally made by the layout tests, which run first
+        saved["dp2xtp2"] = (saved["root"] / "dp2xtp2", run_workers(engines_worker, 4, 2, str(saved["root"] / "dp2xtp2"), timeout=240))
+    folder, runs = saved["dp2xtp2"]
+    world, tp = TARGETS[request.param]
+    return request.param, runs, folder, run_workers(resume_worker, world, tp, str(folder), timeout=240)
+
+
+@pytest.mark.parametrize("kind", list(RESUMES))
+def test_resume_at_another_layout_continues_the_run(resumed, kind):
+    target, runs, folder, results = resumed
+    ckpt = folder / RESUMES[kind] / f"step-{SAVE_AFTER:08d}"
+    serial = load_serial_state(ckpt)[0]
+    shards = [torch.load(shard_file(ckpt, r), weights_only=True)["momentum"] for r in range(2)]
+    serial_momentum = join_shards(ckpt, read_meta(ckpt)["partition"], shards)
+    uninterrupted = runs[0]["ddp" if kind.startswith("ddp") else kind]["weights"]
+    assert serial.keys() == uninterrupted.keys()
+    for result in results:
+        r = result[kind]
+        assert r["changes"] == CHANGES[target]
+        for name, m in serial_momentum.items():  # the momentum, re-cut for this layout, is the saved one
+            assert m is not None and torch.equal(r["momentum"][name], m), f"{target} {kind} momentum {name}"
+        for name, w in uninterrupted.items():
+            assert_close_rel(r["weights"][name], w, f"{target} {kind} weight {name} vs the uninterrupted run")
+        assert not torch.equal(r["weights"]["fc8.weight"], serial["fc8.weight"])  # the second half did train

@@ -7,7 +7,7 @@ import pytest
 
 from distalex.model import AlexNet
 from distalex.parallel.dims import init_parallel
-from distalex.parallel.plan import parallelize
+from distalex.parallel.plan import full_state_dict, local_state_dict, parallelize
 from tests.distributed import run_workers
 
 
@@ -27,6 +27,9 @@ def repr_worker():
             "shapes": {k: tuple(v.shape) for k, v in model.state_dict().items()},
             "towers": model.towers,
             "lrn": (model.lrn1.channels_per_tower, model.lrn2.channels_per_tower),
+            # a checkpoint resumed at another tp is cut as parallelize cuts the serial model
+            "recut": all(t.equal(p) for t, p in zip(
+                local_state_dict(full_state_dict(model, dims.tp_group), model, dims.tp_group).values(), model.parameters())),
         }
     return out
 
@@ -60,6 +63,7 @@ def test_print_of_a_tp_rank_names_each_exchange(ranks):
         assert run["keys"] == list(serial.state_dict())
         assert run["towers"] == serial.towers == 2
         assert run["lrn"] == (serial.lrn1.channels_per_tower, serial.lrn2.channels_per_tower)
+        assert run["recut"]
 
 
 def test_print_of_a_hybrid_rank_names_each_exchange(ranks):
@@ -88,3 +92,4 @@ def test_print_of_a_hybrid_rank_names_each_exchange(ranks):
         assert run["keys"] == list(serial.state_dict())
         assert all(run["shapes"][k] == shapes[k] for k in shapes if k.startswith("conv"))
         assert run["shapes"]["fc6.weight"] == (256, 8) and run["shapes"]["fc7.weight"] == (128, 256)
+        assert run["recut"]

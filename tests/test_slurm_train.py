@@ -308,3 +308,43 @@ def test_two_nodes_rendezvous_and_train_like_one(reference_job, two_nodes, tiny_
     two = final_weights(tmp_path)
     for name, tensor in ref.items():
         assert torch.equal(two[name], tensor), f"{name} differs from the one-node job"
+
+
+def test_requeue_onto_fewer_nodes_continues_the_run(two_nodes, tiny_shards, tmp_path):
+    """--nodes=1-2 with 2 processes per node starts on both nodes (dp=2 x tp=2). After the first
+    checkpoint the second node is drained and the job requeued: it comes back on one node
+    (dp=1 x tp=2), resumes from the SIGTERM checkpoint with the weights and momentum re-split, ends
+    the interrupted epoch there (the data-position rule for a new dp) and completes, in one MLflow run."""
+    epochs, steps = 2, STEPS_PER_EPOCH
+    jobs = Jobs(two_nodes)
+    head, second = two_nodes.nodes
+    try:
+        job_id = jobs.submit(tmp_path, args_for(tiny_shards, **{"train.epochs": epochs}),
+                             ("--nodes=1-2", "--cpus-per-task=2"), GPUS_PER_NODE="2")
+        wait_until("a first checkpoint", lambda: complete_checkpoints(ckpt_root(tmp_path)), timeout=240, interval=0.05)
+        two_nodes.run("scontrol", "update", f"NodeName={second}", "State=DRAIN", "Reason=distalex-test")
+        two_nodes.run("scontrol", "requeue", str(job_id))
+        two_nodes.start_requeued_now(job_id)
+        info = jobs.wait_done(job_id, timeout=240)
+    finally:
+        jobs.cancel_all()
+        two_nodes.run("scontrol", "update", f"NodeName={second}", "State=RESUME", check=False)
+    log = log_of(tmp_path, job_id)
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), log[-5000:]
+    first, second_start = log.split("(restart 1)")
+    assert f"on {head},{second}: 2 node(s) x 2 process(es) = world 4" in first
+    assert f"on {head}: 1 node(s) x 2 process(es) = world 2" in second_start.splitlines()[0]
+    (stop,), (resume,) = stops_and_resumes(log)
+    assert resume == stop
+    assert "weights and momentum re-split (dp 2 -> 1)" in second_start
+    meta = json.loads((complete_checkpoints(ckpt_root(tmp_path))[-1] / "meta.json").read_text())
+    if stop % steps:  # stopped inside an epoch: that epoch ends at the stop, the next runs whole
+        skipped = steps - stop % steps
+        assert f"({skipped} of its {steps} steps skipped)" in second_start
+        final = stop + (epochs - stop // steps - 1) * steps
+    else:  # at an epoch's end: nothing to skip
+        final = epochs * steps
+    assert meta["train_state"]["step"] == final and meta["train_state"]["epoch"] == epochs
+    assert meta["world"] == {"dp": 1, "tp": 2, "engine": "ddp"}
+    steps_logged, run = loss_steps(tmp_path)
+    assert run.info.status == "FINISHED" and steps_logged[-1] == final

@@ -301,38 +301,65 @@ class TrainLoader:
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         """Batches for steps start_step .. steps_per_epoch - 1 of ``epoch``; the same on every replay."""
+        batches = self.start(epoch, start_step)
+        try:
+            yield from batches
+        finally:
+            batches.close()
+
+    def start(self, epoch: int, start_step: int = 0) -> EpochBatches:
+        """Start the workers for ``epoch`` from ``start_step``; see ``EpochBatches``."""
         if not 0 <= start_step <= self.steps_per_epoch:
             raise ValueError(f"start_step={start_step} outside 0..{self.steps_per_epoch}")
-        dims, B, S = self.dims, self.batch_size, self.image_size
-        pool = None
-        if dims.tp_rank == 0 and start_step < self.steps_per_epoch:
-            self.stream.epoch, self.stream.start_step = epoch, start_step
-            pool = WorkerPool(self.stream, self.workers, dims.device)
-        try:
-            skipped = 0
-            for _ in range(start_step, self.steps_per_epoch):
-                if pool is not None:
-                    images, labels, new_skips = self._decoded(_next_item(pool))
-                    skipped += new_skips
-                    images = host_to_device(images, dims.device)
-                    meta = host_to_device(torch.cat([labels, torch.tensor([skipped])]), dims.device)  # (B + 1,)
-                else:
-                    images = torch.empty((B, 3, S, S), dtype=torch.uint8, device=dims.device)
-                    meta = torch.empty((B + 1,), dtype=torch.int64, device=dims.device)
-                if dims.tp > 1:
-                    # tp rank 0 -> its tp peers: the pixels each rank's layout convolves; every label.
-                    share_images(images, dims)
-                    dist.broadcast(meta, src=dims.tp_src, group=dims.tp_group)
-                yield Batch(images=images, labels=meta[:-1], skipped=meta[-1])
-        finally:  # however the epoch ends (done, max_steps, an exception here or in the caller)
-            if pool is not None:
-                pool.close()
+        return EpochBatches(self, epoch, start_step)
 
     def _decoded(self, item: Pixels | Encoded) -> tuple[torch.Tensor, torch.Tensor, int]:
         """(uint8 images, labels, new skips) of a worker's batch, decoding it here if it is Encoded."""
         if isinstance(item, Pixels):
             return item
         return decode_batch(item, self.cfg.resize, self.image_size, self.decode_device)
+
+
+class EpochBatches:
+    """One epoch's batches from ``start_step`` on: iterate for them, ``close`` on every way out.
+
+    On the loading rank the workers start at once and the first batch is fetched in the
+    background (``workers.WorkerPool``): ``ready(timeout)`` waits for it in slices, so the
+    training loop can act on a stop during a long start-up. Other ranks are always ready.
+    """
+
+    def __init__(self, loader: TrainLoader, epoch: int, start_step: int):
+        self.loader, self.start_step, self._pool = loader, start_step, None
+        if loader.dims.tp_rank == 0 and start_step < loader.steps_per_epoch:
+            loader.stream.epoch, loader.stream.start_step = epoch, start_step
+            self._pool = WorkerPool(loader.stream, loader.workers, loader.dims.device)
+
+    def ready(self, timeout: float = 0.0) -> bool:
+        return self._pool is None or self._pool.ready(timeout)
+
+    def __iter__(self) -> Iterator[Batch]:
+        loader, dims = self.loader, self.loader.dims
+        B, S = loader.batch_size, loader.image_size
+        skipped = 0
+        for _ in range(self.start_step, loader.steps_per_epoch):
+            if self._pool is not None:
+                images, labels, new_skips = loader._decoded(_next_item(self._pool))
+                skipped += new_skips
+                images = host_to_device(images, dims.device)
+                meta = host_to_device(torch.cat([labels, torch.tensor([skipped])]), dims.device)  # (B + 1,)
+            else:
+                images = torch.empty((B, 3, S, S), dtype=torch.uint8, device=dims.device)
+                meta = torch.empty((B + 1,), dtype=torch.int64, device=dims.device)
+            if dims.tp > 1:
+                # tp rank 0 -> its tp peers: the pixels each rank's layout convolves; every label.
+                share_images(images, dims)
+                dist.broadcast(meta, src=dims.tp_src, group=dims.tp_group)
+            yield Batch(images=images, labels=meta[:-1], skipped=meta[-1])
+
+    def close(self) -> None:
+        """Make the workers exit now, wherever they are (they hold nothing to save)."""
+        if self._pool is not None:
+            self._pool.close()
 
 
 # ------------------------------------------------------------------ validation stream

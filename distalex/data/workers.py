@@ -1,4 +1,9 @@
-"""DataLoader worker processes that never outlive, nor hang, the training process.
+"""DataLoader worker processes that start at once, never outlive, nor hang, the training process.
+
+Loader start-up (workers filling their shuffle buffers, a resumed epoch replaying the samples
+before its first step) can take minutes: the first batch is fetched on a helper thread from the
+start, and ``WorkerPool.ready(timeout)`` lets the training loop wait for it in slices, so that it
+can still act on a stop.
 
 The workers ignore SIGTERM: torchrun (killpg) and SLURM (every process of the step) send it to
 them too, and a worker that died of it would make the training process raise mid-checkpoint
@@ -70,8 +75,24 @@ class WorkerPool:
             worker_init_fn=functools.partial(_worker_init, os.getpid()) if workers > 0 else None,
             prefetch_factor=4 if workers > 0 else None,
         )
-        self._it = iter(loader)
+        self._it = iter(loader)  # the workers start here, in the caller's thread (see _die_with_parent)
         _open_pools.add(self)
+        self._first = None
+        self._fetch = threading.Thread(target=self._fetch_first, daemon=True, name="distalex-first-batch")
+        self._fetch.start()
+
+    def _fetch_first(self) -> None:
+        try:
+            self._first = ("ok", next(self._it))
+        except BaseException as e:  # noqa: BLE001 - raised in the caller's thread by __next__
+            self._first = ("error", e)
+
+    def ready(self, timeout: float = 0.0) -> bool:
+        """Whether the first item is here (or the pool is closed); waits up to ``timeout`` seconds."""
+        fetch = self._fetch
+        if fetch is not None:
+            fetch.join(timeout)
+        return fetch is None or not fetch.is_alive()
 
     def __iter__(self):
         return self
@@ -79,6 +100,12 @@ class WorkerPool:
     def __next__(self):
         if self._it is None:
             raise StopIteration
+        if self._fetch is not None:
+            self._fetch.join()
+            self._fetch, (status, item) = None, self._first
+            if status == "error":
+                raise item
+            return item
         return next(self._it)
 
     def pids(self) -> list[int]:
@@ -87,6 +114,7 @@ class WorkerPool:
     def close(self) -> None:
         """Kill the workers and release the loader; safe to call more than once."""
         it, self._it = self._it, None
+        self._fetch = None  # a first fetch still running fails once its workers are gone; nobody reads it
         _open_pools.discard(self)
         workers = getattr(it, "_workers", [])
         if not workers:

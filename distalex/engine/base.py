@@ -8,17 +8,15 @@ v <- m v + (g + wd w) and w <- w - lr v, which equals the paper's update while t
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from distalex.config import Config
-from distalex.parallel.dims import ParallelDims
 
 
 class Engine:
-    """Forward, backward and optimizer step for one training batch, plus save/load of this rank's share."""
+    """Forward, backward and optimizer step for one training batch, plus this rank's share of a checkpoint."""
 
     module: nn.Module  # the (tensor-parallel) AlexNet itself, unwrapped
     optimizer: torch.optim.Optimizer  # the paper's SGD (build_optimizer)
@@ -38,11 +36,13 @@ class Engine:
         for group in self.optimizer.param_groups:  # with ZeRO too: it steps with these groups
             group["lr"] = value
 
-    def save(self, folder: Path, dims: ParallelDims) -> None:
-        """Write this rank's model shard and optimizer state into ``folder`` (every rank calls)."""
+    def shard_state(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor | None]]:
+        """(weights, SGD momentum) of this rank's tensor-parallel shard, by parameter name, whole over
+        the dp group (momentum None before the first step). Every rank calls it (with ZeRO it gathers)."""
         raise NotImplementedError
 
-    def load(self, folder: Path, dims: ParallelDims) -> None:
+    def load_shard_state(self, model: dict[str, torch.Tensor], momentum: dict[str, torch.Tensor | None]) -> None:
+        """Set this rank's weights and momentum from ``shard_state``'s form (at any dp)."""
         raise NotImplementedError
 
     def autocast(self):

@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from distalex.checkpoint import shard_file
 from distalex.config import Config
 from distalex.engine.base import Engine, autocast_dtype_for, build_optimizer
 from distalex.parallel.dims import ParallelDims
 
 
 class DDPEngine(Engine):
-    """DistributedDataParallel over the dp group; dp replicas hold equal shards, so dp rank 0 saves."""
+    """DistributedDataParallel over the dp group; dp replicas hold equal shards."""
 
     def __init__(self, module: nn.Module, cfg: Config, dims: ParallelDims):
         self.module = module
@@ -37,11 +34,15 @@ class DDPEngine(Engine):
         self.optimizer.step()
         return loss.detach()
 
-    def save(self, folder: Path, dims: ParallelDims) -> None:
-        if dims.dp_rank == 0:
-            torch.save({"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict()}, shard_file(folder, dims.tp_rank))
+    def shard_state(self):
+        model = {k: v.detach() for k, v in self.module.state_dict().items()}
+        momentum = {name: self.optimizer.state.get(p, {}).get("momentum_buffer") for name, p in self.module.named_parameters()}
+        return model, momentum
 
-    def load(self, folder: Path, dims: ParallelDims) -> None:
-        state = torch.load(shard_file(folder, dims.tp_rank), map_location=dims.device, weights_only=True)
-        self.module.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+    def load_shard_state(self, model, momentum):
+        self.module.load_state_dict(model)
+        for name, p in self.module.named_parameters():
+            if momentum.get(name) is None:
+                self.optimizer.state.pop(p, None)
+            else:
+                self.optimizer.state[p]["momentum_buffer"] = momentum[name].to(p.device, p.dtype).clone()

@@ -9,8 +9,10 @@ gradients together, with no error. With it:
   ``dims.dp_group`` only; the start-up broadcast goes from dp rank 0 over that group too;
 - the gradient norm sums each sharded (``tensor_model_parallel=True``) parameter over the tp group
   and counts each replicated one once (from tp rank 0);
-- ``save_checkpoint`` writes one model file per tp rank (``mp_rank_XX``) and one optimizer
-  partition per (dp, tp) rank.
+- checkpoints hold the momentum whole per tp shard (``shard_state`` gathers the dp partitions with
+  DeepSpeed's ``safe_get_full_optimizer_state``; ``load_shard_state`` cuts them again for this job's
+  dp), so a ZeRO run resumes at any dp x tp. DeepSpeed's own ``save_checkpoint`` files are not used:
+  they are pickles that ``torch.load(weights_only=False)`` reads, i.e. code a checkpoint could run.
 
 The optimizer is the paper's SGD from ``distalex.engine.base.build_optimizer``; ZeRO wraps it and keeps
 its hyper-parameters in the same ``param_groups``. The model stays float32 inside DeepSpeed (its
@@ -25,22 +27,16 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
-
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from distalex.checkpoint import shard_file
 from distalex.config import Config
 from distalex.engine.base import Engine, autocast_dtype_for, build_optimizer
 from distalex.parallel.dims import ParallelDims
 
-CHECKPOINT_DIR, CHECKPOINT_TAG = "deepspeed", "zero"
-"""Everything DeepSpeed writes goes under ``<folder>/deepspeed/``: ``zero/mp_rank_XX_model_states.pt``
-(one per tp rank), ``zero/zero_pp_rank_D_mp_rank_XX_optim_states.pt`` (one per dp x tp rank) and its
-``zero_to_fp32.py`` recovery script. The tp-shard model files ``model-tpXX.pt`` sit in ``<folder>``."""
+MOMENTUM = "momentum_buffer"  # torch SGD's name for its state, which ZeRO keeps per dp partition
 
 
 class ParallelDimsMPU:
@@ -190,19 +186,33 @@ class DeepSpeedEngine(Engine):
         self.model.step()  # SGD on this dp rank's partition, then all-gather of the weights over dp
         return loss.detach()
 
-    def save(self, folder: Path, dims: ParallelDims) -> None:
-        folder = Path(folder)
-        self.model.save_checkpoint(str(folder / CHECKPOINT_DIR), tag=CHECKPOINT_TAG, save_latest=False)
-        if dims.dp_rank == 0:
-            # The same tp-shard file DDPEngine writes, for the export tool. ZeRO's parameters are
-            # views into one flat buffer: clone so each tensor is saved on its own.
-            model = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
-            torch.save({"model": model}, shard_file(folder, dims.tp_rank))
+    def shard_state(self):
+        from deepspeed.utils import safe_get_full_optimizer_state
 
-    def load(self, folder: Path, dims: ParallelDims) -> None:
-        folder = Path(folder)
-        path, _ = self.model.load_checkpoint(
-            str(folder / CHECKPOINT_DIR), tag=CHECKPOINT_TAG, load_optimizer_states=True, load_lr_scheduler_states=False
-        )
-        if path is None:
-            raise FileNotFoundError(f"{folder / CHECKPOINT_DIR / CHECKPOINT_TAG}: no DeepSpeed checkpoint to load")
+        # ZeRO's parameters are views into one flat buffer: clone so each tensor is saved on its own.
+        model = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+        stepped = any(MOMENTUM in self.optimizer.state.get(flat, {}) for flat in self.ds_optimizer.single_partition_of_fp32_groups)
+        momentum = {
+            # an all-reduce over dp per parameter: each dp rank adds its partition's fragment
+            name: safe_get_full_optimizer_state(p, MOMENTUM).clone() if stepped else None
+            for name, p in self.module.named_parameters()
+        }
+        return model, momentum
+
+    def load_shard_state(self, model, momentum):
+        from deepspeed.utils import lazy_init_hp_params_optimizer_state, safe_set_full_optimizer_state
+
+        zero = self.ds_optimizer
+        with torch.no_grad():
+            for name, p in self.module.named_parameters():
+                p.copy_(model[name])  # into ZeRO's flat buffer of model weights
+        zero.refresh_fp32_params()  # ... and from there into this rank's fp32 partition, which SGD steps
+        if all(m is None for m in momentum.values()):
+            return
+        # torch SGD creates its buffers at the first step and ZeRO links each parameter to its
+        # fragment of them after that step; create and link them now, then fill in this rank's cut.
+        for group, flat in zip(zero.bit16_groups, zero.single_partition_of_fp32_groups):
+            zero.optimizer.state[flat].setdefault(MOMENTUM, torch.zeros_like(flat))
+            lazy_init_hp_params_optimizer_state(group, flat, zero.optimizer.state)
+        for name, p in self.module.named_parameters():
+            safe_set_full_optimizer_state(p, momentum[name].to(self.device), MOMENTUM)

@@ -192,7 +192,9 @@ def init_parallel(tp: int, towers: int, device: str = "auto", timeout_s: float =
             device_id=dev if dev.type == "cuda" else None,
         )
     mesh = init_device_mesh(dev.type, (dp, tp), mesh_dim_names=("dp", "tp"))
-    control = dist.new_group(backend="gloo") if dev.type == "cuda" else dist.group.WORLD
+    # Its own gloo group, also on CPU: at dp=1 the mesh's tp group is the world group itself, and the
+    # stop agreement should not queue behind (or between) the model's collectives.
+    control = dist.new_group(backend="gloo")
     return ParallelDims(
         dp=dp, tp=tp, layout=layout, rank=launch.rank, local_rank=launch.local_rank, device=dev, mesh=mesh, control_group=control
     )

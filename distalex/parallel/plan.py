@@ -42,7 +42,7 @@ from torch import nn
 
 from distalex.config import towers_per_rank
 from distalex.model import AlexNet
-from distalex.parallel.collectives import group_size
+from distalex.parallel.collectives import group_rank, group_size
 from distalex.parallel.dims import LAYOUTS, ParallelConfigError, ParallelDims
 from distalex.parallel.layers import (
     AllToAllRowParallelLinear,
@@ -131,6 +131,18 @@ def full_state_dict(model: nn.Module, tp_group) -> dict[str, torch.Tensor]:
     return {
         name: gather_full(p, is_sharded(p), getattr(p, "partition_dim", 0), tp_group).cpu()
         for name, p in model.named_parameters()
+    }
+
+
+def local_state_dict(full: dict[str, torch.Tensor], model: nn.Module, tp_group) -> dict[str, torch.Tensor]:
+    """This rank's part of each serial (tp=1) tensor in ``full``, for ``model`` split over ``tp_group``:
+    the inverse of ``full_state_dict``, cut as ``layers.shard`` cuts (equal contiguous blocks along
+    each parameter's ``partition_dim``). Names ``full`` lacks are left out."""
+    n, r = group_size(tp_group), group_rank(tp_group)
+    return {
+        name: (full[name].chunk(n, p.partition_dim)[r] if is_sharded(p) and n > 1 else full[name]).clone()
+        for name, p in model.named_parameters()
+        if name in full
     }
 
 

@@ -52,6 +52,10 @@ class Call:
     layer: str
     tensors: list[tuple[tuple[int, ...], torch.dtype]] = field(default_factory=list)
     """Every tensor argument, in call order: (output, input) for the flat gather/reduce-scatter."""
+    async_op: bool = False
+    """Started without waiting (``async_op=True``): the caller waits on the returned work later."""
+    group: object = field(default=None, repr=False, compare=False)
+    """The process group itself (groups of the same ranks, e.g. tp and the world at dp=1, differ here)."""
 
     @property
     def n(self) -> int:
@@ -121,7 +125,8 @@ class CollectiveSpy:
                 group = bound.get("group") or dist.group.WORLD
                 tensors = [t for a in bound.values() for t in _tensors(a)]
                 ranks = tuple(dist.get_process_group_ranks(group))
-                self.calls.append(Call(kind, ranks, self.phase, self.layer, [(tuple(t.shape), t.dtype) for t in tensors]))
+                shapes = [(tuple(t.shape), t.dtype) for t in tensors]
+                self.calls.append(Call(kind, ranks, self.phase, self.layer, shapes, bool(bound.get("async_op", False)), group))
             self._depth += 1
             try:
                 return real(*args, **kwargs)

@@ -13,6 +13,9 @@ METRIC_TOP5 = "val/top5_error"
 METRIC_VAL_LOSS = "val/loss"
 METRIC_EPOCH = "epoch"
 """Epochs completed, logged at the step where validation ran (maps steps to epochs in plots)."""
+METRIC_STEPS_SKIPPED = "train/epoch_steps_skipped"
+"""Steps of an epoch left out because a resumed job changed how an epoch's samples are split (dp,
+data.workers, ...): the epoch ended at the checkpoint's step. Logged at that step, on resume only."""
 
 STEP_METRICS = (METRIC_LOSS, METRIC_LR, METRIC_IMAGES_PER_S, METRIC_SKIPPED)
 EPOCH_METRICS = (METRIC_EPOCH_LOSS, METRIC_TOP1, METRIC_TOP5, METRIC_VAL_LOSS, METRIC_EPOCH)

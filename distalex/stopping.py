@@ -1,0 +1,88 @@
+"""Stopping on SIGTERM: every rank stops after the same step, without a host sync per step.
+
+torchrun forwards SIGTERM to every worker and Slurm signals every process of a job, but each
+process sees it at its own moment, so the ranks agree on where to stop. The signal handler only
+sets a flag; ``StopAgreement`` turns the flags into one decision:
+
+- **Training steps.** After step k every rank waits for the agreement it started after step k-1
+  (a small all-reduce on the control group, long finished by then: a step takes far longer) and
+  starts the next one with its own flag, without waiting. The agreement started after step k-1
+  decides whether all ranks stop after step k. So a SIGTERM that arrives during step k stops
+  training after step k + 1 on every rank: at most one step after the one it arrived in, and no
+  step waits on another host's signal flag.
+- **Between phases** (after an epoch's last step, after validation, after the epoch-end save) a
+  blocking agreement (``now``).
+- **Loops whose length differs between ranks** (validation batches, which differ across dp ranks;
+  loader start-up, where only the loading ranks wait) poll (``poll``): each round is one blocking
+  all-reduce of (stop, busy); ranks that are done keep polling until no rank is busy. Validation
+  therefore stops within one validation batch, loader start-up within one poll interval.
+
+The control group is gloo over the host even with NCCL: the flag never touches the device.
+"""
+
+from __future__ import annotations
+
+import signal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from distalex.parallel.dims import ParallelDims
+
+
+class StopRequested:
+    """Set by SIGTERM (torchrun and Slurm send it). Installed first thing, so a SIGTERM during
+    start-up still ends in a clean save and exit."""
+
+    def __init__(self):
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+
+class StopAgreement:
+    """All ranks' stop flags, agreed on the control group; ``agreed`` never goes back to False."""
+
+    def __init__(self, stop: StopRequested, dims: ParallelDims):
+        self.stop, self.dims = stop, dims
+        self.agreed = False
+        # (stop, busy) as numpy, read without a tensor call; the tensor shares its memory
+        self._flags = np.zeros(2, dtype=np.int64)
+        self._tensor = torch.from_numpy(self._flags)
+        self._pending = None  # the all-reduce started after the previous step
+
+    def after_step(self) -> bool:
+        """Whether every rank stops after the step just done (decided by the flags of one step ago)."""
+        if not self.dims.distributed:
+            self.agreed = self.agreed or self.stop.requested
+            return self.agreed
+        self._settle()
+        if not self.agreed:
+            self._flags[:] = (self.stop.requested, 0)
+            self._pending = dist.all_reduce(self._tensor, op=dist.ReduceOp.MAX, group=self.dims.control_group, async_op=True)
+        return self.agreed
+
+    def now(self) -> bool:
+        """Blocking: whether any rank has asked to stop by now (the pending agreement included)."""
+        return self.poll(busy=False)[0]
+
+    def poll(self, busy: bool) -> tuple[bool, bool]:
+        """Blocking: (any rank asked to stop, any rank still busy). Every rank calls it the same
+        number of times: the ones that are done call it with busy=False until no rank is busy."""
+        if not self.dims.distributed:
+            self.agreed = self.agreed or self.stop.requested
+            return self.agreed, busy
+        self._settle()
+        self._flags[:] = (self.stop.requested or self.agreed, busy)
+        dist.all_reduce(self._tensor, op=dist.ReduceOp.MAX, group=self.dims.control_group)
+        self.agreed = self.agreed or bool(self._flags[0])
+        return self.agreed, bool(self._flags[1])
+
+    def _settle(self) -> None:
+        if self._pending is not None:
+            self._pending.wait()
+            self._pending = None
+            self.agreed = self.agreed or bool(self._flags[0])

@@ -1,0 +1,126 @@
+"""A run saved at dp=2 x tp=2 resumes at dp=1 x tp=2, dp=2 x tp=1 and dp=1 x tp=1 (torchrun, DDP).
+
+The uninterrupted run: 4 processes, 2 epochs of 4 steps, a checkpoint every 2 steps. Each resume
+starts from a copy of its run folder holding only the checkpoint of step 2 (half way through
+epoch 1), so the job continues the same MLflow run. The documented rule (README, "Resuming at
+another layout"):
+
+- tp alone moves no sample (tp rank 0 of each dp group loads; the sample windows are per dp rank):
+  dp=2 x tp=1 continues step for step and ends with the uninterrupted run's weights, up to the
+  summation order of the tp reductions: RTOL relative per tensor (measured: below 1e-6).
+- a new dp splits an epoch's samples differently, so the saved position names no sample: epoch 1
+  ends at step 2 (2 steps skipped, logged), is validated, and epoch 2 runs whole. dp=1 x tp=2 and
+  dp=1 x tp=1 both read the same samples then and end with the same weights, to RTOL.
+
+The DeepSpeed side (ZeRO's momentum re-cut for a new dp) is checked at the engine level in
+tests/test_engine_deepspeed.py, where DeepSpeed's start-up is paid once.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+
+from distalex.checkpoint import complete_checkpoints, load_serial_state
+from tests.runs import launch, tiny_overrides, tiny_shards  # noqa: F401 - fixture
+
+pytestmark = pytest.mark.slow
+
+RTOL = 1e-5
+SAVED_STEP = 2
+SETTINGS = {"train.epochs": 2, "data.train_samples": 128, "checkpoint.every_steps": 2, "train.log_every": 3}
+TARGETS = {"dp2xtp1": (2, 1), "dp1xtp2": (2, 2), "dp1xtp1": (1, 1)}  # processes, tp
+
+
+def assert_ok(proc):
+    assert proc.returncode == 0, f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+
+
+def checkpoints(workdir: Path) -> Path:
+    return workdir / "runs" / "tiny" / "checkpoints"
+
+
+def mlflow_run(workdir: Path):
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{workdir / 'runs' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("distalex").experiment_id])
+    assert len(runs) == 1
+    return client, runs[0].info.run_id
+
+
+def history(workdir: Path, metric: str) -> dict[int, float]:
+    client, run_id = mlflow_run(workdir)
+    return {m.step: m.value for m in client.get_metric_history(run_id, metric)}
+
+
+def max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item() / b.abs().max().item()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_shards, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("dp2xtp2")
+    proc = launch(workdir, tiny_overrides(tiny_shards, run_name="tiny", **SETTINGS), nproc=4, timeout=400)
+    assert_ok(proc)
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def resume(uninterrupted, tiny_shards, tmp_path_factory):
+    """resume(target) -> (workdir, completed torchrun): each target run once per module."""
+    done = {}
+
+    def run(target: str):
+        if target not in done:
+            workdir = tmp_path_factory.mktemp(target)
+            shutil.copytree(uninterrupted / "runs", workdir / "runs")
+            for ckpt in complete_checkpoints(checkpoints(workdir)):
+                if ckpt.name != f"step-{SAVED_STEP:08d}":
+                    shutil.rmtree(ckpt)
+            nproc, tp = TARGETS[target]
+            overrides = tiny_overrides(tiny_shards, run_name="tiny", **SETTINGS, **{"parallel.tp": tp})
+            proc = launch(workdir, overrides, nproc=nproc, timeout=300)
+            assert_ok(proc)
+            done[target] = workdir, proc
+        return done[target]
+
+    return run
+
+
+@pytest.mark.parametrize("target", list(TARGETS))
+def test_resume_at_another_layout(uninterrupted, resume, target):
+    workdir, proc = resume(target)
+    ref = load_serial_state(checkpoints(uninterrupted))[0]
+    final = json.loads((complete_checkpoints(checkpoints(workdir))[-1] / "meta.json").read_text())
+    assert f"resumed from runs/tiny/checkpoints/step-{SAVED_STEP:08d}" in proc.stdout
+    assert mlflow_run(workdir)[1] == mlflow_run(uninterrupted)[1]  # the same MLflow run continues
+    assert final["world"]["dp"] * final["world"]["tp"] == TARGETS[target][0]
+    if target == "dp2xtp1":  # exact in data: the uninterrupted run's steps, weights and epoch losses
+        assert "weights and momentum re-split (tp 2 -> 1)" in proc.stdout and "data position" not in proc.stdout
+        assert final["train_state"]["step"] == 8 and final["train_state"]["epoch"] == 2
+        weights = load_serial_state(checkpoints(workdir))[0]
+        worst = max(max_rel(weights[k], ref[k]) for k in ref)
+        print(f"\n{target}: final weights within {worst:.1e} (relative) of the uninterrupted run")
+        assert worst <= RTOL
+        # the step-2 checkpoint closed the loss window of steps 1-2: epoch 1's loss holds all 4 steps
+        epoch_loss, ref_loss = history(workdir, "train/epoch_loss"), history(uninterrupted, "train/epoch_loss")
+        assert sorted(epoch_loss) == sorted(ref_loss) == [4, 8]
+        assert all(abs(epoch_loss[s] - ref_loss[s]) <= RTOL * ref_loss[s] for s in ref_loss), (epoch_loss, ref_loss)
+    else:  # epoch 1 ends at step 2, epoch 2 runs whole: steps 3-6
+        assert ("weights and momentum re-split (dp 2 -> 1" in proc.stdout) and "data position: dp 2 -> 1" in proc.stdout
+        assert "epoch 1 ends at it (2 of its 4 steps skipped)" in proc.stdout
+        assert final["train_state"]["step"] == 6 and final["train_state"]["epoch"] == 2
+        assert history(workdir, "train/epoch_steps_skipped") == {SAVED_STEP: 2.0}
+        assert SAVED_STEP in history(workdir, "val/top1_error")  # the shortened epoch was validated
+
+
+def test_both_dp1_resumes_end_with_the_same_weights(resume):
+    """The dp=1 resumes (tp=2 and tp=1) read the same samples under the rule: equal to RTOL."""
+    tp2, tp1 = (load_serial_state(checkpoints(resume(t)[0]))[0] for t in ("dp1xtp2", "dp1xtp1"))
+    worst = max(max_rel(tp1[k], tp2[k]) for k in tp2)
+    print(f"\ndp1xtp2 vs dp1xtp1: final weights within {worst:.1e} (relative)")
+    assert worst <= RTOL

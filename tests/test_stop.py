@@ -1,0 +1,256 @@
+"""Stopping on SIGTERM wherever it lands, and no host sync in a training step between log points.
+
+Two real gloo processes (dp=1 x tp=2) run ``distalex.train.train`` on the tiny shards in-process
+(tests/distributed.py), so that a phase can be slowed down or timed from inside: each process sends
+SIGTERM to itself at a chosen moment (the handler and the agreement are the real ones) and records
+how long ``train`` then takes to return.
+
+One worker run holds a chain of four jobs in the same run directory, as a requeued job would:
+  1. SIGTERM during validation (each validation batch slowed to VAL_BATCH_S): the stop comes within
+     one validation batch and saves the epoch's last step, not yet validated;
+  2. the resumed job validates, and a SIGTERM during its epoch-end save stops it right after the
+     save, before the next epoch's loader starts;
+  3. the next job's loader start-up is made to hang (the first batch of epoch 2 waits STALL_S in
+     the worker process); a SIGTERM then stops it within a poll of the stop agreement, and the
+     worker exits at once instead of finishing its batch;
+  4. the last job runs to the end: its weights equal an uninterrupted run's, bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import signal
+import sys
+import time
+
+import pytest
+import torch
+
+from tests.distributed import run_workers
+from tests.runs import DEMO_CONFIG, tiny_overrides, tiny_shards  # noqa: F401 - fixture
+
+VAL_BATCH_S = 0.5
+STALL_S = 60.0
+EXIT_SLACK_S = 3.0
+"""Time allowed beyond the phase's own bound: the checkpoint of the tiny net, closing the loaders,
+on this 2-core machine shared with other jobs."""
+
+CHAIN = ("during validation", "after the epoch-end checkpoint", "during loader start-up", None)
+
+
+def overrides(shards, **extra) -> list[str]:
+    pairs = tiny_overrides(shards, **{"tracking.enabled": False, "train.log_every": 4, **extra})
+    return pairs[1::2]  # the values of ["--set", "k=v", ...]
+
+
+class Stopper:
+    """Sends SIGTERM to this process once, on the first call of ``now``; remembers when."""
+
+    def __init__(self):
+        self.sent_at = None
+
+    def now(self) -> None:
+        if self.sent_at is None:
+            self.sent_at = time.monotonic()
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def slowed(phase: str, stopper: Stopper):
+    """Patch the phase in which ``stopper`` fires (this process, and its forked loader workers)."""
+    from distalex.checkpoint import CheckpointManager
+    from distalex.data import loader
+
+    saved = {}
+
+    def patch(owner, name, value):
+        saved[(owner, name)] = getattr(owner, name)
+        setattr(owner, name, value)
+
+    if phase == "during validation":
+        real_iter = loader.ValLoader.__iter__
+
+        def slow_val(self):
+            for i, batch in enumerate(real_iter(self)):
+                if i == 1:
+                    stopper.now()
+                time.sleep(VAL_BATCH_S)
+                yield batch
+
+        patch(loader.ValLoader, "__iter__", slow_val)
+    elif phase == "after the epoch-end checkpoint":
+        real_save = CheckpointManager.save
+
+        def save_with_sigterm(self, engine, state, streams):
+            if state.step_in_epoch == 0 and state.validated_step == state.step:
+                stopper.now()
+            return real_save(self, engine, state, streams)
+
+        patch(CheckpointManager, "save", save_with_sigterm)
+    elif phase == "during loader start-up":
+        real_batches, real_start = loader._TrainStream._batches, loader.TrainLoader.start
+
+        def stalled(self, epoch, logical, skip):
+            if epoch == 1:
+                time.sleep(STALL_S)  # runs in the DataLoader worker, forked with this patch
+            yield from real_batches(self, epoch, logical, skip)
+
+        def start_then_sigterm(self, epoch, start_step=0):
+            batches = real_start(self, epoch, start_step)
+            if epoch == 1:
+                stopper.now()
+            return batches
+
+        patch(loader._TrainStream, "_batches", stalled)
+        patch(loader.TrainLoader, "start", start_then_sigterm)
+    try:
+        yield
+    finally:
+        for (owner, name), value in saved.items():
+            setattr(owner, name, value)
+
+
+def chain_worker(workdir: str, values: list[str]) -> list[dict]:
+    from distalex.config import load_config
+    from distalex.parallel.dims import init_parallel
+    from distalex.parallel.plan import full_state_dict
+    from distalex.stopping import StopRequested
+    import distalex.train as train
+
+    os.chdir(workdir)
+    cfg = load_config(DEMO_CONFIG, values)
+    dims = init_parallel(cfg.parallel.tp, cfg.model.towers, "cpu")
+    jobs = []
+    for phase in CHAIN:
+        stopper, out = Stopper(), io.StringIO()
+        with slowed(phase, stopper) if phase else contextlib.nullcontext(), contextlib.redirect_stdout(out):
+            code = train.train(cfg, dims, StopRequested())
+        done = time.monotonic()
+        jobs.append({"phase": phase, "code": code, "stdout": out.getvalue(),
+                     "took": None if stopper.sent_at is None else done - stopper.sent_at})
+    final = train.setup(cfg, dims, StopRequested())  # the weights of the last checkpoint
+    jobs.append({"weights": full_state_dict(final.engine.module, dims.tp_group)})
+    reference = cfg.model_copy(update={"run_name": "uninterrupted"})
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert train.train(reference, dims, StopRequested()) == 0
+    ref = train.setup(reference, dims, StopRequested())
+    jobs.append({"weights": full_state_dict(ref.engine.module, dims.tp_group)})
+    return jobs
+
+
+@pytest.fixture(scope="module")
+def chain(tiny_shards, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("stops")
+    return run_workers(chain_worker, 2, str(workdir), overrides(tiny_shards), timeout=300)
+
+
+@pytest.mark.parametrize("index", range(3))
+def test_a_sigterm_ends_the_job_within_the_bound(chain, index):
+    phase = CHAIN[index]
+    bound = {"during validation": VAL_BATCH_S, "after the epoch-end checkpoint": 0.0,
+             "during loader start-up": 0.2}[phase] + EXIT_SLACK_S
+    for rank, jobs in enumerate(chain):
+        job = jobs[index]
+        assert job["code"] == 0
+        if rank == 0:
+            assert f"stopped by SIGTERM at step 7 ({phase})" in job["stdout"], job["stdout"]
+        print(f"\nrank {rank}: SIGTERM {phase}: train() returned {job['took']:.2f} s later (bound {bound:.1f} s)")
+        assert job["took"] < bound, f"{phase}: {job['took']:.2f} s"
+
+
+def test_the_chain_of_stops_ends_with_the_uninterrupted_weights(chain):
+    assert "epoch 1/2" in chain[0][1]["stdout"]  # validated by the job after the stop during validation
+    assert "epoch 2/2" in chain[0][3]["stdout"]  # (rank 0 prints)
+    for jobs in chain:
+        weights, reference = jobs[4]["weights"], jobs[5]["weights"]
+        assert jobs[3]["code"] == 0
+        assert weights.keys() == reference.keys()
+        for name, tensor in reference.items():
+            assert torch.equal(weights[name], tensor), name
+
+
+# ----------------------------------------------------------------------------- host syncs
+
+
+SYNCS = ("item", "tolist", "numpy", "__int__", "__float__", "__bool__", "__index__")
+LOADER_FILE = os.path.join("distalex", "data", "loader.py")
+
+
+def steps_worker(workdir: str, values: list[str]) -> dict:
+    """One epoch of train_epoch with every collective and every tensor-to-host read recorded, by step."""
+    from distalex.config import load_config
+    from distalex.parallel.dims import init_parallel
+    from distalex.parallel.trace import CollectiveSpy
+    from distalex.stopping import StopRequested
+    import distalex.train as train
+
+    os.chdir(workdir)
+    cfg = load_config(DEMO_CONFIG, values)
+    dims = init_parallel(cfg.parallel.tp, cfg.model.towers, "cpu")
+    run = train.setup(cfg, dims, StopRequested())
+    spy, syncs = CollectiveSpy(), []
+    spy.phase = "start"
+
+    def record(name, real):
+        def read(self, *args, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            syncs.append((spy.phase, name, caller))
+            return real(self, *args, **kwargs)
+
+        return read
+
+    real_start = run.train_loader.start
+
+    class Marked:
+        """The epoch's batches; asking for the next one starts the next step's part of the record."""
+
+        def __init__(self, batches):
+            self.batches = batches
+            self.ready, self.close = batches.ready, batches.close
+
+        def __iter__(self):
+            it = iter(self.batches)
+            while True:
+                spy.phase = f"step {run.state.step + 1}"
+                batch = next(it, None)
+                if batch is None:
+                    return
+                yield batch
+
+    run.train_loader.start = lambda *args, **kwargs: Marked(real_start(*args, **kwargs))
+    saved = {name: getattr(torch.Tensor, name) for name in SYNCS}
+    spy.install()
+    try:
+        for name, real in saved.items():
+            setattr(torch.Tensor, name, record(name, real))
+        train.train_epoch(run, None)
+    finally:
+        for name, real in saved.items():
+            setattr(torch.Tensor, name, real)
+        spy.uninstall()
+    return {
+        "rank": dims.rank,
+        "control": [(c.phase, c.kind, c.async_op) for c in spy.calls if c.group is dims.control_group],
+        "syncs": syncs,
+    }
+
+
+def test_no_host_sync_in_a_step_between_log_points(tiny_shards, tmp_path):
+    """log_every=4, every_steps=0: of the epoch's 7 steps, 4 and 7 log (a sync: the loss is read)
+    and 1-3, 5 and 6 are plain steps. In those, the only collective on the control group is the
+    stop agreement, started without waiting (its result is read a step later), and no tensor is
+    read on the host, on any rank. The loader's per-step read of the skipped-sample count on tp
+    ranks > 0 is the loader's own (distalex/data/loader.py) and is reported, not asserted, here."""
+    values = overrides(tiny_shards, **{"checkpoint.every_steps": 0, "train.epochs": 1})
+    for result in run_workers(steps_worker, 2, str(tmp_path), values, timeout=240):
+        plain = {f"step {k}" for k in (1, 2, 3, 5, 6)}
+        control = [c for c in result["control"] if c[0] in plain]
+        assert sorted(control) == sorted((step, "all_reduce", True) for step in plain), result["control"]
+        in_steps = [s for s in result["syncs"] if s[0] in plain]
+        mine = [s for s in in_steps if not s[2].endswith(LOADER_FILE)]
+        assert mine == [], mine
+        logged = {s[0] for s in result["syncs"] if not s[2].endswith(LOADER_FILE)}
+        assert {"step 4", "step 7"} <= logged  # the spy does see the syncs that logging makes
+        print(f"\nrank {result['rank']}: per plain step, loader reads: {len(in_steps) // len(plain)}")
