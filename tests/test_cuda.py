@@ -67,6 +67,18 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return F.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0).item()
 
 
+def assert_same_gradients(got: dict, ref: dict) -> None:
+    """Every parameter's gradient within 2% in norm and pointing the same way (cosine > 0.9995).
+
+    Not elementwise: max pooling takes each window's first maximum, and two convolution algorithms
+    (layouts, compilers) differ by ~1e-6, which flips the pick where two values of a window are
+    that close and moves that position's gradient. On the CPU (same check, batch 32) that moved
+    conv1's and conv2's weight gradients by up to 1% of their largest element, 0.5% in norm."""
+    for name in ref:
+        norm_err = ((got[name].double() - ref[name].double()).norm() / ref[name].double().norm()).item()
+        assert norm_err < 0.02 and cosine(got[name], ref[name]) > 0.9995, (name, norm_err, cosine(got[name], ref[name]))
+
+
 def forward_backward(model, x, y):
     """Logits and every parameter's gradient of one cross-entropy step (no optimizer)."""
     model.zero_grad(set_to_none=True)
@@ -106,9 +118,8 @@ def test_compiled_equals_eager(cuda_dims, cuda_graphs):
             x, y = batch(seed=step)
             out_e, g_e = forward_backward(eager, x, y)
             out_c, g_c = forward_backward(compiled, x, y)
-            assert rel(out_c, out_e) < 1e-3, step
-            worst = max((rel(g_c[n], g_e[n]), n) for n in g_e)
-            assert worst[0] < 1e-3, (step, worst)
+            assert rel(out_c, out_e) < 1e-4, step
+            assert_same_gradients(g_c, g_e)
 
 
 def test_channels_last_equals_nchw(cuda_dims):
@@ -121,8 +132,7 @@ def test_channels_last_equals_nchw(cuda_dims):
         out_n, g_n = forward_backward(nchw, x, y)
         out_c, g_c = forward_backward(cl, x.contiguous(memory_format=torch.channels_last), y)
     assert rel(out_c, out_n) < 1e-4
-    worst = max((rel(g_c[n], g_n[n]), n) for n in g_n)
-    assert worst[0] < 1e-4, worst
+    assert_same_gradients(g_c, g_n)
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "inductor"])
