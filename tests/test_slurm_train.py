@@ -26,7 +26,7 @@ import torch
 
 from distalex.checkpoint import complete_checkpoints, load_serial_state
 from tests.runs import DEMO_CONFIG, REPO, run_env, tiny_overrides, tiny_shards  # noqa: F401 - fixture
-from tests.slurm_fixtures import STATE_DIR, SlurmCluster, slurm_cluster  # noqa: F401 - fixture
+from tests.slurm_fixtures import KILL_TIMEOUT_S, STATE_DIR, SlurmCluster, slurm_cluster  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.slow
 
@@ -311,19 +311,23 @@ def test_two_nodes_rendezvous_and_train_like_one(reference_job, two_nodes, tiny_
 
 
 def test_requeue_onto_fewer_nodes_continues_the_run(two_nodes, tiny_shards, tmp_path):
-    """--nodes=1-2 with 2 processes per node starts on both nodes (dp=2 x tp=2). After the first
-    checkpoint the second node is drained and the job requeued: it comes back on one node
-    (dp=1 x tp=2), resumes from the SIGTERM checkpoint with the weights and momentum re-split, ends
-    the interrupted epoch there (the data-position rule for a new dp) and completes, in one MLflow run."""
+    """2 nodes x 2 processes (dp=2 x tp=2). After the first checkpoint the second node is drained and
+    the job requeued, and its request cut to the one node left (as a user does to start sooner): it
+    comes back on one node (dp=1 x tp=2), resumes from the SIGTERM checkpoint with the weights and
+    momentum re-split, ends the interrupted epoch there (the data-position rule for a new dp) and
+    completes, in one MLflow run."""
     epochs, steps = 2, STEPS_PER_EPOCH
     jobs = Jobs(two_nodes)
     head, second = two_nodes.nodes
     try:
         job_id = jobs.submit(tmp_path, args_for(tiny_shards, **{"train.epochs": epochs}),
-                             ("--nodes=1-2", "--cpus-per-task=2"), GPUS_PER_NODE="2")
+                             ("--nodes=2", "--cpus-per-task=2"), GPUS_PER_NODE="2")
         wait_until("a first checkpoint", lambda: complete_checkpoints(ckpt_root(tmp_path)), timeout=240, interval=0.05)
         two_nodes.run("scontrol", "update", f"NodeName={second}", "State=DRAIN", "Reason=distalex-test")
         two_nodes.run("scontrol", "requeue", str(job_id))
+        two_nodes.wait_for(job_id, {"PENDING"}, timeout=KILL_TIMEOUT_S)
+        # the request: one node, one task (a torchrun agent) with its 2 CPUs
+        two_nodes.run("scontrol", "update", f"JobId={job_id}", "NumNodes=1", "NumTasks=1", "NumCPUs=2")
         two_nodes.start_requeued_now(job_id)
         info = jobs.wait_done(job_id, timeout=240)
     finally:
