@@ -10,6 +10,7 @@ carries no test hook.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -33,8 +34,12 @@ INJECT = textwrap.dedent('''
     FAULT, STAMP = os.environ["FAULT"], os.environ["FAULT_STAMP"]
 
     def stamp(what):
+        # the time, and this process's children alive at the fault (its loader workers, if it owns
+        # any): a fast run can start and end them between two polls of the watching test
+        import json, psutil
+        children = {c.pid: c.create_time() for c in psutil.Process().children(recursive=True)}
         with open(STAMP, "w") as f:
-            f.write(str(time.time()))
+            json.dump({"time": time.time(), "children": children}, f)
         raise RuntimeError(f"fault injected in {what}")
 
     if FAULT == "worker":  # the 20th sample a worker parses
@@ -101,7 +106,9 @@ def run_until_exit(cmd: list[str], env: dict, cwd: Path, timeout: float):
 
 def assert_ended_promptly(rc, ended, err, seen, stamp: Path, what: str, expect_workers: int):
     assert stamp.is_file(), f"the fault was never injected\n{err[-4000:]}"
-    took = ended - float(stamp.read_text())
+    fault = json.loads(stamp.read_text())
+    took = ended - fault["time"]
+    seen = {**seen, **{int(pid): created for pid, created in fault["children"].items()}}
     assert rc != 0, f"{what}: exit status 0 after a fault"
     assert f"fault injected in {what}" in err
     print(f"{what}: exit status {rc}, {took:.1f} s after the fault")
