@@ -115,7 +115,6 @@ class RandomStreams:
 class Resumed:
     """What ``CheckpointManager.load`` found beyond the train state."""
 
-    folder: Path
     layout_changes: list[str] = field(default_factory=list)
     """e.g. ["dp 2 -> 1", "tp 2 -> 1"]: weights and momentum were re-split for this layout."""
     position_changes: list[str] = field(default_factory=list)
@@ -123,7 +122,7 @@ class Resumed:
     checkpoint's (e.g. "dp 2 -> 1", "data.workers 4 -> 8"): the saved step_in_epoch means nothing
     under them, so the epoch it points into cannot be continued sample for sample."""
     saved_steps_per_epoch: int = 0
-
+    """The epoch length the saved position counts in."""
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -327,7 +326,7 @@ class CheckpointManager:
                 "(python -m distalex.export still reads its weights)"
             )
         saved_dp, saved_tp = meta["world"]["dp"], meta["world"]["tp"]
-        resumed = Resumed(folder, [f"{k} {a} -> {b}" for k, a, b in (("dp", saved_dp, dims.dp), ("tp", saved_tp, dims.tp)) if a != b])
+        resumed = Resumed([f"{k} {a} -> {b}" for k, a, b in (("dp", saved_dp, dims.dp), ("tp", saved_tp, dims.tp)) if a != b])
         saved_position = meta.get("data_position", {})
         resumed.saved_steps_per_epoch = saved_position.get("steps per epoch", 0)
         resumed.position_changes = [
