@@ -313,7 +313,7 @@ class TrainLoader:
             raise ValueError(f"start_step={start_step} outside 0..{self.steps_per_epoch}")
         return EpochBatches(self, epoch, start_step)
 
-    def _decoded(self, item: Pixels | Encoded) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def decoded(self, item: Pixels | Encoded) -> tuple[torch.Tensor, torch.Tensor, int]:
         """(uint8 images, labels, new skips) of a worker's batch, decoding it here if it is Encoded."""
         if isinstance(item, Pixels):
             return item
@@ -343,7 +343,7 @@ class EpochBatches:
         skipped = 0
         for _ in range(self.start_step, loader.steps_per_epoch):
             if self._pool is not None:
-                images, labels, new_skips = loader._decoded(_next_item(self._pool))
+                images, labels, new_skips = loader.decoded(_next_item(self._pool))
                 skipped += new_skips
                 images = host_to_device(images, dims.device)
                 meta = host_to_device(torch.cat([labels, torch.tensor([skipped])]), dims.device)  # (B + 1,)
