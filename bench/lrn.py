@@ -18,7 +18,7 @@ b = a / (k + alpha/n * sum_window a^2)^beta:
   shift       zero-pad the channels once, add the 5 shifted slices; autograd for the backward
   distalex    distalex.lrn.local_response_norm, what the model uses: an autograd Function with the
               analytic backward dx = g * d^-beta - (2 alpha beta / n) * x * window_sum(g * x * d^(-beta-1)),
-              window sums from power-of-two partial sums, over cache-sized slices on one CPU thread
+              on the CPU in float32 one numba-compiled loop per sample in each direction
   pool3d      avg_pool3d as PyTorch does, but with the padding inside the pool (no padded copy)
   pool3d_fn   pool3d's forward in a custom autograd Function with distalex's analytic backward
 

@@ -10,33 +10,44 @@ gradient with respect to the input, for an output gradient g:
     da_i = g_i d_i^-beta - (2 alpha beta / n) a_i * sum_{j: i in W(j)} r_j,    r_j = g_j a_j d_j^(-beta-1)
 
 a window sum of r over the mirrored window W'(i) = [i - (n-1)//2, i + n//2] (W itself for odd n).
-The forward keeps d^beta and b / d = a d^(-beta-1) for it.
 
 ``F.local_response_norm`` pads a 5-D copy of a^2, averages it with ``avg_pool3d`` and lets autograd
-differentiate that chain: on the CPU a third of AlexNet's step when LRN is on. Here, in eager
-mode, the forward is 9 elementwise ops and the backward 6 (for a 5-channel window); on a
-single-threaded CPU they run over slices of a few samples at a time, so that the intermediates
-stay in the core's cache and are reused rather than re-allocated. Under ``torch.compile`` the same
-math is written plainly and the compiler fuses it.
+differentiate that chain: on the CPU a third of AlexNet's step. Written as tensor ops, the forward
+above is ~9 passes over the tensor and the backward ~6; what they cost is memory traffic. So:
+
+- on the CPU in eager mode, float32, each direction is one compiled loop per sample (numba,
+  ``_cpu_forward`` / ``_cpu_backward``): it reads the input once, keeps one sample's squares and
+  window sums in cache and writes the result once. The backward recomputes d from the input
+  instead of saving it: the Function keeps only its input. Samples are split over
+  ``torch.get_num_threads()`` threads (the loops release the GIL).
+- elsewhere (CUDA; under ``torch.compile``, whose code generator fuses them itself; float64; or
+  without numba) the same math as tensor ops, ``_tensor_forward`` / ``_tensor_backward``.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# Elements per slice on a single-threaded CPU: ~512 KiB of float32 per tensor keeps a slice's
-# handful of tensors in the core's L2 while the Python loop over slices stays a small share of the
-# time. With several threads each op on a slice is a parallel region whose fork and join cost more
-# than the cache saves (measured on 2 cores), so there the ops run on whole tensors.
-CPU_SLICE_ELEMENTS = 1 << 17
+try:
+    import numba
+except ImportError:  # a platform without numba wheels: the tensor-op path, correct and slower
+    numba = None
 
 
-def local_response_norm(x: Tensor, size: int, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0) -> Tensor:
-    """``F.local_response_norm(x, size, alpha, beta, k)`` across dim 1 of an (N, C, L, ...) tensor.
+def local_response_norm(
+    x: Tensor, size: int, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0, relu_first: bool = False
+) -> Tensor:
+    """``F.local_response_norm(x, size, alpha, beta, k)`` across dim 1 of an (N, C, L, ...) tensor;
+    with ``relu_first``, of ``F.relu(x)`` (the order after AlexNet's conv1 and conv2) in the same
+    pass, so that the ReLU costs no pass of its own.
 
     Equal to PyTorch's to ~3e-7 relative in float32, output and input gradient. bfloat16 and
     float16 inputs are normalised in float32 and the result is rounded once to their dtype.
@@ -45,57 +56,34 @@ def local_response_norm(x: Tensor, size: int, alpha: float = 1e-4, beta: float =
         raise ValueError(f"local_response_norm: expected an (N, C, L, ...) tensor, got shape {tuple(x.shape)}")
     if size < 1:
         raise ValueError(f"local_response_norm: size must be >= 1, got {size}")
-    return _LocalResponseNorm.apply(x, size, alpha, beta, k)
+    return _LocalResponseNorm.apply(x, size, alpha, beta, k, relu_first)
 
 
 class _LocalResponseNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, size: int, alpha: float, beta: float, k: float) -> Tensor:
+    def forward(ctx, x: Tensor, size: int, alpha: float, beta: float, k: float, relu_first: bool) -> Tensor:
         a = _flat(x)  # (N, C, L)
-        front, back = size // 2, (size - 1) // 2
-        if torch.compiler.is_compiling():
-            d = _window_sum(F.pad(a * a, (0, 0, front, back)), size).mul(alpha / size).add(k)
-            power = d.pow(beta)
-            y = a / power
-            r = y / d
+        ctx.lrn = size, alpha, beta, k, relu_first
+        if _fused_on_cpu(a):
+            a = a.contiguous()
+            y = torch.empty_like(a)
+            _over_samples(_cpu_forward, a.shape[0], (a, y), ctx.lrn)
+            ctx.save_for_backward(a)
         else:
-            y, power, r = torch.empty_like(a), torch.empty_like(a), torch.empty_like(a)
-            # k/n in the pad channels and in every term: each window then holds n of them, and the
-            # window sum is already k + alpha/n * sum a^2.
-            buf, mid, rows = _padded_slices(a, front, back, fill=k / size)
-            d, tmp = a.new_empty(rows, *a.shape[1:]), a.new_empty(rows, *a.shape[1:])
-            k_n = torch.tensor(k / size, dtype=a.dtype)
-            for i, m in _slices(a.shape[0], rows):
-                a_, y_, p_, d_ = a[i : i + m], y[i : i + m], power[i : i + m], d[:m]
-                torch.addcmul(k_n, a_, a_, value=alpha / size, out=mid[:m])
-                _window_sum(buf[:m], size, out=d_)  # d = k + alpha/n * window sum of a^2
-                _power(d_, beta, out=p_, tmp=tmp[:m])  # d^beta
-                torch.div(a_, p_, out=y_)
-                torch.div(y_, d_, out=r[i : i + m])  # a d^(-beta-1)
-        ctx.save_for_backward(a, power, r)
-        ctx.size, ctx.coef = size, -2 * alpha * beta / size
+            y, power, r = _tensor_forward(a.relu() if relu_first else a, size, alpha, beta, k)
+            ctx.save_for_backward(a, power, r)
         return y.to(x.dtype).view(x.shape)
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        a, power, r = ctx.saved_tensors
-        size = ctx.size
-        front, back = (size - 1) // 2, size // 2  # the mirrored window W'
+        a, *saved = ctx.saved_tensors
         g3 = _flat(g)
-        if torch.compiler.is_compiling():
-            window = _window_sum(F.pad(g3 * r, (0, 0, front, back)), size)
-            dx = (g3 / power).addcmul_(window, a, value=ctx.coef)
+        if saved:
+            dx = _tensor_backward(a, g3, *saved, *ctx.lrn)
         else:
             dx = torch.empty_like(a)
-            buf, mid, rows = _padded_slices(a, front, back, fill=0.0)
-            window = a.new_empty(rows, *a.shape[1:])
-            for i, m in _slices(a.shape[0], rows):
-                g_, dx_, w_ = g3[i : i + m], dx[i : i + m], window[:m]
-                torch.mul(g_, r[i : i + m], out=mid[:m])
-                _window_sum(buf[:m], size, out=w_)
-                torch.div(g_, power[i : i + m], out=dx_)
-                dx_.addcmul_(w_, a[i : i + m], value=ctx.coef)
-        return dx.to(g.dtype).view(g.shape), None, None, None, None
+            _over_samples(_cpu_backward, a.shape[0], (a, g3.contiguous(), dx), ctx.lrn)
+        return dx.to(g.dtype).view(g.shape), None, None, None, None, None
 
 
 def _flat(t: Tensor) -> Tensor:
@@ -105,24 +93,27 @@ def _flat(t: Tensor) -> Tensor:
     return t.reshape(t.shape[0], t.shape[1], math.prod(t.shape[2:]))  # explicit: a rank may hold 0 samples
 
 
-def _padded_slices(a: Tensor, front: int, back: int, fill: float) -> tuple[Tensor, Tensor, int]:
-    """A (rows, front + C + back, L) buffer for one slice of ``rows`` samples, ``fill`` in its pad
-    channels, and the (rows, C, L) view of its middle that each slice's values are written into."""
-    n, c, length = a.shape
-    sliced = a.device.type == "cpu" and torch.get_num_threads() == 1
-    rows = max(1, min(n, CPU_SLICE_ELEMENTS // max(1, c * length))) if sliced else max(1, n)
-    buf = a.new_empty(rows, front + c + back, length)
-    buf[:, :front].fill_(fill)
-    buf[:, front + c :].fill_(fill)
-    return buf, buf[:, front : front + c], rows
+# --- tensor ops: CUDA, torch.compile, float64 -------------------------------------------------------
 
 
-def _slices(n: int, rows: int):
-    """(start, length) of consecutive slices of ``rows`` samples covering n."""
-    return ((i, min(rows, n - i)) for i in range(0, n, rows))
+def _tensor_forward(a: Tensor, size: int, alpha: float, beta: float, k: float) -> tuple[Tensor, Tensor, Tensor]:
+    """b, d^beta and b / d = a d^(-beta-1), the last two for the backward."""
+    d = _window_sum(F.pad(a * a, (0, 0, size // 2, (size - 1) // 2)), size).mul(alpha / size).add(k)
+    power = d.pow(beta)
+    y = a / power
+    return y, power, y / d
 
 
-def _window_sum(padded: Tensor, size: int, out: Tensor | None = None) -> Tensor:
+def _tensor_backward(
+    x: Tensor, g: Tensor, power: Tensor, r: Tensor, size: int, alpha: float, beta: float, k: float, relu_first: bool
+) -> Tensor:
+    window = _window_sum(F.pad(g * r, (0, 0, (size - 1) // 2, size // 2)), size)  # over the mirrored window
+    a = x.relu() if relu_first else x
+    dx = (g / power).addcmul_(window, a, value=-2 * alpha * beta / size)
+    return dx.masked_fill_(x <= 0, 0.0) if relu_first else dx  # ReLU's gradient: none where x <= 0
+
+
+def _window_sum(padded: Tensor, size: int) -> Tensor:
     """Sum over ``size`` consecutive channels of a channel-padded (N, C + size - 1, L) tensor.
 
     From sums over power-of-two windows, each the sum of two shifted halves: log2(size) +
@@ -137,19 +128,123 @@ def _window_sum(padded: Tensor, size: int, out: Tensor | None = None) -> Tensor:
             break
         sums = sums[:, :-width] + sums[:, width:]
         width *= 2
-    if len(parts) == 1:
-        return parts[0].clone() if out is None else out.copy_(parts[0])
-    out = torch.add(parts[0], parts[1], out=out)
-    for part in parts[2:]:
+    out = parts[0].clone()
+    for part in parts[1:]:
         out.add_(part)
     return out
 
 
-def _power(d: Tensor, beta: float, out: Tensor, tmp: Tensor) -> Tensor:
-    """out = d^beta. For the paper's beta = 3/4 on the CPU, sqrt(d) * sqrt(sqrt(d)): pow's general
-    kernel takes ~8x as long as these three ops there (and they err by ~2e-7 relative)."""
-    if beta != 0.75 or d.device.type != "cpu":
-        return torch.pow(d, beta, out=out)
-    torch.sqrt(d, out=out)
-    torch.sqrt(out, out=tmp)
-    return out.mul_(tmp)
+# --- one fused loop per sample on the CPU --------------------------------------------------------
+
+
+def _fused_on_cpu(a: Tensor) -> bool:
+    return numba is not None and a.device.type == "cpu" and a.dtype == torch.float32 and not torch.compiler.is_compiling()
+
+
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _threads() -> ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None or _pool._max_workers != torch.get_num_threads():
+            _pool = ThreadPoolExecutor(torch.get_num_threads(), thread_name_prefix="distalex-lrn")
+        return _pool
+
+
+if hasattr(os, "register_at_fork"):  # a forked child has none of its parent's threads
+    os.register_at_fork(after_in_child=lambda: globals().update(_pool=None, _pool_lock=threading.Lock()))
+
+
+def _over_samples(kernel, n: int, tensors: tuple[Tensor, ...], lrn: tuple) -> None:
+    """``kernel`` over samples [0, n) of (N, C, L) float32 tensors, in as many contiguous chunks as
+    torch has threads. The constants go in as float32 so that the loop computes in float32."""
+    size, alpha, beta, k, relu_first = lrn
+    arrays = [t.detach().numpy() for t in tensors]
+    f32 = np.float32
+    args = (size, f32(alpha / size), f32(-2 * alpha * beta / size), f32(beta), f32(k), beta == 0.75, relu_first)
+    chunks = min(n, torch.get_num_threads())
+    if chunks <= 1:
+        kernel(*arrays, 0, n, *args)
+        return
+    bounds = [n * i // chunks for i in range(chunks + 1)]
+    futures = [_threads().submit(kernel, *arrays, lo, hi, *args) for lo, hi in zip(bounds, bounds[1:])]
+    for f in futures:
+        f.result()
+
+
+def _jit(fn):
+    # nogil: the chunks run in parallel threads; cache: compiled once per machine, not per process
+    return numba.njit(nogil=True, cache=True, error_model="numpy")(fn) if numba is not None else fn
+
+
+@_jit
+def _window_sums(sq, c, front, back, out):
+    """out = sum of sq's rows [c - front, c + back], clipped to the tensor's channels."""
+    lo, hi = max(0, c - front), min(sq.shape[0], c + back + 1)
+    for l in range(out.shape[0]):
+        out[l] = sq[lo, l]
+    for j in range(lo + 1, hi):
+        for l in range(out.shape[0]):
+            out[l] += sq[j, l]
+
+
+@_jit
+def _squares(x, n, relu_first, a, sq):
+    """One sample's input (after ReLU with ``relu_first``) and its squares, as (C, L) rows."""
+    for c in range(x.shape[1]):
+        for l in range(x.shape[2]):
+            v = x[n, c, l]
+            if relu_first:
+                v = max(v, np.float32(0.0))
+            a[c, l] = v
+            sq[c, l] = v * v
+
+
+@_jit
+def _cpu_forward(x, y, n0, n1, size, alpha_n, coef, beta, k, three_quarters, relu_first):
+    channels, length = x.shape[1], x.shape[2]
+    a, sq, d = np.empty((channels, length), np.float32), np.empty((channels, length), np.float32), np.empty(length, np.float32)
+    for n in range(n0, n1):
+        _squares(x, n, relu_first, a, sq)
+        for c in range(channels):
+            _window_sums(sq, c, size // 2, (size - 1) // 2, d)
+            if three_quarters:  # d^(3/4) as sqrt(d) * sqrt(sqrt(d)): vectorised, where pow is a call per element
+                for l in range(length):
+                    p = np.sqrt(k + alpha_n * d[l])
+                    y[n, c, l] = a[c, l] / (p * np.sqrt(p))
+            else:
+                for l in range(length):
+                    y[n, c, l] = a[c, l] / (k + alpha_n * d[l]) ** beta
+
+
+@_jit
+def _cpu_backward(x, g, dx, n0, n1, size, alpha_n, coef, beta, k, three_quarters, relu_first):
+    channels, length = x.shape[1], x.shape[2]
+    a, sq, d = np.empty((channels, length), np.float32), np.empty((channels, length), np.float32), np.empty(length, np.float32)
+    r, inv_power = np.empty((channels, length), np.float32), np.empty((channels, length), np.float32)
+    for n in range(n0, n1):
+        _squares(x, n, relu_first, a, sq)
+        for c in range(channels):
+            _window_sums(sq, c, size // 2, (size - 1) // 2, d)
+            if three_quarters:
+                for l in range(length):
+                    dd = k + alpha_n * d[l]
+                    p = np.sqrt(dd)
+                    inv = np.float32(1.0) / (p * np.sqrt(p))
+                    inv_power[c, l] = inv
+                    r[c, l] = g[n, c, l] * a[c, l] * inv / dd
+            else:
+                for l in range(length):
+                    dd = k + alpha_n * d[l]
+                    inv = np.float32(1.0) / dd**beta
+                    inv_power[c, l] = inv
+                    r[c, l] = g[n, c, l] * a[c, l] * inv / dd
+        for c in range(channels):
+            _window_sums(r, c, (size - 1) // 2, size // 2, d)  # the mirrored window
+            for l in range(length):
+                grad = g[n, c, l] * inv_power[c, l] + coef * a[c, l] * d[l]
+                if relu_first and x[n, c, l] <= 0:  # ReLU's gradient: none where x <= 0
+                    grad = np.float32(0.0)
+                dx[n, c, l] = grad

@@ -57,24 +57,27 @@ def feature_map_sizes(image_size: int) -> dict[str, int]:
 class TowerLRN(nn.Module):
     """Local response normalisation across channels, with the window inside each tower.
 
-    b = a / (k + alpha/n * sum_{j in window} a_j^2)^beta over n=5 neighbouring channels.
+    b = a / (k + alpha/n * sum_{j in window} a_j^2)^beta over n=5 neighbouring channels; with
+    ``relu_first``, of a = ReLU(input), computed in the same pass.
 
     Towers are counted from the input: every ``channels_per_tower`` consecutive channels are one
     tower, so a rank holding some of the towers (tensor parallelism) needs no other setting.
     """
 
-    def __init__(self, channels_per_tower: int):
+    def __init__(self, channels_per_tower: int, relu_first: bool = False):
         super().__init__()
-        self.channels_per_tower = channels_per_tower
+        self.channels_per_tower, self.relu_first = channels_per_tower, relu_first
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         per = self.channels_per_tower
         # (B, C, H, W) -> (B*towers, C/towers, H, W): each tower normalised on its own.
-        return local_response_norm(x.reshape(b * (c // per), per, h, w), LRN_SIZE, LRN_ALPHA, LRN_BETA, LRN_K).reshape(b, c, h, w)
+        towers = x.reshape(b * (c // per), per, h, w)
+        return local_response_norm(towers, LRN_SIZE, LRN_ALPHA, LRN_BETA, LRN_K, relu_first=self.relu_first).reshape(b, c, h, w)
 
     def extra_repr(self) -> str:
-        return f"channels_per_tower={self.channels_per_tower}, size={LRN_SIZE}, alpha={LRN_ALPHA}, beta={LRN_BETA}, k={LRN_K}"
+        relu = "relu_first=True, " if self.relu_first else ""
+        return f"{relu}channels_per_tower={self.channels_per_tower}, size={LRN_SIZE}, alpha={LRN_ALPHA}, beta={LRN_BETA}, k={LRN_K}"
 
 
 class SharedDropout(nn.Module):
@@ -137,9 +140,10 @@ class AlexNet(nn.Module):
             raise ValueError(f"image_size={image_size} is too small: pool5 would be empty (need >= 63)")
 
         self.conv1 = nn.Conv2d(3, ch["conv1"], 11, stride=4, padding=2)
-        self.lrn1 = TowerLRN(ch["conv1"] // towers) if lrn else nn.Identity()
+        # ReLU then LRN after conv1 and conv2, one op (one pass over the map); a plain ReLU without LRN
+        self.relu_lrn1 = TowerLRN(ch["conv1"] // towers, relu_first=True) if lrn else nn.ReLU(inplace=True)
         self.conv2 = nn.Conv2d(ch["conv1"], ch["conv2"], 5, padding=2, groups=towers)
-        self.lrn2 = TowerLRN(ch["conv2"] // towers) if lrn else nn.Identity()
+        self.relu_lrn2 = TowerLRN(ch["conv2"] // towers, relu_first=True) if lrn else nn.ReLU(inplace=True)
         self.conv3 = nn.Conv2d(ch["conv2"], ch["conv3"], 3, padding=1)  # reads both towers
         self.conv4 = nn.Conv2d(ch["conv3"], ch["conv4"], 3, padding=1, groups=towers)
         self.conv5 = nn.Conv2d(ch["conv4"], ch["conv5"], 3, padding=1, groups=towers)
@@ -180,9 +184,9 @@ class AlexNet(nn.Module):
             m.reseed(seed * 1000 + i)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # ReLU in place on the conv outputs (their backward does not need them): no new map to allocate.
-        x = self.pool(self.lrn1(F.relu_(self.conv1(x))))  # (B, 96, 27, 27) at 224
-        x = self.pool(self.lrn2(F.relu_(self.conv2(x))))  # (B, 256, 13, 13)
+        # ReLU in place after conv3-5 (their backward does not need the outputs): no new map to allocate.
+        x = self.pool(self.relu_lrn1(self.conv1(x)))  # (B, 96, 27, 27) at 224
+        x = self.pool(self.relu_lrn2(self.conv2(x)))  # (B, 256, 13, 13)
         x = F.relu_(self.conv3(x))  # (B, 384, 13, 13)
         x = F.relu_(self.conv4(x))
         x = self.pool(F.relu_(self.conv5(x)))  # (B, 256, 6, 6)

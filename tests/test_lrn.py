@@ -1,9 +1,9 @@
-"""distalex.lrn.local_response_norm is F.local_response_norm: output and input gradient."""
+"""distalex.lrn.local_response_norm is F.local_response_norm: output and input gradient, on both
+of its paths (the fused CPU loops for float32, the tensor ops for everything else)."""
 
 from __future__ import annotations
 
 import contextlib
-import math
 
 import pytest
 import torch
@@ -33,23 +33,30 @@ def output_and_grad(fn, x: torch.Tensor, g: torch.Tensor, *args):
     return y.detach(), dx
 
 
+def test_float32_runs_the_fused_cpu_loops():
+    """The fast path is the one the tests below check (numba is a dependency)."""
+    assert lrn.numba is not None and lrn._fused_on_cpu(torch.ones(2, 3, 4))
+    assert not lrn._fused_on_cpu(torch.ones(2, 3, 4, dtype=torch.float64))
+
+
 @pytest.mark.parametrize("scale", [1.0, 30.0, 300.0])
-@pytest.mark.parametrize("shape", [(4, 48, 13, 13), (3, 7, 5), (2, 5, 3, 4, 2)])
-def test_float32_equals_torch_to_1e6(shape, scale, monkeypatch):
+@pytest.mark.parametrize("shape", [(4, 48, 13, 13), (3, 7, 5), (2, 5, 3, 4, 2), (5, 3, 1)])
+def test_float32_equals_torch_to_1e6(shape, scale):
     """Within 1e-6 of the largest value (max |error| / max |reference|), forward and input
-    gradient, at the paper's parameters, on whole tensors and in slices of 2 samples (the last
-    one shorter) as a single-threaded CPU runs it."""
+    gradient, at the paper's parameters, on one thread and with the samples split over 2 (odd
+    sample counts: unequal chunks), the ReLU in the same pass or not."""
+    x, g = torch.randn(shape, generator=torch.Generator().manual_seed(1)) * scale, torch.randn(shape, generator=torch.Generator().manual_seed(2))
     for threads in (1, 2):
-        monkeypatch.setattr(lrn, "CPU_SLICE_ELEMENTS", 2 * math.prod(shape[1:]))
         with torch_threads(threads):
-            check_float32(shape, scale)
+            for relu_first in (False, True):
+                check(x if relu_first else x.clamp(min=0), g, *PAPER, relu_first=relu_first, tol=1e-6)
 
 
-def check_float32(shape, scale):
-    x, g = relu_like(shape, scale, seed=1), torch.randn(shape, generator=torch.Generator().manual_seed(2))
-    y, dx = output_and_grad(local_response_norm, x, g, *PAPER)
-    y_ref, dx_ref = output_and_grad(F.local_response_norm, x, g, *PAPER)
-    assert rel_err(y, y_ref) <= 1e-6 and rel_err(dx, dx_ref) <= 1e-6, (torch.get_num_threads(), rel_err(y, y_ref), rel_err(dx, dx_ref))
+def check(x, g, size, alpha, beta, k, relu_first, tol):
+    y, dx = output_and_grad(lambda t: local_response_norm(t, size, alpha, beta, k, relu_first=relu_first), x, g)
+    y_ref, dx_ref = output_and_grad(lambda t: F.local_response_norm(F.relu(t) if relu_first else t, size, alpha, beta, k), x, g)
+    errors = rel_err(y, y_ref), rel_err(dx, dx_ref)
+    assert max(errors) <= tol, (torch.get_num_threads(), x.dtype, size, beta, relu_first, errors)
 
 
 @contextlib.contextmanager
@@ -64,21 +71,24 @@ def torch_threads(n: int):
 
 @pytest.mark.parametrize("size", [1, 2, 3, 4, 5, 6, 9])
 @pytest.mark.parametrize("beta", [0.75, 0.5])
-def test_float64_equals_torch_for_any_window(size, beta):
-    """In float64 the rounding is gone: equal to 1e-12 for odd and even windows (the backward's
-    window is the forward's mirrored), windows wider than the channels, and the general beta path."""
+def test_any_window_and_beta(size, beta):
+    """Odd and even windows (the backward's window is the forward's mirrored), windows wider than
+    the channels, and the general beta: in float64 (the tensor ops) the rounding is gone, equal to
+    1e-12; in float32 (the fused loops) to 1e-6. Inputs of both signs, with and without the ReLU."""
     shape = (3, 7, 4, 5)
-    x, g = relu_like(shape, 30.0, seed=3, dtype=torch.float64), torch.randn(shape, dtype=torch.float64)
-    args = (size, 2e-4, beta, 1.5)
-    y, dx = output_and_grad(local_response_norm, x, g, *args)
-    y_ref, dx_ref = output_and_grad(F.local_response_norm, x, g, *args)
-    assert rel_err(y, y_ref) <= 1e-12 and rel_err(dx, dx_ref) <= 1e-12
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 30
+    g = torch.randn(shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    for relu_first in (False, True):
+        check(x, g, size, 2e-4, beta, 1.5, relu_first, tol=1e-12)
+        check(x.float(), g.float(), size, 2e-4, beta, 1.5, relu_first, tol=1e-6)
 
 
-def test_gradcheck_against_finite_differences():
+@pytest.mark.parametrize("relu_first", [False, True])
+def test_gradcheck_against_finite_differences(relu_first):
     """The closed-form backward against numerical derivatives, inputs of both signs."""
     x = torch.randn(2, 6, 3, 3, dtype=torch.float64, requires_grad=True) * 20
-    assert torch.autograd.gradcheck(lambda t: local_response_norm(t, 5, 1e-2, 0.75, 2.0), (x.detach().requires_grad_(),))
+    fn = lambda t: local_response_norm(t, 5, 1e-2, 0.75, 2.0, relu_first=relu_first)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x.detach().requires_grad_(),))
 
 
 def test_bfloat16_within_bfloat16_rounding():
@@ -104,13 +114,14 @@ def test_rejects_what_torch_rejects():
         local_response_norm(torch.ones(2, 3, 4), 0)
 
 
-def test_fullgraph_compile_traces_forward_and_backward():
+@pytest.mark.parametrize("relu_first", [False, True])
+def test_fullgraph_compile_traces_forward_and_backward(relu_first):
     """torch.compile(fullgraph=True) traces the whole Function, backward included, without a graph
     break (aot_eager: the tracing inductor also does, without its code generation)."""
-    x, g = relu_like((2, 8, 5, 5), 30.0, seed=6), torch.randn(2, 8, 5, 5)
-    fn = torch.compile(lambda t: local_response_norm(t, *PAPER), fullgraph=True, backend="aot_eager")
+    x, g = torch.randn(2, 8, 5, 5) * 30, torch.randn(2, 8, 5, 5)
+    fn = torch.compile(lambda t: local_response_norm(t, *PAPER, relu_first=relu_first), fullgraph=True, backend="aot_eager")
     y, dx = output_and_grad(fn, x, g)
-    y_ref, dx_ref = output_and_grad(F.local_response_norm, x, g, *PAPER)
+    y_ref, dx_ref = output_and_grad(lambda t: F.local_response_norm(F.relu(t) if relu_first else t, *PAPER), x, g)
     assert rel_err(y, y_ref) <= 1e-6 and rel_err(dx, dx_ref) <= 1e-6
 
 
