@@ -72,11 +72,12 @@ rc=${PIPESTATUS[0]}
 [ "$rc" -ne 0 ] && status=1
 
 if [ "$has_cuda" = 1 ]; then
-  # The comparisons first (bf16 + channels_last, eager and compiled, CUDA graphs), then the
-  # rows that decide the defaults (fp32, NCHW). One compile takes about a minute.
+  # The comparisons that decide the goals first (bf16 + channels_last, eager then compiled), then
+  # the rows that decide the defaults (fp32, NCHW, CUDA graphs). The JSON is written after every
+  # row, so a stage cut short by its limit keeps the rows it finished. One compile takes ~1 min.
   rows=distalex/eager/bf16/channels_last,torchvision/eager/bf16/channels_last,distalex-nolrn/eager/bf16/channels_last
-  rows+=,distalex/eager/fp32,distalex/eager/bf16,distalex/eager/fp32/channels_last
   rows+=,distalex/compiled/bf16/channels_last,torchvision/compiled/bf16/channels_last,distalex-nolrn/compiled/bf16/channels_last
+  rows+=,distalex/eager/fp32,distalex/eager/bf16,distalex/eager/fp32/channels_last
   rows+=,distalex/compiled-cudagraphs/bf16/channels_last,distalex/compiled/bf16
   bench_args=(--rows "$rows" --warmup 3 --iters 5 --windows 5)
 else
