@@ -15,11 +15,10 @@ a window sum of r over the mirrored window W'(i) = [i - (n-1)//2, i + n//2] (W i
 differentiate that chain: on the CPU a third of AlexNet's step. Written as tensor ops, the forward
 above is ~9 passes over the tensor and the backward ~6; what they cost is memory traffic. So:
 
-- on the CPU in eager mode, float32, each direction is one compiled loop per sample (numba,
-  ``_cpu_forward`` / ``_cpu_backward``): it reads the input once, keeps one sample's squares and
-  window sums in cache and writes the result once. The backward recomputes d from the input
-  instead of saving it: the Function keeps only its input. Samples are split over
-  ``torch.get_num_threads()`` threads (the loops release the GIL).
+- on the CPU in eager mode, float32, each direction is one compiled loop per sample
+  (``distalex.cpu_loops``; ``_cpu_forward`` / ``_cpu_backward``): it reads the input once, keeps
+  one sample's squares and window sums in cache and writes the result once. The backward
+  recomputes d from the input instead of saving it: the Function keeps only its input.
 - elsewhere (CUDA; under ``torch.compile``, whose code generator fuses them itself; float64; or
   without numba) the same math as tensor ops, ``_tensor_forward`` / ``_tensor_backward``.
 """
@@ -27,19 +26,13 @@ above is ~9 passes over the tensor and the backward ~6; what they cost is memory
 from __future__ import annotations
 
 import math
-import os
-import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-try:
-    import numba
-except ImportError:  # a platform without numba wheels: the tensor-op path, correct and slower
-    numba = None
+from distalex import cpu_loops
 
 
 def local_response_norm(
@@ -64,7 +57,7 @@ class _LocalResponseNorm(torch.autograd.Function):
     def forward(ctx, x: Tensor, size: int, alpha: float, beta: float, k: float, relu_first: bool) -> Tensor:
         a = _flat(x)  # (N, C, L)
         ctx.lrn = size, alpha, beta, k, relu_first
-        if _fused_on_cpu(a):
+        if cpu_loops.usable(a):
             a = a.contiguous()
             y = torch.empty_like(a)
             _over_samples(_cpu_forward, a.shape[0], (a, y), ctx.lrn)
@@ -137,49 +130,14 @@ def _window_sum(padded: Tensor, size: int) -> Tensor:
 # --- one fused loop per sample on the CPU --------------------------------------------------------
 
 
-def _fused_on_cpu(a: Tensor) -> bool:
-    return numba is not None and a.device.type == "cpu" and a.dtype == torch.float32 and not torch.compiler.is_compiling()
-
-
-_pool: ThreadPoolExecutor | None = None
-_pool_lock = threading.Lock()
-
-
-def _threads() -> ThreadPoolExecutor:
-    global _pool
-    with _pool_lock:
-        if _pool is None or _pool._max_workers != torch.get_num_threads():
-            _pool = ThreadPoolExecutor(torch.get_num_threads(), thread_name_prefix="distalex-lrn")
-        return _pool
-
-
-if hasattr(os, "register_at_fork"):  # a forked child has none of its parent's threads
-    os.register_at_fork(after_in_child=lambda: globals().update(_pool=None, _pool_lock=threading.Lock()))
-
-
-def _over_samples(kernel, n: int, tensors: tuple[Tensor, ...], lrn: tuple) -> None:
-    """``kernel`` over samples [0, n) of (N, C, L) float32 tensors, in as many contiguous chunks as
-    torch has threads. The constants go in as float32 so that the loop computes in float32."""
+def _over_samples(loop, n: int, tensors: tuple[Tensor, ...], lrn: tuple) -> None:
+    """The constants go in as float32, so that the loop computes in float32."""
     size, alpha, beta, k, relu_first = lrn
-    arrays = [t.detach().numpy() for t in tensors]
     f32 = np.float32
-    args = (size, f32(alpha / size), f32(-2 * alpha * beta / size), f32(beta), f32(k), beta == 0.75, relu_first)
-    chunks = min(n, torch.get_num_threads())
-    if chunks <= 1:
-        kernel(*arrays, 0, n, *args)
-        return
-    bounds = [n * i // chunks for i in range(chunks + 1)]
-    futures = [_threads().submit(kernel, *arrays, lo, hi, *args) for lo, hi in zip(bounds, bounds[1:])]
-    for f in futures:
-        f.result()
+    cpu_loops.over_samples(loop, n, tensors, size, f32(alpha / size), f32(-2 * alpha * beta / size), f32(beta), f32(k), beta == 0.75, relu_first)
 
 
-def _jit(fn):
-    # nogil: the chunks run in parallel threads; cache: compiled once per machine, not per process
-    return numba.njit(nogil=True, cache=True, error_model="numpy")(fn) if numba is not None else fn
-
-
-@_jit
+@cpu_loops.jit
 def _window_sums(sq, c, front, back, out):
     """out = sum of sq's rows [c - front, c + back], clipped to the tensor's channels."""
     lo, hi = max(0, c - front), min(sq.shape[0], c + back + 1)
@@ -190,7 +148,7 @@ def _window_sums(sq, c, front, back, out):
             out[l] += sq[j, l]
 
 
-@_jit
+@cpu_loops.jit
 def _squares(x, n, relu_first, a, sq):
     """One sample's input (after ReLU with ``relu_first``) and its squares, as (C, L) rows."""
     for c in range(x.shape[1]):
@@ -202,7 +160,7 @@ def _squares(x, n, relu_first, a, sq):
             sq[c, l] = v * v
 
 
-@_jit
+@cpu_loops.jit
 def _cpu_forward(x, y, n0, n1, size, alpha_n, coef, beta, k, three_quarters, relu_first):
     channels, length = x.shape[1], x.shape[2]
     a, sq, d = np.empty((channels, length), np.float32), np.empty((channels, length), np.float32), np.empty(length, np.float32)
@@ -219,7 +177,7 @@ def _cpu_forward(x, y, n0, n1, size, alpha_n, coef, beta, k, three_quarters, rel
                     y[n, c, l] = a[c, l] / (k + alpha_n * d[l]) ** beta
 
 
-@_jit
+@cpu_loops.jit
 def _cpu_backward(x, g, dx, n0, n1, size, alpha_n, coef, beta, k, three_quarters, relu_first):
     channels, length = x.shape[1], x.shape[2]
     a, sq, d = np.empty((channels, length), np.float32), np.empty((channels, length), np.float32), np.empty(length, np.float32)

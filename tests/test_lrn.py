@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import distalex.lrn as lrn
+from distalex import cpu_loops
 from distalex.lrn import local_response_norm
 from distalex.model import LRN_ALPHA, LRN_BETA, LRN_K, LRN_SIZE
 
@@ -35,8 +35,8 @@ def output_and_grad(fn, x: torch.Tensor, g: torch.Tensor, *args):
 
 def test_float32_runs_the_fused_cpu_loops():
     """The fast path is the one the tests below check (numba is a dependency)."""
-    assert lrn.numba is not None and lrn._fused_on_cpu(torch.ones(2, 3, 4))
-    assert not lrn._fused_on_cpu(torch.ones(2, 3, 4, dtype=torch.float64))
+    assert cpu_loops.AVAILABLE and cpu_loops.usable(torch.ones(2, 3, 4))
+    assert not cpu_loops.usable(torch.ones(2, 3, 4, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("scale", [1.0, 30.0, 300.0])
