@@ -199,8 +199,9 @@ def train_epoch(run: Run, progress) -> str | None:
             if window_n == cfg.train.log_every or last or saving:
                 mean = checked_loss(window_sum, window_n, run)  # sync point; a checkpoint only follows finite losses
                 ips = window_n * cfg.train.batch_size / max(time.perf_counter() - window_t, 1e-9)
+                skipped = float(batch.skipped)  # a device tensor: read at log points only
                 run.tracker.log_metrics(
-                    {METRIC_LOSS: mean, METRIC_LR: engine.lr, METRIC_IMAGES_PER_S: ips, METRIC_SKIPPED: float(batch.skipped)},  # a device tensor: read at log points only
+                    {METRIC_LOSS: mean, METRIC_LR: engine.lr, METRIC_IMAGES_PER_S: ips, METRIC_SKIPPED: skipped},
                     step=state.step,
                 )
                 if progress is not None:

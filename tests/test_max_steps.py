@@ -28,7 +28,7 @@ def two_runs(workdir: str, values: list[str]) -> list[str]:
     outputs = []
     for extra in (["train.max_steps=3"], []):
         cfg = load_config(DEMO_CONFIG, values + extra)
-        dims = init_parallel(cfg.parallel.tp, cfg.model.towers, "cpu")
+        dims = init_parallel(cfg.parallel.tp, cfg.model.towers, "cpu", layout=cfg.parallel.layout)
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
             assert train.train(cfg, dims, StopRequested()) == 0
