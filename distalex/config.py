@@ -129,7 +129,6 @@ class TrainConfig(Section):
     (``parallel.device: auto`` on a CPU machine) it is ignored with a warning."""
     log_every: int = Field(10, ge=1)
     """Steps between logged metrics (reading the loss is a device sync)."""
-    eval_every_epochs: int = Field(1, ge=1)
     eval_ten_crop: bool = False
     """Validate with 10-crop (slower) instead of the centre crop."""
     deterministic: bool = False
