@@ -180,7 +180,6 @@ def steps_worker(workdir: str, values: list[str]) -> dict:
     from distalex.parallel.trace import CollectiveSpy, HostReadSpy
     from distalex.stopping import StopRequested
     import distalex
-    from distalex import cpu_loops
     import distalex.train as train
 
     os.chdir(workdir)
@@ -216,10 +215,7 @@ def steps_worker(workdir: str, values: list[str]) -> dict:
     finally:
         reads.uninstall()
         spy.uninstall()
-    # distalex.cpu_loops views CPU tensors as numpy arrays to run its compiled loops: memory already
-    # on the host, and code that runs only for CPU tensors (a GPU step never reaches it)
-    cpu_only = {id(c) for c in reads.calls_from(cpu_loops.__file__) if c.device == "cpu"}
-    mine = {id(c) for c in reads.calls_from(distalex.__path__[0])} - cpu_only
+    mine = {id(c) for c in reads.reads_that_wait_from(distalex.__path__[0])}
     ends = [n for _, n in marks[1:]] + [len(reads.calls)]
     return {
         "rank": dims.rank,

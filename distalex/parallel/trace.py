@@ -224,6 +224,15 @@ class HostReadSpy:
         """The reads made by code in ``path`` (a file, or a folder and everything under it)."""
         return [c for c in self.calls if c.where.rsplit(":", 1)[0] == path or c.where.startswith(path.rstrip("/") + "/")]
 
+    def reads_that_wait_from(self, path: str) -> list[HostRead]:
+        """``calls_from(path)`` less the numpy views that ``distalex.cpu_loops`` takes of CPU tensors
+        for its compiled loops: host memory already, in code that never runs for a device tensor,
+        so on no device a wait."""
+        from distalex import cpu_loops
+
+        loops = {id(c) for c in self.calls_from(cpu_loops.__file__) if c.device == "cpu"}
+        return [c for c in self.calls_from(path) if id(c) not in loops]
+
     def _wrap(self, kind, real):
         def spy(tensor, *args, **kwargs):
             self.calls.append(HostRead(kind, tuple(tensor.shape), str(tensor.device), _caller()))
