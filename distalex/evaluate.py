@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{args.model}: {mode}, {result['samples']} images: top-1 error {100 * result['top1_error']:.2f}%, "
             f"top-5 error {100 * result['top5_error']:.2f}%, loss {result['loss']:.6f}" + (f" ({result['skipped']} unreadable skipped)" if result["skipped"] else "")
         )
-    destroy_parallel()
+    destroy_parallel(dims)
 
 
 if __name__ == "__main__":

@@ -154,8 +154,8 @@ def _squares(x, n, relu_first, a, sq):
     for c in range(x.shape[1]):
         for l in range(x.shape[2]):
             v = x[n, c, l]
-            if relu_first:
-                v = max(v, np.float32(0.0))
+            if relu_first and v < 0:  # not max(v, 0), which would turn a NaN into 0: NaNs must show
+                v = np.float32(0.0)
             a[c, l] = v
             sq[c, l] = v * v
 

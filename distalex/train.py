@@ -4,7 +4,7 @@ train() -> train_epoch() -> engine.train_step(); validation, checkpoints and MLf
 Every rank runs this file; rank 0 alone prints, shows the progress bar and talks to MLflow.
 
 Exit status: 0 finished (or stopped by SIGTERM after saving), 2 bad config / layout / data /
-checkpoint (nothing started), 3 the loss went NaN or inf (the last good checkpoint is kept).
+checkpoint (nothing started), 3 the loss or the weights went NaN or inf (the last good checkpoint is kept).
 """
 
 from __future__ import annotations
@@ -251,6 +251,11 @@ def mean_over_dp(value: torch.Tensor, dims: ParallelDims) -> float:
     return value.item()
 
 
+def weights_finite(module: torch.nn.Module) -> bool:
+    """Whether every parameter is finite (one device sync)."""
+    return bool(torch.stack([torch.isfinite(p).all() for p in module.parameters()]).all())
+
+
 def save(run: Run, flush: bool = True) -> None:
     """A checkpoint of the current state, unless this process saved exactly this state already.
     ``flush=False`` on a stop: MLflow's queue is sent at exit, after the checkpoint is safe."""
@@ -258,6 +263,9 @@ def save(run: Run, flush: bool = True) -> None:
     key = (state.step, state.epoch, state.step_in_epoch, state.validated_step)
     if run.saved == key:
         return
+    # The last checked loss came from before the last update, which can still have overflowed.
+    if run.dims.any_rank(not weights_finite(run.engine.module)):
+        raise Diverged(f"the weights hold NaN or inf after step {state.step} (epoch {state.epoch + 1})")
     if flush:
         run.tracker.flush()
     path = run.checkpoints.save(run.engine, state, run.streams)
@@ -446,7 +454,7 @@ def main(argv: list[str] | None = None) -> None:
     except (ConfigError, DataError, CheckpointError, ParallelConfigError) as e:
         print(f"error (rank {dims.rank}): {e}", file=sys.stderr, flush=True)
         code = EXIT_BAD_INPUT
-    destroy_parallel()
+    destroy_parallel(dims)
     sys.exit(code)
 
 

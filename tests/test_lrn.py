@@ -91,6 +91,23 @@ def test_gradcheck_against_finite_differences(relu_first):
     assert torch.autograd.gradcheck(fn, (x.detach().requires_grad_(),))
 
 
+@pytest.mark.parametrize("relu_first", [False, True])
+def test_infinities_nans_and_overflow_as_torch(relu_first):
+    """Where a run diverges: infinite, NaN and huge inputs (squares overflow float32) give PyTorch's
+    output and gradient, NaN for NaN and 0 for 0, with no NaN of its own (a NaN is how training
+    notices divergence, so one too many or one too few changes what a run does)."""
+    x = torch.randn(3, 9, 4, 4, generator=torch.Generator().manual_seed(8)) * 1e21  # squared: inf
+    x[0, :, 0] = 1.0
+    x[0, 2, 0, 0], x[1, 4, 1, 1], x[2, 6, 2, 2] = float("inf"), -float("inf"), float("nan")
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(9))
+    y, dx = output_and_grad(lambda t: local_response_norm(t, *PAPER, relu_first=relu_first), x, g)
+    y_ref, dx_ref = output_and_grad(lambda t: F.local_response_norm(F.relu(t) if relu_first else t, *PAPER), x, g)
+    for got, ref in ((y, y_ref), (dx, dx_ref)):
+        assert torch.equal(got.isnan(), ref.isnan()) and torch.equal(got.isinf(), ref.isinf())
+        finite = ref.isfinite()
+        assert torch.allclose(got[finite], ref[finite], rtol=1e-5, atol=1e-30)
+
+
 def test_bfloat16_within_bfloat16_rounding():
     """bf16 in: the result is the float32 LRN of the same input rounded once to bf16, gradient
     likewise: each element within half a bf16 unit (<= 2^-8 relative) of the float32 value, and

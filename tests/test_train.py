@@ -185,7 +185,8 @@ def error_of(stdout: str) -> tuple[str, str, float]:
 def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tiny_shards, tmp_path):
     proc = launch(tmp_path, tiny_overrides(tiny_shards, run_name="nan", **{"optim.lr": 1e6, "checkpoint.every_steps": 1}))
     assert proc.returncode != 0
-    assert "loss is nan" in proc.stderr.lower() or "loss is inf" in proc.stderr.lower(), proc.stderr[-3000:]
+    # the loss of a step is checked, and the weights before a save (the update after a finite loss can overflow)
+    assert any(m in proc.stderr.lower() for m in ("loss is nan", "loss is inf", "weights hold nan or inf")), proc.stderr[-3000:]
     assert "last good checkpoint" in proc.stderr
     for ckpt in complete_checkpoints(tmp_path / "runs" / "nan" / "checkpoints"):
         state, _, _ = load_serial_state(ckpt)

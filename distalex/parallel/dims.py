@@ -200,6 +200,15 @@ def init_parallel(tp: int, towers: int, device: str = "auto", timeout_s: float =
     )
 
 
-def destroy_parallel() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def destroy_parallel(dims: ParallelDims | None = None) -> None:
+    """Tear the process groups down. With ``dims``, every rank first waits for the others (one
+    host-side all-reduce): a rank whose peers have already closed their connections can abort
+    inside gloo (SIGABRT) instead of exiting with its own status, which then goes unreported."""
+    if not dist.is_initialized():
+        return
+    if dims is not None and dims.distributed:
+        try:
+            dims.any_rank(False)
+        except Exception:  # noqa: BLE001 - a peer is gone already; tear down and exit as planned
+            pass
+    dist.destroy_process_group()
