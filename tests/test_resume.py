@@ -14,10 +14,12 @@ another layout"):
   which their per-step losses show (logged every step in these two resumes). Their weights are not
   compared at the end: a float32 max-pool window whose two largest inputs lie within rounding of
   each other sends its gradient to whichever the convolution's summation order makes larger, and
-  that order differs between a grouped conv (tp=1) and one tower per rank (tp=2). Here one pool5
-  window of 1024 does so at step 4 (inputs 0.350093612 and 0.350093589, 2.4e-8 apart in float64,
-  under float32's spacing of 3.0e-8 there): that step's conv gradients differ by 8e-3 (relative),
-  the final weights by 1.3e-2, the losses by at most 1.1e-5 (relative).
+  that order differs between a grouped conv (tp=1) and one tower per rank (tp=2). With an earlier
+  LRN implementation's rounding one pool5 window of 1024 did so at step 4 (inputs 0.350093612 and
+  0.350093589, 2.4e-8 apart in float64, under float32's spacing of 3.0e-8 there): that step's conv
+  gradients differed by 8e-3 (relative), the final weights by 1.3e-2, the losses by at most 1.1e-5
+  (relative). The current code meets no such window here (the losses agree exactly); the test
+  does not count on that.
 
 The DeepSpeed side (ZeRO's momentum re-cut for a new dp) is checked at the engine level in
 tests/test_engine_deepspeed.py, where DeepSpeed's start-up is paid once.
