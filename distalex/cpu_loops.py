@@ -1,4 +1,4 @@
-"""Compiled loops over the samples of a CPU tensor: what LRN and max pooling run on the CPU.
+"""Compiled loops over the samples of a CPU tensor: what the LRN (``distalex.lrn``) runs on the CPU.
 
 Written as tensor ops, an elementwise chain is one pass over memory per op, and on the CPU those
 passes, not the arithmetic, are the cost. A loop compiled by numba does the chain in one pass per
@@ -61,6 +61,8 @@ def _threads(count: int) -> ThreadPoolExecutor:
     global _pool
     with _pool_lock:
         if _pool is None or _pool._max_workers < count:
+            if _pool is not None:
+                _pool.shutdown(wait=False)  # its idle threads end; a larger pool replaces it
             _pool = ThreadPoolExecutor(count, thread_name_prefix="distalex-cpu")
         return _pool
 
