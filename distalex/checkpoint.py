@@ -13,8 +13,10 @@ A checkpoint is a folder ``<checkpoint.dir>/step-00001234/``:
 Every file is plain tensors in dicts, read back with ``torch.load(weights_only=True)``: loading a
 checkpoint folder from elsewhere runs no code.
 
-Writing: every rank writes into ``.step-00001234.tmp``; after a barrier rank 0 writes meta.json and
-renames the folder. A folder counts as a checkpoint only once it has meta.json, and a checkpoint
+Writing: every rank writes into ``.step-00001234.tmp`` and flushes its files to disk (fsync); after
+a barrier rank 0 writes meta.json, renames the folder and flushes the directories, so a checkpoint
+that counts as complete survives a power cut too. A folder counts as a checkpoint only once it has
+meta.json, and a checkpoint
 that is replaced or pruned loses its meta.json first, so a crash at any point leaves either the old
 or the new checkpoint complete, never a half-deleted one that looks complete:
 
@@ -22,6 +24,12 @@ or the new checkpoint complete, never a half-deleted one that looks complete:
   validation) renames the old folder aside to ``.step-N.old`` (still found by ``resume: auto``),
   renames the new one into place, then deletes the old one;
 - pruning to ``checkpoint.keep`` starts only after the new checkpoint is in place.
+
+Resuming: rank 0 chooses the checkpoint (on a network file system two hosts can list different
+folders for a moment after a fast requeue) and every rank loads that one. A checkpoint that does not
+load (an unreadable or truncated file on any rank) is named, moved aside to ``.step-N.unreadable``
+(out of the way of resume and pruning, kept for a look) and the previous complete one is used; one
+that loads but does not fit this run (another model, batch size or seed) is an error.
 
 Resuming at another layout: the shards are joined into the serial (tp=1) layout along the
 partition map in meta.json and split again for the new tp (``parallel.plan.local_state_dict``),
@@ -34,6 +42,9 @@ import json
 import os
 import re
 import shutil
+import sys
+import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -43,6 +54,7 @@ from torch import nn
 
 from distalex.config import Config
 from distalex.parallel.dims import ParallelDims
+from distalex.parallel.liveness import where_am_i
 from distalex.parallel.plan import local_state_dict
 
 if TYPE_CHECKING:
@@ -56,12 +68,18 @@ FORMAT_VERSION = 2
 READABLE_FORMATS = (1, 2)
 """Format 1 (before momentum was stored by name) still exports and evaluates, but does not resume."""
 
+SHARED_CHECK_TRIES = 6
+"""Looks (0.5 s apart) for rank 0's file in checkpoint.dir before a rank says it does not see it."""
 REFUSED_CHANGES = ("train.batch_size", "train.seed")
 """Settings a resumed run may not change: every later batch and random stream depends on them."""
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message names its path and what is wrong."""
+
+
+class UnreadableCheckpoint(CheckpointError):
+    """A complete-looking checkpoint whose files do not load: resume falls back to the previous one."""
 
 
 @dataclass
@@ -166,13 +184,13 @@ def read_meta(folder: str | Path) -> dict:
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: no such checkpoint folder")
     if not (folder / META).is_file():
-        raise CheckpointError(f"{folder}: incomplete checkpoint (no {META}; it was being written when the job stopped)")
+        raise UnreadableCheckpoint(f"{folder}: incomplete checkpoint (no {META}; it was being written when the job stopped)")
     try:
         meta = json.loads((folder / META).read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{folder / META}: unreadable ({e})") from None
-    if meta.get("format") not in READABLE_FORMATS:
-        raise CheckpointError(f"{folder / META}: unknown checkpoint format {meta.get('format')!r}")
+        raise UnreadableCheckpoint(f"{folder / META}: unreadable ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") not in READABLE_FORMATS:
+        raise UnreadableCheckpoint(f"{folder / META}: unknown checkpoint format {meta.get('format') if isinstance(meta, dict) else meta!r}")
     return meta
 
 
@@ -226,6 +244,23 @@ def _write_json_atomic(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def _save_durably(obj: dict, path: Path) -> None:
+    """``torch.save`` and fsync: the bytes are on disk, not in the page cache, when this returns."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make the names in ``folder`` (files written or renamed into it) durable."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def discard(folder: Path) -> None:
     """Delete a checkpoint folder so that no crash leaves it looking complete: meta.json goes first."""
     (folder / META).unlink(missing_ok=True)
@@ -254,12 +289,31 @@ def _publish(tmp: Path, final: Path) -> None:
     aside, still found by resume) until the new one is in place."""
     if not final.exists():
         tmp.rename(final)
+        fsync_dir(final.parent)
         return
     aside = final.with_name(f".{final.name}.old")
     discard(aside)
     final.rename(aside)
     tmp.rename(final)
+    fsync_dir(final.parent)
     discard(aside)
+
+
+def move_aside_unreadable(folder: Path) -> Path:
+    """Rename a checkpoint that does not load out of resume's and pruning's way (kept for a look)."""
+    step = (STEP_DIR.match(folder.name) or ASIDE_DIR.match(folder.name)).group(1)
+    aside = folder.with_name(f".step-{step}.unreadable")
+    shutil.rmtree(aside, ignore_errors=True)
+    folder.rename(aside)
+    return aside
+
+
+def _appears(path: Path) -> bool:
+    for _ in range(SHARED_CHECK_TRIES):
+        if path.is_file():
+            return True
+        time.sleep(0.5)
+    return False
 
 
 class CheckpointManager:
@@ -271,14 +325,68 @@ class CheckpointManager:
         self.data_position = data_position or data_position_settings(cfg, dims, 0, 0)
         self.root = cfg.checkpoint_dir
 
-    def resume_path(self) -> Path | None:
-        """``checkpoint.resume``: auto (latest complete, if any), none, or an explicit path."""
+    def check_shared_dir(self) -> None:
+        """Stop before the first step unless every rank sees one ``checkpoint.dir``: rank 0 writes a
+        file there and every rank looks for it (a few tries: a network file system may show a new
+        name to another host a moment later). Without one shared directory the ranks of other hosts
+        write their shards where no resume will find them."""
+        dims = self.dims
+        if not dims.distributed:
+            return
+        name = f".shared-check-{dims.broadcast_object(uuid.uuid4().hex if dims.is_main else None)}"
+        error = None
+        if dims.is_main:
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+                _write_json_atomic(self.root / name, {"written_by": where_am_i()})
+            except OSError as e:
+                error = f"checkpoint.dir: cannot write to {self.root}: {e}"
+        error = dims.first_of(error)
+        if error is None:
+            missing = None if _appears(self.root / name) else f"rank {dims.rank} ({where_am_i()})"
+            error = dims.first_of(missing)
+            if error is not None:
+                error = (f"checkpoint.dir: {self.root} is not one directory shared by all hosts: {error} does not "
+                         f"see the file rank 0 ({dims.broadcast_object(where_am_i() if dims.is_main else None)}) "
+                         "wrote there; point checkpoint.dir at a file system every host mounts at the same path")
+        if dims.is_main:
+            (self.root / name).unlink(missing_ok=True)
+        if error is not None:
+            raise CheckpointError(error)
+
+    def resume_candidates(self) -> list[Path]:
+        """Where ``checkpoint.resume`` says to resume from, as rank 0 sees it (the same list on every
+        rank): auto = every complete checkpoint, newest first (the next is the fallback when one does
+        not load); none = []; an explicit path = [that one] (no fallback: it was asked for)."""
         resume = self.cfg.checkpoint.resume
-        if resume == "none":
-            return None
+        found = []
         if resume == "auto":
-            return latest_checkpoint(self.root)
-        return resolve_checkpoint(resume)
+            found = [str(p) for p in reversed(complete_checkpoints(self.root))] if self.dims.is_main else []
+        elif resume != "none":
+            found = [str(resolve_checkpoint(resume))] if self.dims.is_main else []
+        return [Path(p) for p in self.dims.broadcast_object(found)]
+
+    def resume(self, engine: Engine, state: TrainState, streams: RandomStreams) -> tuple[Path, Resumed] | None:
+        """Load the newest candidate that loads, on every rank; None when there is none to resume.
+        A candidate that does not load is named, moved aside (rank 0) and the previous one is tried."""
+        candidates = self.resume_candidates()
+        failures = []
+        for folder in candidates:
+            try:
+                return folder, self.load(folder, engine, state, streams)
+            except UnreadableCheckpoint as e:
+                if self.cfg.checkpoint.resume != "auto":
+                    raise
+                failures.append(f"{folder.name} ({e})")
+                if self.dims.is_main:
+                    aside = move_aside_unreadable(folder)
+                    fallback = "the previous complete one" if folder != candidates[-1] else "no other checkpoint"
+                    print(f"warning: checkpoint {folder} does not load ({e}): moved aside to {aside.name}; trying "
+                          f"{fallback}", file=sys.stderr, flush=True)
+                self.dims.barrier()
+        if failures:
+            raise CheckpointError(f"{self.root}: no complete checkpoint loads: " + "; ".join(failures))
+        return None
 
     def save(self, engine: Engine, state: TrainState, streams: RandomStreams) -> Path:
         """Every rank: its shard (dp rank 0 of each tp group) and random streams; rank 0: meta.json,
@@ -286,17 +394,21 @@ class CheckpointManager:
         dims = self.dims
         final = step_dir(self.root, state.step)
         tmp = self.root / f".{final.name}.tmp"
-        if dims.is_main:
-            self.root.mkdir(parents=True, exist_ok=True)
-            _tidy(self.root)
-            tmp.mkdir()
-        dims.barrier()
-        model, momentum = engine.shard_state()  # a collective over dp with ZeRO: every rank calls
-        if dims.dp_rank == 0:
-            torch.save({"model": model, "momentum": momentum}, shard_file(tmp, dims.tp_rank))
-        torch.save(streams.state_dict(), rng_file(tmp, dims.rank))
+        try:
+            if dims.is_main:
+                self.root.mkdir(parents=True, exist_ok=True)
+                _tidy(self.root)
+                tmp.mkdir()
+            dims.barrier()
+            model, momentum = engine.shard_state()  # a collective over dp with ZeRO: every rank calls
+            if dims.dp_rank == 0:
+                _save_durably({"model": model, "momentum": momentum}, shard_file(tmp, dims.tp_rank))
+            _save_durably(streams.state_dict(), rng_file(tmp, dims.rank))
+        except OSError as e:  # a full disk, a lost mount: one line, and every rank ends (distalex.jobs)
+            raise CheckpointError(f"cannot write checkpoint {tmp} (checkpoint.dir): {e}") from None
         dims.barrier()  # every shard is on disk before the checkpoint is declared complete
         if dims.is_main:
+            fsync_dir(tmp)
             meta = {
                 "format": FORMAT_VERSION,
                 "train_state": state.state_dict(),
@@ -318,13 +430,31 @@ class CheckpointManager:
         """Weights, momentum, train state and random streams of ``folder``, re-split for this job's
         layout if it differs; refuses a different model or a changed batch size or seed."""
         dims = self.dims
-        meta = read_meta(folder)
-        self.check_fits(folder, meta)
-        if meta["format"] != FORMAT_VERSION:
-            raise CheckpointError(
-                f"{folder}: checkpoint format {meta['format']} holds no momentum by name and cannot be resumed "
-                "(python -m distalex.export still reads its weights)"
-            )
+        try:
+            meta = read_meta(folder)
+            self.check_fits(folder, meta)
+            if meta["format"] != FORMAT_VERSION:
+                raise CheckpointError(
+                    f"{folder}: checkpoint format {meta['format']} holds no momentum by name and cannot be resumed "
+                    "(python -m distalex.export still reads its weights)"
+                )
+            resumed = self._load_files(folder, meta, engine, streams)
+            error = None
+        except CheckpointError as e:
+            error = (isinstance(e, UnreadableCheckpoint), str(e))
+        # Every rank learns of a failure on any (the lowest rank's words), so all take the same path:
+        # the fallback to the previous checkpoint, or exit status 2. It also means every rank has
+        # read the folder before rank 0 may tidy, replace or move it aside.
+        first = dims.first_of(error)
+        if first is not None:
+            unreadable, message = first
+            raise (UnreadableCheckpoint if unreadable else CheckpointError)(message)
+        state.load_state_dict(meta["train_state"])
+        return resumed
+
+    def _load_files(self, folder: Path, meta: dict, engine: Engine, streams: RandomStreams) -> Resumed:
+        """This rank's shard and random streams of ``folder``; UnreadableCheckpoint if they do not load."""
+        dims = self.dims
         saved_dp, saved_tp = meta["world"]["dp"], meta["world"]["tp"]
         resumed = Resumed([f"{k} {a} -> {b}" for k, a, b in (("dp", saved_dp, dims.dp), ("tp", saved_tp, dims.tp)) if a != b])
         saved_position = meta.get("data_position", {})
@@ -333,24 +463,17 @@ class CheckpointManager:
             f"{key} {saved_position[key]} -> {now}" for key, now in self.data_position.items()
             if key in saved_position and saved_position[key] != now
         ]
-        error = None
         try:
             model, momentum = read_local_shard(folder, meta["partition"], saved_tp, engine.module, dims)
             engine.load_shard_state(model, momentum)
         except Exception as e:  # noqa: BLE001 - truncated, corrupt or mismatched shard files alike
-            error = CheckpointError(f"{folder}: cannot load this rank's shard ({type(e).__name__}: {e})")
+            raise UnreadableCheckpoint(f"{folder}: cannot load rank {dims.rank}'s shard ({type(e).__name__}: {e})") from None
         source = rng_source_rank(dims, saved_dp, saved_tp)
-        if error is None and source is not None:  # None: a new dp rank keeps its fresh streams
+        if source is not None:  # None: a new dp rank keeps its fresh streams
             try:
                 streams.load_state_dict(torch.load(rng_file(folder, source), weights_only=True))
             except Exception as e:  # noqa: BLE001 - anything but plain tensors is refused here too
-                error = CheckpointError(f"{rng_file(folder, source)}: unreadable ({type(e).__name__}: {e})")
-        # Every rank learns of a failure on any, so all exit with status 2 rather than one waiting
-        # for a peer that is gone. It also means every rank has read the folder before rank 0 may
-        # tidy or replace it.
-        if dims.any_rank(error is not None):
-            raise error or CheckpointError(f"{folder}: another rank could not load its part (see its error)")
-        state.load_state_dict(meta["train_state"])
+                raise UnreadableCheckpoint(f"{rng_file(folder, source)}: unreadable ({type(e).__name__}: {e})") from None
         return resumed
 
     def check_fits(self, folder: Path, meta: dict) -> None:

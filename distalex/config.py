@@ -54,7 +54,16 @@ class ParallelConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto: CUDA when present (nccl), else CPU (gloo)."""
     timeout_s: float = Field(600.0, gt=0)
-    """Collective timeout before a stuck rank is reported."""
+    """Timeout of every collective, in every process group of the job: how long a rank waits for a
+    peer that is alive but not there yet (a rank still loading, compiling or writing). Dead peers are
+    found sooner, by ``peer_timeout_s``."""
+    peer_timeout_s: float = Field(30.0, gt=0)
+    """A rank whose peer (process, host or link) or the job's store has given no heartbeat for this
+    long ends the job, naming the peer (docs/training.md, "Faults at scale"). Heartbeats come from a
+    thread, so a slow step, compile or checkpoint write never counts. 30 s: a few seconds more than
+    torchrun's own rendezvous keep-alive allows (3 beats of 5 s), and longer than the pauses a healthy
+    host can have (TCP retransmissions over a short link flap, a swap or GC stall), while a dead peer
+    costs 30 s instead of the collective timeout (10 to 30 minutes by default)."""
 
 
 class DataConfig(Section):

@@ -3,8 +3,8 @@
 train() -> train_epoch() -> engine.train_step(); validation, checkpoints and MLflow at the edges.
 Every rank runs this file; rank 0 alone prints, shows the progress bar and talks to MLflow.
 
-Exit status: 0 finished (or stopped by SIGTERM after saving), 2 bad config / layout / data /
-checkpoint (nothing started), 3 the loss or the weights went NaN or inf (the last good checkpoint is kept).
+Exit status: see ``distalex.jobs`` (0 finished or stopped by SIGTERM after saving, 2 bad input,
+3 diverged, 4 a peer or the job's store lost). A failure on any rank ends every rank within seconds.
 """
 
 from __future__ import annotations
@@ -21,14 +21,15 @@ import torch
 import torch.distributed as dist
 
 from distalex.checkpoint import (
-    CheckpointError, CheckpointManager, RandomStreams, Resumed, TrainState, data_position_settings,
+    CheckpointManager, RandomStreams, Resumed, TrainState, data_position_settings, latest_checkpoint,
 )
-from distalex.config import Config, ConfigError, add_config_args, config_from_args, to_yaml
+from distalex.config import Config, add_config_args, config_from_args, to_yaml
 from distalex.data.augment import normalize
 from distalex.data.info import DataError, read_info
 from distalex.data.loader import EpochBatches, TrainLoader, ValLoader
 from distalex.engine import Engine, build_engine
 from distalex.evaluate import evaluate
+from distalex.jobs import EXIT_BAD_INPUT, EXIT_DIVERGED, exit_now, report_failure
 from distalex.model import build_model
 from distalex.parallel.dims import ParallelConfigError, ParallelDims, destroy_parallel, init_parallel
 from distalex.parallel.plan import full_state_dict, gather_full, is_sharded, parallelize
@@ -38,7 +39,6 @@ from distalex.tracking import (
     METRIC_TOP1, METRIC_TOP5, METRIC_VAL_LOSS, Tracker,
 )
 
-EXIT_BAD_INPUT, EXIT_DIVERGED = 2, 3
 LOADER_POLL_S = 0.2
 """While an epoch's loader starts, how often the ranks agree on a stop."""
 STOP_TRACKER_CLOSE_S = 10.0
@@ -114,17 +114,17 @@ def setup(cfg: Config, dims: ParallelDims, stop: StopRequested) -> Run:
     streams = RandomStreams({"lighting": lighting, **{f"dropout{i}": m.generator_on(dims.device) for i, m in enumerate(model.dropouts())}})
     position = data_position_settings(cfg, dims, train_loader.num_samples, train_loader.steps_per_epoch)
     checkpoints = CheckpointManager(cfg, dims, info.classes, position)
+    checkpoints.check_shared_dir()
     state = TrainState(lr=cfg.optim.lr)
-    resume, resumed = checkpoints.resume_path(), None
-    if resume is not None:
-        resumed = checkpoints.load(resume, engine, state, streams)
-        if dims.is_main:
-            print(f"resumed from {resume} (step {state.step}, epoch {state.epoch}, batch {state.step_in_epoch})", flush=True)
+    found = checkpoints.resume(engine, state, streams)  # rank 0's choice, loaded by every rank
+    resume, resumed = found if found is not None else (None, None)
+    if resume is not None and dims.is_main:
+        print(f"resumed from {resume} (step {state.step}, epoch {state.epoch}, batch {state.step_in_epoch})", flush=True)
     engine.lr = state.lr
     run_dir = cfg.run_dir
     tracker = Tracker.start(cfg, dims, run_dir, run_id=state.mlflow_run_id)
     state.mlflow_run_id = tracker.run_id if dims.is_main else None
-    state.mlflow_run_id = broadcast_str(state.mlflow_run_id, dims)
+    state.mlflow_run_id = dims.broadcast_object(state.mlflow_run_id)
     if dims.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
@@ -160,14 +160,6 @@ def continue_at_this_layout(run: Run, resumed: Resumed) -> None:
     run.tracker.log_text(message + "\n", f"resumes/step-{state.step:08d}.txt")
     if run.dims.is_main:
         print(message, flush=True)
-
-
-def broadcast_str(value: str | None, dims: ParallelDims) -> str | None:
-    if not dims.distributed:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0, group=dims.control_group)
-    return box[0]
 
 
 def train_epoch(run: Run, progress) -> str | None:
@@ -424,11 +416,14 @@ def train(cfg: Config, dims: ParallelDims, stop: StopRequested) -> int:
             print(f"run directory: {run.run_dir}\nmodel: {model_path}\ncheckpoints: {run.checkpoints.root}", flush=True)
             run.tracker.print_location()
         return 0
-    except Diverged as e:
+    except Diverged as e:  # every rank sees the same loss and the same weight check: no one to tell
         if dims.is_main:
-            last = run.checkpoints.resume_path() if cfg.checkpoint.resume != "none" else None
+            last = latest_checkpoint(run.checkpoints.root)
             print(f"error: {e}; stopping. The last good checkpoint is {last or '(none yet)'}", file=sys.stderr, flush=True)
         return EXIT_DIVERGED
+    except BaseException as e:
+        report_failure(dims, e)  # the other ranks end now, not after the MLflow run is closed below
+        raise
     finally:
         if progress is not None:
             progress.close()
@@ -444,16 +439,16 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     stop = StopRequested()  # first: a SIGTERM during start-up still ends in a clean save and exit
     cfg = config_from_args(args)  # exits 2 on a bad config, before any process group exists
+    par = cfg.parallel
     try:
-        dims = init_parallel(cfg.parallel.tp, cfg.model.towers, cfg.parallel.device, cfg.parallel.timeout_s, cfg.parallel.layout)
+        dims = init_parallel(par.tp, cfg.model.towers, par.device, par.timeout_s, par.layout, par.peer_timeout_s)
     except ParallelConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
     try:
         code = train(cfg, dims, stop)
-    except (ConfigError, DataError, CheckpointError, ParallelConfigError) as e:
-        print(f"error (rank {dims.rank}): {e}", file=sys.stderr, flush=True)
-        code = EXIT_BAD_INPUT
+    except BaseException as e:  # noqa: BLE001 - every failure ends every rank, with one line
+        exit_now(report_failure(dims, e))
     destroy_parallel(dims)
     sys.exit(code)
 

@@ -258,7 +258,7 @@ def test_corrupt_or_partial_checkpoint_is_refused_with_its_path(reference_run, t
     shard.write_bytes(shard.read_bytes()[: 1000])
     proc = launch(tmp_path, tiny_overrides(tiny_shards, run_name="c", **{"checkpoint.resume": corrupt}))
     assert proc.returncode != 0 and "exitcode: 2" in proc.stderr
-    assert f"{corrupt}: cannot load this rank's shard" in proc.stderr, proc.stderr[-3000:]
+    assert f"{corrupt}: cannot load rank 1's shard" in proc.stderr, proc.stderr[-3000:]
 
 
 def test_bad_layout_and_data_fail_fast(tiny_shards, tmp_path):

@@ -53,9 +53,9 @@ class ParallelDimsMPU:
 
     def __init__(self, dims: ParallelDims):
         self.dims = dims
-        # One process without a launcher has no mesh: its groups are the (1-process) world.
-        self._tp_group = dims.tp_group if dims.mesh is not None else dist.group.WORLD
-        self._dp_group = dims.dp_group if dims.mesh is not None else dist.group.WORLD
+        # One process without a launcher has no groups of its own: they are the (1-process) world.
+        self._tp_group = dims.tp_group if dims.distributed else dist.group.WORLD
+        self._dp_group = dims.dp_group if dims.distributed else dist.group.WORLD
 
     # tensor ("model") parallel: the ranks that hold different towers
     def get_model_parallel_rank(self) -> int:

@@ -1,20 +1,23 @@
 """Ranks and process groups: one object, built once, handed to every builder.
 
 world = dp x tp and rank = dp_rank * tp + tp_rank, so the ranks of one tensor-parallel group are
-adjacent (one node under torchrun). ``init_device_mesh(device, (dp, tp), ("dp", "tp"))`` lays the
-ranks out exactly so, and every rank creates every group in the same order.
+adjacent (one node under torchrun). Every rank creates every group in the same order, each with
+``parallel.timeout_s`` (``new_group`` takes a timeout on every torch the project admits; groups made
+without one, as by ``init_device_mesh``, get the backend's default: 30 minutes for gloo).
 """
 
 from __future__ import annotations
 
 import datetime
 import os
+import uuid
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
 from distalex.config import towers_per_rank
+from distalex.parallel.liveness import Liveness
 
 
 class ParallelConfigError(ValueError):
@@ -89,8 +92,10 @@ class ParallelDims:
     rank: int = 0
     local_rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    mesh: object | None = None  # torch.distributed.device_mesh.DeviceMesh when distributed
+    tp_group: object | None = None  # this rank's tensor-parallel group (tp adjacent ranks)
+    dp_group: object | None = None  # this rank's data-parallel group (same tp rank in every dp group)
     control_group: object | None = None  # gloo over the world: small host-side agreements, no device sync
+    liveness: Liveness | None = None  # heartbeats and the job's failure record (parallel.peer_timeout_s)
 
     @property
     def world_size(self) -> int:
@@ -118,14 +123,6 @@ class ParallelDims:
         return self.rank == 0
 
     @property
-    def tp_group(self):
-        return self.mesh.get_group("tp") if self.mesh is not None else None
-
-    @property
-    def dp_group(self):
-        return self.mesh.get_group("dp") if self.mesh is not None else None
-
-    @property
     def tp_src(self) -> int:
         """Global rank of tp rank 0 in this process's tensor-parallel group (the data loader)."""
         return self.dp_rank * self.tp
@@ -147,6 +144,23 @@ class ParallelDims:
         t = torch.tensor([int(flag)])
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.control_group)
         return bool(t.item())
+
+    def broadcast_object(self, value):
+        """Rank 0's ``value`` on every rank (host-side, over the control group)."""
+        if not self.distributed:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0, group=self.control_group)
+        return box[0]
+
+    def first_of(self, value):
+        """On every rank: the lowest rank's ``value`` that is not None, or None (host-side). Lets all
+        ranks act on one rank's error together instead of leaving the others in a collective."""
+        if not self.distributed:
+            return value
+        values = [None] * self.world_size
+        dist.all_gather_object(values, value, group=self.control_group)
+        return next((v for v in values if v is not None), None)
 
     def describe(self) -> str:
         layout = f" layout={self.layout}" if self.tp > 1 else ""
@@ -172,40 +186,53 @@ def pick_device(local_rank: int, requested: str = "auto") -> torch.device:
 
 
 def init_parallel(tp: int, towers: int, device: str = "auto", timeout_s: float = 600.0,
-                  layout: str = "towers") -> ParallelDims:
-    """Read the launcher's environment, check the layout, and build the dp x tp mesh.
+                  layout: str = "towers", peer_timeout_s: float | None = None) -> ParallelDims:
+    """Read the launcher's environment, check the layout, and build the dp x tp groups.
 
     All checks run before the first collective, so a bad layout fails on every rank with the same
-    message instead of hanging.
+    message instead of hanging. ``timeout_s`` bounds every collective of every group;
+    ``peer_timeout_s`` (the training and evaluation CLIs pass it) starts ``Liveness``.
     """
     launch = read_launch_env()
     dp = check_layout(launch.world_size, tp, towers, layout)
     dev = pick_device(launch.local_rank, device)
     if not launch.distributed:
         return ParallelDims(dp=1, tp=1, layout=layout, rank=0, local_rank=0, device=dev)
-    from torch.distributed.device_mesh import init_device_mesh
-
+    timeout = datetime.timedelta(seconds=timeout_s)
+    backend = backend_for(dev)
     if not dist.is_initialized():
-        dist.init_process_group(
-            backend=backend_for(dev),
-            timeout=datetime.timedelta(seconds=timeout_s),
-            device_id=dev if dev.type == "cuda" else None,
-        )
-    mesh = init_device_mesh(dev.type, (dp, tp), mesh_dim_names=("dp", "tp"))
-    # Its own gloo group, also on CPU: at dp=1 the mesh's tp group is the world group itself, and the
-    # stop agreement should not queue behind (or between) the model's collectives.
-    control = dist.new_group(backend="gloo")
-    return ParallelDims(
-        dp=dp, tp=tp, layout=layout, rank=launch.rank, local_rank=launch.local_rank, device=dev, mesh=mesh, control_group=control
-    )
+        dist.init_process_group(backend=backend, timeout=timeout, device_id=dev if dev.type == "cuda" else None)
+    tp_group = dp_group = None
+    for d in range(dp):  # rank = dp_rank * tp + tp_rank
+        ranks = list(range(d * tp, (d + 1) * tp))
+        group = dist.new_group(ranks, timeout=timeout, backend=backend)
+        tp_group = group if launch.rank in ranks else tp_group
+    for t in range(tp):
+        ranks = list(range(t, dp * tp, tp))
+        group = dist.new_group(ranks, timeout=timeout, backend=backend)
+        dp_group = group if launch.rank in ranks else dp_group
+    # Its own gloo group, also on CPU: at dp=1 the tp group spans the world, and the stop agreement
+    # should not queue behind (or between) the model's collectives.
+    control = dist.new_group(timeout=timeout, backend="gloo")
+    dims = ParallelDims(dp=dp, tp=tp, layout=layout, rank=launch.rank, local_rank=launch.local_rank, device=dev,
+                        tp_group=tp_group, dp_group=dp_group, control_group=control)
+    if peer_timeout_s is not None:
+        token = [uuid.uuid4().hex if dims.is_main else None]  # one key space per world (restarts included)
+        dist.broadcast_object_list(token, src=0, group=control)
+        dims.liveness = Liveness.start(dims.rank, dims.world_size, peer_timeout_s, token[0])
+    return dims
 
 
 def destroy_parallel(dims: ParallelDims | None = None) -> None:
-    """Tear the process groups down. With ``dims``, every rank first waits for the others (one
-    host-side all-reduce): a rank whose peers have already closed their connections can abort
-    inside gloo (SIGABRT) instead of exiting with its own status, which then goes unreported."""
+    """Tear the process groups down after a normal end. With ``dims``, every rank first waits for
+    the others (one host-side all-reduce): a rank whose peers have already closed their connections
+    can abort inside gloo (SIGABRT) instead of exiting with its own status, which then goes
+    unreported. After a failure call nothing here: the peers are ending on the failure record and
+    will not join the all-reduce."""
     if not dist.is_initialized():
         return
+    if dims is not None and dims.liveness is not None:
+        dims.liveness.leave()
     if dims is not None and dims.distributed:
         try:
             dims.any_rank(False)

@@ -1,0 +1,71 @@
+"""How a job's processes end: exit statuses, the one line a failure prints, and telling the others.
+
+A rank that fails prints one line naming itself and the cause (a traceback only for the unexpected
+kinds, which are bugs), writes the job's failure record so that every other rank ends within
+seconds (``parallel.liveness``), and exits without entering another collective: its peers are
+ending, not waiting for it.
+
+Exit statuses of ``python -m distalex.train`` and ``distalex.evaluate``:
+
+    0  finished, or stopped by SIGTERM after saving
+    1  an unexpected error (a bug: the traceback is printed)
+    2  bad config, layout, data or checkpoint (one line, no traceback)
+    3  the loss or the weights went NaN or inf (the last good checkpoint is kept)
+    4  a peer process, host or link, or the job's store, is gone (torchrun's elastic restart heals it)
+    or the status of the rank whose failure ended this one
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+
+import torch.distributed as dist
+
+from distalex.checkpoint import CheckpointError
+from distalex.config import ConfigError
+from distalex.data.info import DataError
+from distalex.parallel.dims import ParallelConfigError, ParallelDims
+from distalex.parallel.liveness import EXIT_PEER_LOST
+
+EXIT_BUG, EXIT_BAD_INPUT, EXIT_DIVERGED = 1, 2, 3
+EXPECTED_ERRORS = (ConfigError, DataError, CheckpointError, ParallelConfigError)
+"""Errors of input, not of code: reported in one line, without a traceback."""
+
+
+def failure_of(e: BaseException) -> tuple[int, str]:
+    """(exit status, one-line reason) for an exception that ends a rank."""
+    if isinstance(e, EXPECTED_ERRORS):
+        return EXIT_BAD_INPUT, str(e).replace("\n", "; ")
+    if isinstance(e, dist.DistBackendError):  # gloo: "Connection closed by peer", a timeout, ...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return EXIT_PEER_LOST, f"a collective failed ({first}): a peer's process, host or link is gone"
+    if isinstance(e, KeyboardInterrupt):
+        return 130, "interrupted"
+    return EXIT_BUG, f"{type(e).__name__}: {e}".splitlines()[0]
+
+
+def report_failure(dims: ParallelDims, e: BaseException) -> int:
+    """Print this rank's line for ``e`` and tell every rank (once per exception); its exit status."""
+    told = getattr(e, "_distalex_exit_status", None)
+    if told is not None:
+        return told
+    code, reason = failure_of(e)
+    if code == EXIT_BUG:
+        traceback.print_exception(e)
+    print(f"error (rank {dims.rank}): {reason}", file=sys.stderr, flush=True)
+    if dims.liveness is not None:
+        dims.liveness.fail(code, reason)
+    e._distalex_exit_status = code
+    return code
+
+
+def exit_now(code: int) -> None:
+    """End the process after a failure without tearing the process groups down: a pending
+    collective on a group whose peers are gone would hold the teardown for the collective timeout.
+    What must be closed (the MLflow run, the loader workers) is closed on the way out of the loop;
+    the workers also die with this process."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
