@@ -38,12 +38,23 @@ def failure_of(e: BaseException) -> tuple[int, str]:
     """(exit status, one-line reason) for an exception that ends a rank."""
     if isinstance(e, EXPECTED_ERRORS):
         return EXIT_BAD_INPUT, str(e).replace("\n", "; ")
-    if isinstance(e, dist.DistBackendError):  # gloo: "Connection closed by peer", a timeout, ...
+    if is_peer_loss(e):
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         return EXIT_PEER_LOST, f"a collective failed ({first}): a peer's process, host or link is gone"
     if isinstance(e, KeyboardInterrupt):
         return 130, "interrupted"
     return EXIT_BUG, f"{type(e).__name__}: {e}".splitlines()[0]
+
+
+GLOO_PEER_ERRORS = ("/gloo/transport/", "Connection closed by peer", "Connection reset by peer")
+"""gloo raises its transport failures as plain RuntimeErrors; these mark them."""
+
+
+def is_peer_loss(e: BaseException) -> bool:
+    """Whether ``e`` is a collective that failed because a peer went away (or timed out)."""
+    if isinstance(e, dist.DistBackendError):
+        return True
+    return isinstance(e, RuntimeError) and any(mark in str(e) for mark in GLOO_PEER_ERRORS)
 
 
 def report_failure(dims: ParallelDims, e: BaseException) -> int:

@@ -32,6 +32,7 @@ from distalex.evaluate import evaluate
 from distalex.jobs import EXIT_BAD_INPUT, EXIT_DIVERGED, exit_now, report_failure
 from distalex.model import build_model
 from distalex.parallel.dims import ParallelConfigError, ParallelDims, destroy_parallel, init_parallel
+from distalex.parallel.liveness import ON_END_S
 from distalex.parallel.plan import full_state_dict, gather_full, is_sharded, parallelize
 from distalex.stopping import StopAgreement, StopRequested
 from distalex.tracking import (
@@ -123,6 +124,8 @@ def setup(cfg: Config, dims: ParallelDims, stop: StopRequested) -> Run:
     engine.lr = state.lr
     run_dir = cfg.run_dir
     tracker = Tracker.start(cfg, dims, run_dir, run_id=state.mlflow_run_id)
+    if dims.liveness is not None:  # a rank ended by a lost peer still closes its MLflow run (a restart reopens it)
+        dims.liveness.on_end = lambda: tracker.close("FAILED", timeout=ON_END_S)
     state.mlflow_run_id = tracker.run_id if dims.is_main else None
     state.mlflow_run_id = dims.broadcast_object(state.mlflow_run_id)
     if dims.is_main:

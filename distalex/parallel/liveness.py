@@ -52,6 +52,8 @@ EXIT_PEER_LOST = 4
 """Exit status of a rank that ends because a peer, its host or the store is gone."""
 FAIL_WRITE_S = 3.0
 """How long ``fail`` waits for the store to take the failure record before treating it as lost."""
+ON_END_S = 5.0
+"""How long ``Liveness.on_end`` (closing the MLflow run) may take before the process ends anyway."""
 AGENT_PROBE_S = 5.0
 """How long the rendezvous endpoint gets to accept a connection before the agent counts as stranded."""
 
@@ -97,6 +99,8 @@ class Liveness:
         self._leaving = threading.Event()
         self._ending = threading.Lock()
         self.failure_told = False
+        self.on_end = None
+        """Called (at most ON_END_S) before a rank ends here: e.g. marking the MLflow run FAILED."""
         self._threads = [threading.Thread(target=self._beat, name="distalex-beat", daemon=True),
                          threading.Thread(target=self._judge, name="distalex-judge", daemon=True)]
 
@@ -195,6 +199,10 @@ class Liveness:
             return  # this rank is failing or leaving on its own path
         if not quiet or os.environ.get("LOCAL_RANK", "0") == "0":
             log_line(f"error (rank {self.rank}, {where_am_i()}): {reason}")
+        if self.on_end is not None:
+            last = threading.Thread(target=self.on_end, name="distalex-on-end", daemon=True)
+            last.start()
+            last.join(ON_END_S)
         if store_lost:
             end_stranded_agent()
         os._exit(code)
@@ -220,10 +228,14 @@ class Liveness:
         writer.start()
         writer.join(FAIL_WRITE_S)
         self._leaving.set()  # this rank ends on its own path now (its tracker, its exit status)
-        if not done.is_set():
-            log_line(f"error (rank {self.rank}, {where_am_i()}): the job's store at {self.store_addr} did not take "
-                     "the failure: the host holding it (rank 0's) is lost")
-            end_stranded_agent()
+        if done.is_set():
+            # Stay a moment: the peers read the record within a beat, and end naming this rank's
+            # cause, rather than on the broken connections this rank's exit (and rank 0's store) leaves.
+            time.sleep(2 * HEARTBEAT_S)
+            return
+        log_line(f"error (rank {self.rank}, {where_am_i()}): the job's store at {self.store_addr} did not take the "
+                 "failure: the process or host holding it (rank 0's) is gone")
+        end_stranded_agent()
 
     def leave(self) -> None:
         """A normal exit: mark this rank as left (peers stop watching it) and stop judging the store,
@@ -249,8 +261,9 @@ def end_stranded_agent() -> None:
         return
     except (OSError, ValueError):
         pass
-    log_line(f"error: ending this host's torchrun agent (pid {agent}): its rendezvous store {endpoint} does not "
-             "answer either, and it would wait for it without end")
+    log_line(f"error: the rendezvous host (torchrun's store at {endpoint}) is gone: the job cannot go on without "
+             f"it. Ending this host's torchrun agent (pid {agent}), which would wait for it without end; start the "
+             "job again to resume from the last complete checkpoint")
     try:
         os.kill(agent, signal.SIGKILL)
     except OSError:
