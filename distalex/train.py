@@ -3,8 +3,9 @@
 train() -> train_epoch() -> engine.train_step(); validation, checkpoints and MLflow at the edges.
 Every rank runs this file; rank 0 alone prints, shows the progress bar and talks to MLflow.
 
-Exit status: 0 finished (or stopped by SIGTERM after saving), 2 bad config / layout / data /
-checkpoint (nothing started), 3 the loss or the weights went NaN or inf (the last good checkpoint is kept).
+Exit status: 0 finished (or stopped by SIGTERM or Ctrl-C after saving), 2 bad config / layout / data /
+checkpoint (nothing started), 3 the loss or the weights went NaN or inf (the last good checkpoint is kept),
+130 aborted by a second Ctrl-C (no checkpoint of that point).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch.distributed as dist
 from distalex.checkpoint import (
     CheckpointError, CheckpointManager, RandomStreams, Resumed, TrainState, data_position_settings,
 )
-from distalex.config import Config, ConfigError, add_config_args, config_from_args, to_yaml
+from distalex.config import Config, ConfigError, absolute_paths, add_config_args, config_from_args, to_yaml
 from distalex.data.augment import normalize
 from distalex.data.info import DataError, read_info
 from distalex.data.loader import EpochBatches, TrainLoader, ValLoader
@@ -32,13 +33,14 @@ from distalex.evaluate import evaluate
 from distalex.model import build_model
 from distalex.parallel.dims import ParallelConfigError, ParallelDims, destroy_parallel, init_parallel
 from distalex.parallel.plan import full_state_dict, gather_full, is_sharded, parallelize
+from distalex.serving import training_settings
 from distalex.stopping import StopAgreement, StopRequested
 from distalex.tracking import (
     METRIC_EPOCH_LOSS, METRIC_IMAGES_PER_S, METRIC_LOSS, METRIC_LR, METRIC_SKIPPED, METRIC_STEPS_SKIPPED,
     METRIC_TOP1, METRIC_TOP5, METRIC_VAL_LOSS, Tracker,
 )
 
-EXIT_BAD_INPUT, EXIT_DIVERGED = 2, 3
+EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_ABORTED = 2, 3, 130
 LOADER_POLL_S = 0.2
 """While an epoch's loader starts, how often the ranks agree on a stop."""
 STOP_TRACKER_CLOSE_S = 10.0
@@ -98,6 +100,7 @@ def compile_options(cfg: Config, dims: ParallelDims) -> dict:
 
 
 def setup(cfg: Config, dims: ParallelDims, stop: StopRequested) -> Run:
+    cfg = absolute_paths(cfg)  # what the run saves must not depend on this directory
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
     info = read_info(cfg.data.train_shards, cfg.data.info)
@@ -113,7 +116,8 @@ def setup(cfg: Config, dims: ParallelDims, stop: StopRequested) -> Run:
     lighting = torch.Generator(device=dims.device).manual_seed(cfg.train.seed * 1_000_003 + dims.dp_rank)
     streams = RandomStreams({"lighting": lighting, **{f"dropout{i}": m.generator_on(dims.device) for i, m in enumerate(model.dropouts())}})
     position = data_position_settings(cfg, dims, train_loader.num_samples, train_loader.steps_per_epoch)
-    checkpoints = CheckpointManager(cfg, dims, info.classes, position)
+    prep, names = training_settings(cfg)
+    checkpoints = CheckpointManager(cfg, dims, info.classes, position, {"class_names": names, "preprocessing": prep.to_dict()})
     state = TrainState(lr=cfg.optim.lr)
     resume, resumed = checkpoints.resume_path(), None
     if resume is not None:
@@ -123,13 +127,15 @@ def setup(cfg: Config, dims: ParallelDims, stop: StopRequested) -> Run:
     engine.lr = state.lr
     run_dir = cfg.run_dir
     tracker = Tracker.start(cfg, dims, run_dir, run_id=state.mlflow_run_id)
-    state.mlflow_run_id = tracker.run_id if dims.is_main else None
-    state.mlflow_run_id = broadcast_str(state.mlflow_run_id, dims)
+    opened = (tracker.run_id, tracker.tracking_uri) if dims.is_main else None
+    state.mlflow_run_id, state.mlflow_tracking_uri = broadcast_object(opened, dims)
+    tracker.watch_host(cfg, dims, state.mlflow_run_id, state.mlflow_tracking_uri)
     if dims.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
         if resume is None:
             tracker.log_text(to_yaml(cfg), "config.yaml")
+            tracker.log_datasets(cfg.data)
     run = Run(cfg, dims, engine, train_loader, val_loader, checkpoints, state, streams, lighting, tracker, run_dir,
               info.classes, StopAgreement(stop, dims))
     if resumed is not None:
@@ -162,7 +168,8 @@ def continue_at_this_layout(run: Run, resumed: Resumed) -> None:
         print(message, flush=True)
 
 
-def broadcast_str(value: str | None, dims: ParallelDims) -> str | None:
+def broadcast_object(value, dims: ParallelDims):
+    """Rank 0's ``value`` (any picklable object) on every rank."""
     if not dims.distributed:
         return value
     box = [value]
@@ -342,7 +349,7 @@ def log_kernels(run: Run) -> None:
 def finish(run: Run) -> Path | None:
     """Export the serial model (rank 0 writes it), log it as an artifact and as an MLflow model."""
     from distalex.export import save_serial_model
-    from distalex.serving import log_mlflow_model, training_settings
+    from distalex.serving import log_mlflow_model
 
     if run.dims.dp_rank != 0:
         return None
@@ -350,12 +357,15 @@ def finish(run: Run) -> Path | None:
     if not run.dims.is_main:
         return None
     prep, names = training_settings(run.cfg)
-    path = save_serial_model(run.run_dir / "model.pt", state, run.cfg.model, run.classes, names, prep)
+    mlflow_run = {"run_id": run.state.mlflow_run_id, "tracking_uri": run.state.mlflow_tracking_uri} if run.state.mlflow_run_id else None
+    path = save_serial_model(run.run_dir / "model.pt", state, run.cfg.model, run.classes, names, prep,
+                             run.cfg.data.model_dump(), mlflow_run)
     run.tracker.log_artifact(path)
     serial = build_model(run.cfg.model)
     serial.load_state_dict(state)
     register_as = run.cfg.tracking.register_as
-    uri = log_mlflow_model(run.tracker, serial, prep, run.classes, names, step=run.state.step, register_as=register_as)
+    uri = log_mlflow_model(run.tracker, serial, prep, run.classes, names, step=run.state.step, register_as=register_as,
+                           model_config=run.cfg.model.model_dump())
     if uri:
         print(f"MLflow model: {uri}" + (f" (registered as {register_as})" if register_as else ""), flush=True)
     return path
@@ -415,7 +425,8 @@ def train(cfg: Config, dims: ParallelDims, stop: StopRequested) -> int:
         if where is not None:
             status = "KILLED"
             if dims.is_main:
-                print(f"stopped by SIGTERM at step {state.step} ({where}); resume continues from the checkpoint", flush=True)
+                print(f"stopped by {stop.describe()} at step {state.step} ({where}); resume continues from the checkpoint",
+                      flush=True)
             return 0
         model_path = finish(run)
         status = "FINISHED"
@@ -432,6 +443,8 @@ def train(cfg: Config, dims: ParallelDims, stop: StopRequested) -> int:
     finally:
         if progress is not None:
             progress.close()
+        if stop.aborted:
+            status = "KILLED"
         if status == "KILLED":
             run.tracker.close(status, timeout=STOP_TRACKER_CLOSE_S)
         else:
@@ -454,6 +467,10 @@ def main(argv: list[str] | None = None) -> None:
     except (ConfigError, DataError, CheckpointError, ParallelConfigError) as e:
         print(f"error (rank {dims.rank}): {e}", file=sys.stderr, flush=True)
         code = EXIT_BAD_INPUT
+    except KeyboardInterrupt as e:  # a second Ctrl-C: the run is marked KILLED; peers may be gone already
+        if dims.is_main:
+            print(f"aborted: {e}; resume continues from the last checkpoint", file=sys.stderr, flush=True)
+        sys.exit(EXIT_ABORTED)
     destroy_parallel(dims)
     sys.exit(code)
 
