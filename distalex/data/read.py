@@ -114,8 +114,9 @@ def _scheme(url: str) -> str:
 
 
 def _fsspec_protocol(scheme: str) -> bool:
-    """True when fsspec is installed and knows the scheme (its backend may still be missing)."""
-    return fsspec is not None and scheme in fsspec.available_protocols()
+    """True when fsspec is installed and knows the scheme (its backend may still be missing), including
+    filesystems registered at run time (``fsspec.register_implementation``)."""
+    return fsspec is not None and (scheme in fsspec.available_protocols() or scheme in fsspec.registry)
 
 
 def check_readable(urls: list[str], what: str) -> None:
