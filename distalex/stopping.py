@@ -43,7 +43,8 @@ class StopRequested:
     as SIGINT and, on the second, sends them SIGTERM and exits. A signal within ``SAME_KEYPRESS_S``
     of the first is the same keypress (where a terminal reaches the workers directly as well as
     through torchrun), and SIGTERM after SIGTERM never aborts: Slurm sends it to every process of a
-    job and torchrun passes it on as well.
+    job and torchrun passes it on as well. Once the loop is ``finishing`` (ending its MLflow run, a
+    bounded wait) nothing aborts it: the run is marked either way.
     """
 
     SAME_KEYPRESS_S = 1.0
@@ -53,6 +54,7 @@ class StopRequested:
         self.signal: str | None = None
         """The signal that asked for the stop: "SIGTERM" or "SIGINT"."""
         self.aborted = False
+        self.finishing = False
         self._at = 0.0
         signal.signal(signal.SIGTERM, self._handle)
         signal.signal(signal.SIGINT, self._handle)
@@ -69,7 +71,7 @@ class StopRequested:
                 _say("Ctrl-C: every rank stops after its current step and saves a checkpoint; Ctrl-C again to abort at once")
             return
         second = name == "SIGINT" or self.signal == "SIGINT"
-        if self.aborted or not second or now - self._at < self.SAME_KEYPRESS_S:
+        if self.aborted or self.finishing or not second or now - self._at < self.SAME_KEYPRESS_S:
             return
         self.aborted = True
         raise KeyboardInterrupt(f"{name} after {self.describe()}: aborting without a checkpoint")

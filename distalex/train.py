@@ -441,6 +441,7 @@ def train(cfg: Config, dims: ParallelDims, stop: StopRequested) -> int:
             print(f"error: {e}; stopping. The last good checkpoint is {last or '(none yet)'}", file=sys.stderr, flush=True)
         return EXIT_DIVERGED
     finally:
+        stop.finishing = True  # a later Ctrl-C must not cut off the end of the MLflow run
         if progress is not None:
             progress.close()
         if stop.aborted:
