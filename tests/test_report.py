@@ -23,6 +23,7 @@ from distalex.report import curves as report_curves
 from distalex.report import kernels as report_kernels
 from distalex.report import ten_crop as report_ten_crop
 from distalex.config import Config, ModelConfig
+from distalex.data.info import read_info
 from distalex.export import save_serial_model
 from distalex.model import AlexNet
 from distalex.model_source import load_source
@@ -237,6 +238,62 @@ def test_loop_logged_the_kernel_statistic_of_its_weights(tiny):
         assert step == 7 and logged == pytest.approx(value, rel=1e-6), name
     kernels = [a.path for a in client.list_artifacts(tiny["run_id"], "kernels")]
     assert kernels and all(p.endswith(".png") for p in kernels)
+
+
+def test_the_mlflow_run_holds_system_metrics_datasets_and_the_reports_pictures(tiny, tiny_shards, tmp_path, capsys,
+                                                                             monkeypatch):
+    """What a researcher opens: the run's system metrics for this host (one sampler: each step once),
+    the two shard splits as its datasets (source and the digest of their _info.json), and, once
+    the report has run, its pictures as report/*.png, read back through MLflow's client."""
+    import hashlib
+    import json
+    import socket
+
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(tiny["uri"])
+    run = client.get_run(tiny["run_id"])
+    host = socket.gethostname()
+    assert {k.split("/")[1] for k in run.data.metrics if k.startswith("system/")} == {host}
+    for metric in ("cpu_utilization_percentage", "system_memory_usage_megabytes"):
+        steps = [m.step for m in client.get_metric_history(tiny["run_id"], f"system/{host}/{metric}")]
+        assert len(steps) >= 2 and sorted(steps) == list(range(len(steps))), steps
+    digest = hashlib.sha256((tiny_shards / "_info.json").read_bytes()).hexdigest()[:32]
+    shards = tiny["workdir"] / "data" / "shards"
+    inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
+    assert sorted(inputs) == ["data/shards/train", "data/shards/val"]
+    for split, context in (("train", "training"), ("val", "validation")):
+        given = inputs[f"data/shards/{split}"]
+        assert given.dataset.digest == digest and given.dataset.source_type == "webdataset"
+        assert json.loads(given.dataset.source)["uri"] == str(shards)
+        assert json.loads(given.dataset.profile)["samples"] == sum(read_info(shards).splits[split].shards.values())
+        assert [(t.key, t.value) for t in given.tags] == [("mlflow.data.context", context)]
+    drawn_with = []  # the names the 10-crop picture gets (the picture itself: test_the_ten_crop_picture_names_...)
+    real_plot = report_cli.plot_ten_crop
+    monkeypatch.setattr(report_cli, "plot_ten_crop", lambda r, e, names, png: drawn_with.append(names) or real_plot(r, e, names, png))
+    code, out, err = run_cli([str(tiny["ckpt"]), "--out", str(tmp_path), "--num-images", "2"], capsys)
+    assert code == 0 and f"uploaded: MLflow run {tiny['run_id']}: report/kernels.png" in out, out + err
+    assert drawn_with == [[f"digit {c}" for c in range(10)]]
+    logged = sorted(a.path for a in client.list_artifacts(tiny["run_id"], "report"))
+    assert logged == ["report/curves.png", "report/kernels.png", "report/ten_crop.png"]
+    back = Path(client.download_artifacts(tiny["run_id"], "report/ten_crop.png", str(tmp_path / "back")))
+    assert back.read_bytes() == (tmp_path / "ten_crop.png").read_bytes()
+
+
+def test_the_ten_crop_picture_names_classes_as_predict_does():
+    g = torch.Generator().manual_seed(0)
+    crop_probs = torch.softmax(torch.randn(2, 10, 10, generator=g), dim=-1)
+    result = report_ten_crop.TenCropResult(np.zeros((2, 10, 8, 8, 3), np.uint8), crop_probs.mean(1), crop_probs)
+    examples = [report_ten_crop.Example(b"", 3, "a.jpg"), report_ten_crop.Example(b"", None, "b.jpg")]
+    names = [f"digit {c}" for c in range(10)]
+    fig = report_ten_crop.ten_crop_figure(result, examples, names)
+    texts = [t.get_text() for t in fig.texts]
+    for ax in fig.axes:
+        texts += [ax.get_xlabel()] + [t.get_text() for t in ax.get_yticklabels()]
+    assert "a.jpg    true: digit 3" in texts and "b.jpg    true: unknown" in texts
+    top = result.probs[0].topk(5).indices.tolist()
+    assert [f"digit {c}" for c in top] in [texts[i : i + 5] for i in range(len(texts))]
+    assert not [t for t in texts if "n0000" in t or "class " in t]
 
 
 def test_run_id_and_the_runs_model_file_give_all_three_pictures(tiny, tmp_path, capsys, monkeypatch):
