@@ -346,7 +346,8 @@ def test_ctrl_c_under_torchrun_stops_every_rank_with_a_checkpoint_and_a_killed_r
     for pid in workers:
         os.kill(pid, signal.SIGINT)
     proc.wait(timeout=120)
-    took = wait_gone(workers, 60) + (time.monotonic() - t0)
+    wait_gone(workers, 60)
+    took = time.monotonic() - t0
     out, err = (tmp_path / "stdout").read_text(), (tmp_path / "stderr").read_text()
     print(f"\nCtrl-C to the workers' exit: {took:.1f} s")
     stopped = re.search(r"stopped by Ctrl-C \(SIGINT\) at step (\d+) \(during training\)", out)
@@ -400,10 +401,11 @@ def test_a_second_ctrl_c_under_torchrun_aborts_at_once_and_still_marks_the_run(t
     os.killpg(proc.pid, signal.SIGINT)
     time.sleep(2.0)
     before = [read_meta(c)["train_state"]["step"] for c in complete_checkpoints(tmp_path / "runs" / "ctrlc" / "checkpoints")]
-    os.killpg(proc.pid, signal.SIGINT)
     t0 = time.monotonic()
+    os.killpg(proc.pid, signal.SIGINT)
     proc.wait(timeout=60)
-    took = wait_gone(workers, 60)
+    wait_gone(workers, 60)
+    took = time.monotonic() - t0
     out, err = (tmp_path / "stdout").read_text(), (tmp_path / "stderr").read_text()
     print(f"\nsecond Ctrl-C to the workers' exit: {took:.1f} s")
     assert "aborted: SIGTERM after Ctrl-C (SIGINT): aborting without a checkpoint" in err, err[-4000:]
@@ -412,4 +414,3 @@ def test_a_second_ctrl_c_under_torchrun_aborts_at_once_and_still_marks_the_run(t
     assert after == before, "no checkpoint of the aborted stop"
     assert "stopped by" not in out
     assert mlflow_run(tmp_path).info.status == "KILLED"
-    assert time.monotonic() - t0 < 60
