@@ -6,9 +6,12 @@ A checkpoint is a folder ``<checkpoint.dir>/step-00001234/``:
                                    momentum buffers}, by parameter name, written by dp rank 0 (with
                                    ZeRO the dp partitions of the momentum are gathered first)
     rng-rank00000.pt ...           every rank's random streams (torch, CUDA, dropout, lighting)
+    serving.pt                     what a user of the weights needs besides them: the class names and
+                                   the preprocessing (training mean and std, crop sizes; written by rank 0)
     meta.json                      train state (step, epoch, data position, LR schedule, MLflow run
-                                   id), the resolved config, layout, parameter partitioning and the
-                                   settings that give the data position its meaning
+                                   id and store), the resolved config (absolute paths), layout,
+                                   parameter partitioning and the settings that give the data
+                                   position its meaning
 
 Every file is plain tensors in dicts, read back with ``torch.load(weights_only=True)``: loading a
 checkpoint folder from elsewhere runs no code.
@@ -64,6 +67,7 @@ STEP_DIR = re.compile(r"^step-(\d{8})$")
 ASIDE_DIR = re.compile(r"^\.step-(\d{8})\.old$")
 """A complete checkpoint moved aside while the same step is re-saved; used only if step-N is missing."""
 META = "meta.json"
+SERVING = "serving.pt"
 FORMAT_VERSION = 2
 READABLE_FORMATS = (1, 2)
 """Format 1 (before momentum was stored by name) still exports and evaluates, but does not resume."""
@@ -93,6 +97,7 @@ class TrainState:
     best_top1_error: float = float("inf")
     epochs_since_best: int = 0
     mlflow_run_id: str | None = None
+    mlflow_tracking_uri: str | None = None  # the store that holds mlflow_run_id
     epoch_loss_sum: float = 0.0  # loss x steps of this epoch so far (the epoch's mean survives a restart)
     epoch_loss_steps: int = 0
     validated_step: int = -1  # the step at which validation last ran (a stop during it runs it again)
@@ -320,9 +325,10 @@ class CheckpointManager:
     """Saves and finds this run's checkpoints; every rank calls ``save`` and ``load``."""
 
     def __init__(self, cfg: Config, dims: ParallelDims, classes: list[str] | None = None,
-                 data_position: dict | None = None):
+                 data_position: dict | None = None, serving: dict | None = None):
         self.cfg, self.dims, self.classes = cfg, dims, list(classes or [])
         self.data_position = data_position or data_position_settings(cfg, dims, 0, 0)
+        self.serving = serving  # {"class_names": [...], "preprocessing": Preprocessing.to_dict()}
         self.root = cfg.checkpoint_dir
 
     def check_shared_dir(self) -> None:
@@ -404,6 +410,8 @@ class CheckpointManager:
             if dims.dp_rank == 0:
                 _save_durably({"model": model, "momentum": momentum}, shard_file(tmp, dims.tp_rank))
             _save_durably(streams.state_dict(), rng_file(tmp, dims.rank))
+            if dims.is_main and self.serving is not None:
+                _save_durably(self.serving, tmp / SERVING)
         except OSError as e:  # a full disk, a lost mount: one line, and every rank ends (distalex.jobs)
             raise CheckpointError(f"cannot write checkpoint {tmp} (checkpoint.dir): {e}") from None
         dims.barrier()  # every shard is on disk before the checkpoint is declared complete

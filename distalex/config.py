@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import copy
 import difflib
+import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Literal
@@ -102,7 +104,8 @@ class DataConfig(Section):
     retry_wait_s: float = Field(1.0, ge=0)
     """Seconds before the first retry, doubled for each further one."""
     stall_timeout_s: float = Field(60.0, gt=0)
-    """An http(s) read that moves no byte for this long fails (and is retried)."""
+    """A remote read (http(s), pipe:, fsspec: s3://, gs://, ...) that delivers no byte for this long
+    fails and is retried, opening the stream included; local files are never timed out."""
 
 
 class OptimConfig(Section):
@@ -162,6 +165,11 @@ class TrackingConfig(Section):
     run_name: str | None = None
     register_as: str | None = None
     """Register the run's final MLflow model under this name in the model registry (None: not registered)."""
+    system_metrics: bool = True
+    """MLflow's system metrics (CPU, memory, disk, network; GPU with nvidia-ml-py) from one process per
+    host, as system/<host>/... in the run."""
+    system_metrics_interval_s: float = Field(10.0, gt=0)
+    """Seconds between system metric samples ($MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides it)."""
 
 
 def towers_per_rank(towers: int, tp: int) -> int:
@@ -194,13 +202,46 @@ class Config(Section):
 
     @property
     def run_dir(self) -> Path:
-        """``runs/<run_name>``: the resolved config, kernel pictures and the exported model."""
+        """``runs/<run_name>`` in the working directory: the resolved config, kernel pictures and the
+        exported model. Training writes there; nothing that reads a run depends on the directory,
+        because what a run saves holds absolute paths (``absolute_paths``)."""
         return Path("runs") / self.run_name
 
     @property
     def checkpoint_dir(self) -> Path:
         """``checkpoint.dir`` with the run name filled in."""
         return Path(self.checkpoint.dir.format(run_name=self.run_name))
+
+
+def absolute_paths(cfg: Config, base: str | Path | None = None) -> Config:
+    """``cfg`` with every relative local path taken from ``base`` (default: the working directory):
+    the shard lists, ``data.info``, ``checkpoint.dir``, an explicit ``checkpoint.resume`` and a
+    relative ``sqlite:///`` tracking URI. URLs and ``pipe:`` commands stay as they are.
+
+    A run saves this form (checkpoints, the exported model, config.yaml), so that predict, evaluate
+    and report find its data and store from any directory.
+    """
+    root = Path(base or Path.cwd()).resolve()
+
+    def local(item: str) -> str:
+        is_url = item.startswith("pipe:") or re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", item)
+        return item if not item or is_url or os.path.isabs(item) else os.path.normpath(root / item)
+
+    def spec(value: str) -> str:
+        return ",".join(local(item.strip()) for item in value.split(","))
+
+    data = {"train_shards": spec(cfg.data.train_shards), "val_shards": spec(cfg.data.val_shards),
+            "info": local(cfg.data.info) if cfg.data.info else None}
+    resume = cfg.checkpoint.resume
+    checkpoint = {"dir": local(cfg.checkpoint.dir), "resume": resume if resume in ("auto", "none") else local(resume)}
+    uri = cfg.tracking.uri
+    if uri and uri.startswith("sqlite:///") and not uri[len("sqlite:///"):].startswith("/"):
+        uri = "sqlite:///" + local(uri[len("sqlite:///"):])
+    return cfg.model_copy(update={
+        "data": cfg.data.model_copy(update=data),
+        "checkpoint": cfg.checkpoint.model_copy(update=checkpoint),
+        "tracking": cfg.tracking.model_copy(update={"uri": uri}),
+    })
 
 
 # ------------------------------------------------------------------ loading and overrides

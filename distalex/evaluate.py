@@ -1,8 +1,13 @@
 """Top-1 / top-5 error on the validation shards, from the centre crop or the paper's 10 crops.
 
     python -m distalex.evaluate runs/demo/checkpoints            # latest checkpoint, centre crop
-    python -m distalex.evaluate model.pt --ten-crop              # an exported model
-    torchrun --nproc_per_node=2 -m distalex.evaluate model.pt --set parallel.tp=2
+    python -m distalex.evaluate runs/demo/model.pt --ten-crop    # an exported model
+    torchrun --nproc_per_node=2 -m distalex.evaluate runs/demo/model.pt --set parallel.tp=2
+
+MODEL is any model source (``distalex.model_source``). It carries the run's config with absolute
+paths, so evaluation reads the validation shards the run used, from any directory, and normalises
+with the training statistics the source carries; ``--config`` and ``--set`` apply on top
+(``--set data.val_shards=SPEC`` for shards that have moved).
 
 10-crop averages the softmax over the four corners, the centre and their mirrors (section 4.1).
 The validation samples are split over dp ranks and the counts summed once at the end, so the
@@ -21,15 +26,20 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from distalex.config import Config, ConfigError, add_config_args, load_config
+from distalex.config import ConfigError, add_config_args, load_config
+from distalex.model import build_model
 from distalex.parallel.dims import ParallelDims
 from distalex.serving import class_probabilities
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, dims: ParallelDims, data_cfg, autocast=contextlib.nullcontext,
-             poll_stop: Callable[[bool], tuple[bool, bool]] | None = None) -> dict[str, float] | None:
+             poll_stop: Callable[[bool], tuple[bool, bool]] | None = None,
+             prepare: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float] | None:
     """Sum of (samples, top-1 hits, top-5 hits, loss) over this dp rank's batches, reduced over dp.
+
+    ``prepare`` turns a uint8 batch into the net's input (default: ``augment.normalize`` with the
+    statistics beside ``data_cfg.train_shards``; a model source carries its own).
 
     ``poll_stop(busy)`` (``StopAgreement.poll``), if given, is asked after every batch and then until
     no rank has batches left (dp ranks may have different numbers); None is returned, on every
@@ -42,7 +52,7 @@ def evaluate(model: nn.Module, loader, dims: ParallelDims, data_cfg, autocast=co
     totals = torch.zeros(4, dtype=torch.float64, device=dims.device)  # samples, top1, top5, loss sum
     skipped, stopped = 0, False
     for batch in loader:
-        x = normalize(batch.images, train=False, data_cfg=data_cfg)
+        x = prepare(batch.images) if prepare is not None else normalize(batch.images, train=False, data_cfg=data_cfg)
         b = x.shape[0]
         with autocast():
             probs = class_probabilities(model, x)
@@ -74,38 +84,35 @@ def evaluate(model: nn.Module, loader, dims: ParallelDims, data_cfg, autocast=co
 
 
 def main(argv: list[str] | None = None) -> None:
-    from distalex.checkpoint import CheckpointError, load_serial_state
     from distalex.data.info import DataError
     from distalex.data.loader import ValLoader
-    from distalex.export import ExportError, load_serial_model
-    from distalex.model import build_model
+    from distalex.model_source import SourceError, load_source
     from distalex.parallel.dims import ParallelConfigError, destroy_parallel, init_parallel
     from distalex.parallel.plan import parallelize
 
     parser = argparse.ArgumentParser(prog="python -m distalex.evaluate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("model", help="a checkpoint folder, a checkpoint directory (latest), or an exported .pt")
+    parser.add_argument("model", help="model.pt, a checkpoint folder or directory, runs:/<run_id>/model, or an MLflow run id")
     parser.add_argument("--ten-crop", action="store_true", help="average the softmax over 10 crops (the paper's test)")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--tracking-uri", default=None,
+                        help="MLflow store for runs:/, models:/ and run ids (default $MLFLOW_TRACKING_URI, else sqlite:///runs/mlflow.db)")
     add_config_args(parser)
     args = parser.parse_args(argv)
     try:
-        if args.model.endswith(".pt"):
-            serial, blob = load_serial_model(args.model)
-            state = serial.state_dict()
-            base = Config(model=blob["model_config"]).model_dump()
-        else:
-            state, ckpt_cfg, _ = load_serial_state(args.model)
-            base = ckpt_cfg.model_dump()
-        # The model's own config (evaluated at tp=1 unless asked), then the file and --set given here.
-        base["parallel"]["tp"] = 1
-        cfg = load_config(args.config, args.overrides, base=base)
+        source = load_source(args.model, args.tracking_uri)
+        state = source.weights()
+        # The run's own config (evaluated at tp=1 unless asked), then the file and --set given here.
+        cfg = load_config(args.config, args.overrides, base=source.config_base())
         dims = init_parallel(cfg.parallel.tp, cfg.model.towers, cfg.parallel.device, layout=cfg.parallel.layout)
         model = build_model(cfg.model)
         model.load_state_dict(state)
         model = parallelize(model, dims.tp_group, cfg.parallel.layout).to(dims.device)
         loader = ValLoader(cfg.data, dims, args.batch_size, cfg.model.image_size, ten_crop=args.ten_crop)
-        result = evaluate(model, loader, dims, cfg.data)
-    except (ConfigError, CheckpointError, ExportError, DataError, ParallelConfigError) as e:
+        result = evaluate(model, loader, dims, cfg.data, prepare=source.normalizer(cfg.data, args.ten_crop))
+    except DataError as e:
+        print(f"error: {e}{moved_data_hint(str(e))}", file=sys.stderr)
+        sys.exit(2)
+    except (ConfigError, SourceError, ParallelConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     if dims.is_main:
@@ -115,6 +122,14 @@ def main(argv: list[str] | None = None) -> None:
             f"top-5 error {100 * result['top5_error']:.2f}%, loss {result['loss']:.6f}" + (f" ({result['skipped']} unreadable skipped)" if result["skipped"] else "")
         )
     destroy_parallel(dims)
+
+
+def moved_data_hint(message: str) -> str:
+    """What to pass when the data a run names is not where the run read it."""
+    keys = [k for k in ("data.val_shards", "data.info", "data.train_shards") if k in message]
+    if not keys:
+        return ""
+    return f" (the model's run read it there; pass --set {keys[0]}=... for its new place)"
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ Exit statuses of ``python -m distalex.train`` and ``distalex.evaluate``:
     2  bad config, layout, data or checkpoint (one line, no traceback)
     3  the loss or the weights went NaN or inf (the last good checkpoint is kept)
     4  a peer process, host or link, or the job's store, is gone (torchrun's elastic restart heals it)
+  130  aborted by a second Ctrl-C (no checkpoint of that point; the MLflow run is marked KILLED)
     or the status of the rank whose failure ended this one
 """
 
@@ -29,7 +30,7 @@ from distalex.data.info import DataError
 from distalex.parallel.dims import ParallelConfigError, ParallelDims
 from distalex.parallel.liveness import EXIT_PEER_LOST
 
-EXIT_BUG, EXIT_BAD_INPUT, EXIT_DIVERGED = 1, 2, 3
+EXIT_BUG, EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_ABORTED = 1, 2, 3, 130
 EXPECTED_ERRORS = (ConfigError, DataError, CheckpointError, ParallelConfigError)
 """Errors of input, not of code: reported in one line, without a traceback."""
 
@@ -41,8 +42,8 @@ def failure_of(e: BaseException) -> tuple[int, str]:
     if is_peer_loss(e):
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         return EXIT_PEER_LOST, f"a collective failed ({first}): a peer's process, host or link is gone"
-    if isinstance(e, KeyboardInterrupt):
-        return 130, "interrupted"
+    if isinstance(e, KeyboardInterrupt):  # stopping.StopRequested raises it on a second Ctrl-C
+        return EXIT_ABORTED, f"aborted: {e}; resume continues from the last checkpoint"
     return EXIT_BUG, f"{type(e).__name__}: {e}".splitlines()[0]
 
 

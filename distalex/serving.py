@@ -135,8 +135,10 @@ def training_settings(cfg: Config) -> tuple[Preprocessing, list[str]]:
 # ------------------------------------------------------------------ the MLflow model
 
 
-def model_metadata(prep: Preprocessing, classes: list[str], class_names: list[str]) -> dict:
-    """What a user of the MLflow model needs besides the graph: how to cut the input, what the outputs are."""
+def model_metadata(prep: Preprocessing, classes: list[str], class_names: list[str],
+                   model_config: dict | None = None) -> dict:
+    """What a user of the MLflow model needs besides the graph: how to cut the input, what the outputs
+    are; and the net's config, with which distalex rebuilds it from the graph's weights."""
     s = prep.image_size
     return {
         "input": f"uint8 RGB (batch, 3, {s}, {s}): the image's shorter side scaled to {prep.resize}, "
@@ -145,12 +147,13 @@ def model_metadata(prep: Preprocessing, classes: list[str], class_names: list[st
         "preprocessing": prep.describe(),
         "classes": list(classes),
         "class_names": list(class_names),
+        "model_config": model_config,
     }
 
 
 def log_mlflow_model(
     tracker: Tracker | NullTracker, model: nn.Module, prep: Preprocessing, classes: list[str],
-    class_names: list[str], *, step: int, register_as: str | None = None,
+    class_names: list[str], *, step: int, register_as: str | None = None, model_config: dict | None = None,
 ) -> str | None:
     """Log ``model`` with ``prep`` as the run's MLflow model (PyTorch flavour, ``pt2``); its URI, or None.
 
@@ -167,7 +170,7 @@ def log_mlflow_model(
         return None
     try:
         return _log_pt2(tracker.tracking_uri, tracker.run_id, prep.classifier(model).cpu(),
-                        model_metadata(prep, classes, class_names), step, register_as)
+                        model_metadata(prep, classes, class_names, model_config), step, register_as)
     except Exception as e:  # noqa: BLE001 - the weights are already saved; report and go on
         warnings.warn(f"MLflow at {tracker.tracking_uri}: could not log the MLflow model of run "
                       f"{tracker.run_id}: {type(e).__name__}: {e}", TrackingWarning, stacklevel=2)

@@ -1,8 +1,8 @@
-"""Stopping on SIGTERM: every rank stops after the same step, without a host sync per step.
+"""Stopping on SIGTERM or Ctrl-C: every rank stops after the same step, without a host sync per step.
 
-torchrun forwards SIGTERM to every worker and Slurm signals every process of a job, but each
-process sees it at its own moment, so the ranks agree on where to stop. The signal handler only
-sets a flag; ``StopAgreement`` turns the flags into one decision:
+torchrun forwards SIGTERM and SIGINT to every worker and Slurm signals every process of a job, but
+each process sees it at its own moment, so the ranks agree on where to stop. The signal handler only
+sets a flag (``StopRequested``); ``StopAgreement`` turns the flags into one decision:
 
 - **Training steps.** After step k every rank waits for the agreement it started after step k-1
   (a small all-reduce on the control group, long finished by then: a step takes far longer) and
@@ -22,7 +22,9 @@ The control group is gloo over the host even with NCCL: the flag never touches t
 
 from __future__ import annotations
 
+import os
 import signal
+import time
 
 import numpy as np
 import torch
@@ -32,15 +34,54 @@ from distalex.parallel.dims import ParallelDims
 
 
 class StopRequested:
-    """Set by SIGTERM (torchrun and Slurm send it). Installed first thing, so a SIGTERM during
-    start-up still ends in a clean save and exit."""
+    """Set by SIGTERM (torchrun and Slurm send it) or Ctrl-C (SIGINT). Installed first thing, so a
+    signal during start-up still ends in a clean save and exit.
+
+    A second Ctrl-C aborts at once: the handler raises ``KeyboardInterrupt`` (``aborted`` is then
+    True and the loop marks the MLflow run KILLED on its way out). "Second" means a SIGINT after
+    any stop signal, or a SIGTERM after a Ctrl-C: torchrun passes the first Ctrl-C on to its workers
+    as SIGINT and, on the second, sends them SIGTERM and exits. A signal within ``SAME_KEYPRESS_S``
+    of the first is the same keypress (where a terminal reaches the workers directly as well as
+    through torchrun), and SIGTERM after SIGTERM never aborts: Slurm sends it to every process of a
+    job and torchrun passes it on as well. Once the loop is ``finishing`` (ending its MLflow run, a
+    bounded wait) nothing aborts it: the run is marked either way.
+    """
+
+    SAME_KEYPRESS_S = 1.0
 
     def __init__(self):
         self.requested = False
+        self.signal: str | None = None
+        """The signal that asked for the stop: "SIGTERM" or "SIGINT"."""
+        self.aborted = False
+        self.finishing = False
+        self._at = 0.0
         signal.signal(signal.SIGTERM, self._handle)
+        signal.signal(signal.SIGINT, self._handle)
+
+    def describe(self) -> str:
+        """What asked for the stop, for messages: this process's signal, or another rank's."""
+        return {"SIGINT": "Ctrl-C (SIGINT)", None: "another rank's stop signal"}.get(self.signal, self.signal)
 
     def _handle(self, signum, frame):
-        self.requested = True
+        now, name = time.monotonic(), signal.Signals(signum).name
+        if not self.requested:
+            self.requested, self.signal, self._at = True, name, now
+            if name == "SIGINT":
+                _say("Ctrl-C: every rank stops after its current step and saves a checkpoint; Ctrl-C again to abort at once")
+            return
+        second = name == "SIGINT" or self.signal == "SIGINT"
+        if self.aborted or self.finishing or not second or now - self._at < self.SAME_KEYPRESS_S:
+            return
+        self.aborted = True
+        raise KeyboardInterrupt(f"{name} after {self.describe()}: aborting without a checkpoint")
+
+
+def _say(message: str) -> None:
+    """One line on stderr from rank 0, written past Python's buffers (this runs inside a signal
+    handler, which may interrupt a print to stderr)."""
+    if os.environ.get("RANK", "0") == "0":
+        os.write(2, f"\n{message}\n".encode())
 
 
 class StopAgreement:

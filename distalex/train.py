@@ -3,8 +3,9 @@
 train() -> train_epoch() -> engine.train_step(); validation, checkpoints and MLflow at the edges.
 Every rank runs this file; rank 0 alone prints, shows the progress bar and talks to MLflow.
 
-Exit status: see ``distalex.jobs`` (0 finished or stopped by SIGTERM after saving, 2 bad input,
-3 diverged, 4 a peer or the job's store lost). A failure on any rank ends every rank within seconds.
+Exit status: see ``distalex.jobs`` (0 finished, or stopped by SIGTERM or Ctrl-C after saving; 2 bad
+input; 3 diverged; 4 a peer or the job's store lost; 130 aborted by a second Ctrl-C). A failure on
+any rank ends every rank within seconds.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch.distributed as dist
 from distalex.checkpoint import (
     CheckpointManager, RandomStreams, Resumed, TrainState, data_position_settings, latest_checkpoint,
 )
-from distalex.config import Config, add_config_args, config_from_args, to_yaml
+from distalex.config import Config, absolute_paths, add_config_args, config_from_args, to_yaml
 from distalex.data.augment import normalize
 from distalex.data.info import DataError, read_info
 from distalex.data.loader import EpochBatches, TrainLoader, ValLoader
@@ -34,6 +35,7 @@ from distalex.model import build_model
 from distalex.parallel.dims import ParallelConfigError, ParallelDims, destroy_parallel, init_parallel
 from distalex.parallel.liveness import ON_END_S
 from distalex.parallel.plan import full_state_dict, gather_full, is_sharded, parallelize
+from distalex.serving import training_settings
 from distalex.stopping import StopAgreement, StopRequested
 from distalex.tracking import (
     METRIC_EPOCH_LOSS, METRIC_IMAGES_PER_S, METRIC_LOSS, METRIC_LR, METRIC_SKIPPED, METRIC_STEPS_SKIPPED,
@@ -99,6 +101,7 @@ def compile_options(cfg: Config, dims: ParallelDims) -> dict:
 
 
 def setup(cfg: Config, dims: ParallelDims, stop: StopRequested) -> Run:
+    cfg = absolute_paths(cfg)  # what the run saves must not depend on this directory
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
     info = read_info(cfg.data.train_shards, cfg.data.info)
@@ -114,7 +117,8 @@ def setup(cfg: Config, dims: ParallelDims, stop: StopRequested) -> Run:
     lighting = torch.Generator(device=dims.device).manual_seed(cfg.train.seed * 1_000_003 + dims.dp_rank)
     streams = RandomStreams({"lighting": lighting, **{f"dropout{i}": m.generator_on(dims.device) for i, m in enumerate(model.dropouts())}})
     position = data_position_settings(cfg, dims, train_loader.num_samples, train_loader.steps_per_epoch)
-    checkpoints = CheckpointManager(cfg, dims, info.classes, position)
+    prep, names = training_settings(cfg)
+    checkpoints = CheckpointManager(cfg, dims, info.classes, position, {"class_names": names, "preprocessing": prep.to_dict()})
     checkpoints.check_shared_dir()
     state = TrainState(lr=cfg.optim.lr)
     found = checkpoints.resume(engine, state, streams)  # rank 0's choice, loaded by every rank
@@ -126,13 +130,15 @@ def setup(cfg: Config, dims: ParallelDims, stop: StopRequested) -> Run:
     tracker = Tracker.start(cfg, dims, run_dir, run_id=state.mlflow_run_id)
     if dims.liveness is not None:  # a rank ended by a lost peer still closes its MLflow run (a restart reopens it)
         dims.liveness.on_end = lambda: tracker.close("FAILED", timeout=ON_END_S)
-    state.mlflow_run_id = tracker.run_id if dims.is_main else None
-    state.mlflow_run_id = dims.broadcast_object(state.mlflow_run_id)
+    opened = (tracker.run_id, tracker.tracking_uri) if dims.is_main else None
+    state.mlflow_run_id, state.mlflow_tracking_uri = dims.broadcast_object(opened)
+    tracker.watch_host(cfg, dims, state.mlflow_run_id, state.mlflow_tracking_uri)
     if dims.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
         if resume is None:
             tracker.log_text(to_yaml(cfg), "config.yaml")
+            tracker.log_datasets(cfg.data)
     run = Run(cfg, dims, engine, train_loader, val_loader, checkpoints, state, streams, lighting, tracker, run_dir,
               info.classes, StopAgreement(stop, dims))
     if resumed is not None:
@@ -337,7 +343,7 @@ def log_kernels(run: Run) -> None:
 def finish(run: Run) -> Path | None:
     """Export the serial model (rank 0 writes it), log it as an artifact and as an MLflow model."""
     from distalex.export import save_serial_model
-    from distalex.serving import log_mlflow_model, training_settings
+    from distalex.serving import log_mlflow_model
 
     if run.dims.dp_rank != 0:
         return None
@@ -345,12 +351,15 @@ def finish(run: Run) -> Path | None:
     if not run.dims.is_main:
         return None
     prep, names = training_settings(run.cfg)
-    path = save_serial_model(run.run_dir / "model.pt", state, run.cfg.model, run.classes, names, prep)
+    mlflow_run = {"run_id": run.state.mlflow_run_id, "tracking_uri": run.state.mlflow_tracking_uri} if run.state.mlflow_run_id else None
+    path = save_serial_model(run.run_dir / "model.pt", state, run.cfg.model, run.classes, names, prep,
+                             run.cfg.data.model_dump(), mlflow_run)
     run.tracker.log_artifact(path)
     serial = build_model(run.cfg.model)
     serial.load_state_dict(state)
     register_as = run.cfg.tracking.register_as
-    uri = log_mlflow_model(run.tracker, serial, prep, run.classes, names, step=run.state.step, register_as=register_as)
+    uri = log_mlflow_model(run.tracker, serial, prep, run.classes, names, step=run.state.step, register_as=register_as,
+                           model_config=run.cfg.model.model_dump())
     if uri:
         print(f"MLflow model: {uri}" + (f" (registered as {register_as})" if register_as else ""), flush=True)
     return path
@@ -410,7 +419,8 @@ def train(cfg: Config, dims: ParallelDims, stop: StopRequested) -> int:
         if where is not None:
             status = "KILLED"
             if dims.is_main:
-                print(f"stopped by SIGTERM at step {state.step} ({where}); resume continues from the checkpoint", flush=True)
+                print(f"stopped by {stop.describe()} at step {state.step} ({where}); resume continues from the checkpoint",
+                      flush=True)
             return 0
         model_path = finish(run)
         status = "FINISHED"
@@ -428,8 +438,11 @@ def train(cfg: Config, dims: ParallelDims, stop: StopRequested) -> int:
         report_failure(dims, e)  # the other ranks end now, not after the MLflow run is closed below
         raise
     finally:
+        stop.finishing = True  # a later Ctrl-C must not cut off the end of the MLflow run
         if progress is not None:
             progress.close()
+        if stop.aborted:
+            status = "KILLED"
         if status == "KILLED":
             run.tracker.close(status, timeout=STOP_TRACKER_CLOSE_S)
         else:

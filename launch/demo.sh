@@ -29,15 +29,15 @@ $PYTHON -m torch.distributed.run --standalone --nproc_per_node=2 --max-restarts=
   -m distalex.train --config configs/demo.yaml --set checkpoint.resume=none "$@"
 
 echo "== evaluation of the exported serial model (tp=1), 10 crops"
-# The exported model carries its preprocessing but not where the data is: the validation shards
-# (and data.resize, mean) come from the run's resolved config.
-$PYTHON -m distalex.evaluate runs/demo/model.pt --ten-crop --config runs/demo/config.yaml --set parallel.tp=1
+# The model file names the validation shards the run read (absolute paths) and carries the
+# training statistics: nothing else is needed, from any directory.
+$PYTHON -m distalex.evaluate runs/demo/model.pt --ten-crop
 
 echo "== predict: the top 3 classes of two held-out images"
 $PYTHON -m distalex.predict runs/demo/model.pt --top 3 \
   "$DATA"/src/val/n00000003/n00000003_val_00000.JPEG "$DATA"/src/val/n00000007/n00000007_val_00000.JPEG
 
-echo "== report: conv1 kernels per tower, learning curves, 10-crop examples"
+echo "== report: conv1 kernels per tower, learning curves, 10-crop examples (also logged to the MLflow run)"
 $PYTHON -m distalex.report runs/demo/checkpoints --out runs/demo/report
 
 cat <<EOM
@@ -47,5 +47,5 @@ Done.
   checkpoints   : runs/demo/checkpoints
   MLflow        : ${MLFLOW_TRACKING_URI:-sqlite:///runs/mlflow.db}
                   view with: mlflow ui --backend-store-uri ${MLFLOW_TRACKING_URI:-sqlite:///runs/mlflow.db}
-                  the run's model: runs:/<run_id>/model (see "Using a trained model" in README.md)
+                  the run's model: runs:/<run_id>/model (see docs/using-a-model.md)
 EOM

@@ -9,11 +9,17 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import subprocess
+import sys
 import tarfile
+import threading
+import time
 from pathlib import Path
 
 import fsspec
+import fsspec.implementations.memory
+import psutil
 import pytest
 import torch
 import torch.nn.functional as F
@@ -24,7 +30,8 @@ from distalex.config import DataConfig
 from distalex.data import index
 from distalex.data.info import DataError, read_info
 from distalex.data.loader import TrainLoader, ValLoader
-from tests.runs import launch, tiny_overrides, tiny_shards  # noqa: F401 - fixture
+from distalex.data.read import ReadPolicy, Segment, read_segment
+from tests.runs import REPO, launch, tiny_overrides, tiny_shards  # noqa: F401 - fixture
 from tests.servers import ShardServer
 from tests.test_data_loader import CLASSES, RESIZE, SIZE, dims, epoch_ids, id_jpeg, ids_of, write_shards
 
@@ -175,6 +182,97 @@ def test_connection_that_keeps_dropping_or_a_missing_shard_is_counted_as_skipped
     ld = TrainLoader(c, dims(), 4, SIZE, seed=0)
     batches = list(ld.epoch(0))
     assert len(batches) == ld.steps_per_epoch == 10 and int(batches[-1].skipped) >= len(lost)
+
+
+class StallingFile(io.RawIOBase):
+    """A store's file that sends its first ``upto`` bytes, then nothing: the read blocks, as a
+    stalled connection does, until the file is closed."""
+
+    def __init__(self, data: bytes, upto: int):
+        super().__init__()
+        self.data, self.upto, self.pos, self.closed_event = data, upto, 0, threading.Event()
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        if self.pos >= self.upto:
+            self.closed_event.wait()
+            return b""
+        chunk = self.data[self.pos : min(self.upto, self.pos + (n if n > 0 else self.upto))]
+        self.pos += len(chunk)
+        return chunk
+
+    def close(self) -> None:
+        self.closed_event.set()
+        super().close()
+
+
+class StallingFS(fsspec.implementations.memory.MemoryFileSystem):
+    """memory:// whose files stall half way. No real object store runs here, and a stall is a
+    fault a real one shows only at random: the fault is injected in the backend, the reader is ours."""
+
+    protocol = "stalling"
+    store, pseudo_dirs = {}, [""]
+
+    @classmethod
+    def _strip_protocol(cls, path):
+        return super()._strip_protocol(path.removeprefix("stalling://"))
+
+    def _open(self, path, mode="rb", **kwargs):
+        data = super()._open(path, mode, **kwargs).read()
+        return StallingFile(data, len(data) // 2)
+
+
+def read_with_stall(url: str, count: int, stall_s: float) -> tuple[list[str], list[tuple[int, str]], float]:
+    lost: list[tuple[int, str]] = []
+    t0 = time.monotonic()
+    keys = [k for k, _ in read_segment(Segment(url, 0, count), lambda n, why: lost.append((n, why)),
+                                       ReadPolicy(retries=1, wait_s=0.01, stall_s=stall_s))]
+    return keys, lost, time.monotonic() - t0
+
+
+def test_a_stalled_pipe_or_fsspec_read_fails_within_the_stall_timeout_and_is_retried(served):
+    """data.stall_timeout_s holds for every remote scheme: a stream that stops sending half way is
+    given up after stall_s, retried once (it stalls again), and the rest of the shard is counted as
+    lost; the command behind a pipe: is ended, nothing is left running."""
+    folder, _ = served
+    name = "imagenet-val-000001.tar"
+    shard = folder / name
+    half = shard.stat().st_size // 2
+    full = [k for k, _ in read_segment(Segment(str(shard), 0, SIZES[1]), lambda n, why: None)]
+    fsspec.register_implementation("stalling", StallingFS, clobber=True)
+    StallingFS().pipe(f"/shards/{name}", shard.read_bytes())
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    for url in (f"pipe:head -c {half} {shard}; exec sleep 60", f"stalling://shards/{name}"):
+        keys, lost, took = read_with_stall(url, SIZES[1], stall_s=0.5)
+        assert 0 < len(keys) < SIZES[1] and keys == full[: len(keys)], url
+        assert lost == [(SIZES[1] - len(keys), lost[0][1])] and "no data for 0.5 s (data.stall_timeout_s)" in lost[0][1]
+        assert took < 0.5 * 2 + 2.0, f"{url}: {took:.1f} s for two stalls of 0.5 s"
+    time.sleep(0.2)
+    assert {p.pid for p in psutil.Process().children(recursive=True)} - before == set(), "a stalled command lives on"
+
+
+def test_sbatch_preflight_reads_remote_shards_with_data_info(served, tmp_path):
+    """The preflight of launch/slurm/train.sbatch (its Python, run as the script runs it) on remote
+    shards: without data.info the shards cannot be counted (exit status 2), with it they pass."""
+    folder, _ = served
+    script = (REPO / "launch" / "slurm" / "train.sbatch").read_text()
+    preflight = script.split("<<'PY' || exit $?\n", 1)[1].split("\nPY\n", 1)[0]
+    (tmp_path / "preflight.py").write_text(preflight)
+    spec = f"pipe:cat {folder}/{SPEC}"
+    args = ["--config", str(REPO / "configs" / "demo.yaml"), "--set", f"data.train_shards={spec.format(split='train')}",
+            "--set", f"data.val_shards={spec.format(split='val')}", "--set", "model.num_classes=3"]
+
+    def run(*extra):
+        return subprocess.run([sys.executable, str(tmp_path / "preflight.py"), *args, *extra], env={**os.environ, "WORLD": "2"},
+                              capture_output=True, text=True, timeout=120)
+
+    without = run()
+    assert without.returncode == 2 and "remote shards need data.info" in without.stderr, without.stderr
+    with_info = run("--set", f"data.info={folder / '_info.json'}")
+    assert with_info.returncode == 0, with_info.stderr
+    assert f"preflight ok: run demo, dp=1 x tp=2, {sum(SIZES)} training images in 4 shards" in with_info.stdout
 
 
 # ------------------------------------------------------------------ foreign layouts

@@ -1,4 +1,5 @@
-"""The README's main job, run as the README says: it trains, evaluates and tracks the run.
+"""The README's main job, run as the README says: it trains, evaluates and tracks the run, and the
+MLflow run holds what its page shows (system metrics, datasets, the report's pictures).
 
 This is the longest test (a few minutes): the real demo config, the real script.
 """
@@ -6,6 +7,7 @@ This is the longest test (a few minutes): the real demo config, the real script.
 from __future__ import annotations
 
 import re
+import socket
 import subprocess
 
 import mlflow
@@ -42,3 +44,10 @@ def test_demo_reaches_the_stated_accuracy_and_is_tracked():
     assert re.search(r"^data/demo/src/val/n00000003/n00000003_val_00000\.JPEG\n(  [01]\.\d{4}  digit \d \(n0000000\d\)\n){3}",
                      proc.stdout, re.M), proc.stdout[-2000:]
     assert (REPO / "runs" / "demo" / "report" / "kernels.png").stat().st_size > 0
+    # what the run page shows: this host's system metrics, the two shard splits, the report's pictures
+    host, page = socket.gethostname(), client.get_run(run.info.run_id)
+    assert f"system/{host}/cpu_utilization_percentage" in page.data.metrics
+    assert f"system/{host}/system_memory_usage_megabytes" in page.data.metrics
+    assert sorted(d.dataset.name for d in page.inputs.dataset_inputs) == ["demo/shards/train", "demo/shards/val"]
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "report")} == {
+        "report/kernels.png", "report/curves.png", "report/ten_crop.png"}

@@ -2,7 +2,9 @@
 README's plain-torch snippet agrees with distalex's net, and bad images are reported one by one.
 
 The fast tests use a randomly initialised narrow net and images made here; the slow ones share one
-short real training run (tp=2 under torchrun, the demo data) that logs and registers its MLflow model.
+short real training run (tp=2 under torchrun, the demo data given as a relative path) that logs and
+registers its MLflow model. They run predict and evaluate from other directories than the run's:
+what the run saved holds absolute paths and the training statistics.
 """
 
 from __future__ import annotations
@@ -193,7 +195,8 @@ def test_a_model_predict_cannot_use_is_one_clear_error(exported, tmp_path, capsy
     img = tmp_path / "a.jpg"
     img.write_bytes(jpeg(1))
     code, _, err = run_predict([str(tmp_path / "nope.pt"), str(img)], capsys)
-    assert code == 2 and err.strip() == f"error: {tmp_path / 'nope.pt'}: no such file or folder, and not an MLflow model URI (runs:/<run_id>/model)"
+    assert code == 2 and err.strip() == (f"error: {tmp_path / 'nope.pt'}: no such file or folder, and not an MLflow model "
+                                         "URI (runs:/<run_id>/model) or run id (32 hex digits)")
     bare = save_serial_model(tmp_path / "bare.pt", random_net().state_dict(), MODEL_CFG, CLASSES)
     code, _, err = run_predict([str(bare), str(img)], capsys)
     assert code == 2 and f"{bare}: carries no preprocessing settings" in err and len(err.strip().splitlines()) == 1
@@ -245,7 +248,10 @@ REGISTERED = "tiny-digits"
 def trained(tiny_shards, tmp_path_factory):
     """Two short epochs of the demo config (tp=2, 2 ranks), its model registered; plus the val images."""
     workdir = tmp_path_factory.mktemp("predict-run")
-    proc = launch(workdir, tiny_overrides(tiny_shards, run_name="tiny", **{"tracking.register_as": REGISTERED}))
+    (workdir / "data").mkdir()
+    (workdir / "data" / "shards").symlink_to(tiny_shards)  # relative in the config: data/shards
+    proc = launch(workdir, tiny_overrides(tiny_shards, run_name="tiny", **{
+        "tracking.register_as": REGISTERED, "data.train_shards": "data/shards", "data.val_shards": "data/shards"}))
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     run_id = re.search(r"MLflow model: runs:/(\w+)/model \(registered as tiny-digits\)", proc.stdout).group(1)
     val = sorted((tiny_shards.parent / "src" / "val").glob("*/*.JPEG"))
@@ -255,13 +261,14 @@ def trained(tiny_shards, tmp_path_factory):
 
 
 def evaluate_line(trained, ten: bool) -> str:
-    """What ``python -m distalex.evaluate model.pt`` prints for the run (once per mode)."""
+    """What ``python -m distalex.evaluate model.pt`` prints for the run (once per mode), run from a
+    directory that holds neither the run nor its data: the model file names its validation shards."""
     if ten not in trained["evaluated"]:
-        run = trained["run"]
+        elsewhere = trained["workdir"].parent / "elsewhere"
+        elsewhere.mkdir(exist_ok=True)
         proc = subprocess.run(
-            [sys.executable, "-m", "distalex.evaluate", str(run / "model.pt"), "--config", str(run / "config.yaml"),
-             "--set", "parallel.tp=1", *(["--ten-crop"] if ten else [])],
-            capture_output=True, text=True, env=run_env(), timeout=300,
+            [sys.executable, "-m", "distalex.evaluate", str(trained["run"] / "model.pt"), *(["--ten-crop"] if ten else [])],
+            capture_output=True, text=True, env=run_env(), timeout=300, cwd=elsewhere,
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
         trained["evaluated"][ten] = [ln for ln in proc.stdout.splitlines() if "top-1 error" in ln][-1]
@@ -336,6 +343,14 @@ def test_mlflow_model_gives_predicts_probabilities(trained, monkeypatch):
     spec = model.signature.inputs.inputs[0]
     assert (spec.type, spec.shape) == (np.dtype(np.uint8), (-1, 3, 64, 64))
     assert model.metadata["preprocessing"]["resize"] == RESIZE and model.metadata["class_names"] == NAMES
+    # distalex rebuilds the net from the graph's weights and the metadata's model config (evaluate, report)
+    from distalex.model_source import load_source
+
+    rebuilt, exported = load_source(uri), load_source(str(trained["run"] / "model.pt"))
+    assert rebuilt.model_config == exported.model_config and rebuilt.run_id == trained["run_id"]
+    assert rebuilt.state.keys() == exported.state.keys()
+    assert all(torch.equal(rebuilt.state[k], exported.state[k]) for k in exported.state)
+    assert rebuilt.cfg is not None and rebuilt.cfg.data.val_shards == str(trained["workdir"] / "data" / "shards")
     versions = mlflow.MlflowClient(trained["uri"]).search_model_versions(f"name = '{REGISTERED}'")
     assert [v.run_id for v in versions] == [trained["run_id"]]
     registered = mlflow.pyfunc.load_model(f"models:/{REGISTERED}/1").predict(crops)

@@ -21,11 +21,12 @@ from distalex import report
 from distalex.report import cli as report_cli
 from distalex.report import curves as report_curves
 from distalex.report import kernels as report_kernels
-from distalex.report import sources as report_sources
 from distalex.report import ten_crop as report_ten_crop
 from distalex.config import Config, ModelConfig
+from distalex.data.info import read_info
 from distalex.export import save_serial_model
 from distalex.model import AlexNet
+from distalex.model_source import load_source
 from tests.runs import launch, tiny_overrides, tiny_shards  # noqa: F401 - fixture
 
 def read_png(path: Path) -> np.ndarray:
@@ -156,6 +157,7 @@ def tiny(tmp_path_factory, tiny_shards):
     (workdir / "data" / "shards").symlink_to(tiny_shards)
     overrides = tiny_overrides(tiny_shards, run_name="tiny", **{
         "train.epochs": 1, "data.train_shards": "data/shards", "data.val_shards": "data/shards",
+        "tracking.system_metrics_interval_s": 1,
     })
     proc = launch(workdir, overrides)
     assert proc.returncode == 0, f"tiny run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
@@ -183,10 +185,14 @@ def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
 
 
 def test_report_on_tp2_checkpoint_writes_all_three_pictures(tiny, tmp_path, capsys, monkeypatch):
+    """From a directory that holds neither the run nor its data (the run's config named them relative
+    to its own): the checkpoint names its store and its shards by absolute path."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    code, out, err = run_cli([str(tiny["ckpt"].parent), "--out", str(tmp_path), "--num-images", "3"], capsys)
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli([str(tiny["ckpt"].parent), "--out", "pictures", "--num-images", "3", "--no-upload"], capsys)
     assert code == 0, err
-    assert "skipped" not in out, out  # curves found through the checkpoint, images through its config
+    assert "skipped" not in out and "uploaded" not in out, out
+    tmp_path = tmp_path / "pictures"
     layout = report_kernels.kernel_layout(torch.cat(shard_kernels(tiny["ckpt"])).shape, 2)
     assert read_png(tmp_path / "kernels.png").shape == (layout.height, layout.width, 3)
     assert read_png(tmp_path / "curves.png").shape == (800, 1500, 3)
@@ -234,16 +240,80 @@ def test_loop_logged_the_kernel_statistic_of_its_weights(tiny):
     assert kernels and all(p.endswith(".png") for p in kernels)
 
 
-def test_run_id_gives_curves_and_export_says_it_has_none(tiny, tmp_path, capsys, monkeypatch):
+def test_the_mlflow_run_holds_system_metrics_datasets_and_the_reports_pictures(tiny, tiny_shards, tmp_path, capsys,
+                                                                             monkeypatch):
+    """What a researcher opens: the run's system metrics for this host (one sampler: each step once),
+    the two shard splits as its datasets (source and the digest of their _info.json), and, once
+    the report has run, its pictures as report/*.png, read back through MLflow's client."""
+    import hashlib
+    import json
+    import socket
+
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(tiny["uri"])
+    run = client.get_run(tiny["run_id"])
+    host = socket.gethostname()
+    assert {k.split("/")[1] for k in run.data.metrics if k.startswith("system/")} == {host}
+    for metric in ("cpu_utilization_percentage", "system_memory_usage_megabytes"):
+        steps = [m.step for m in client.get_metric_history(tiny["run_id"], f"system/{host}/{metric}")]
+        assert len(steps) >= 2 and sorted(steps) == list(range(len(steps))), steps
+    digest = hashlib.sha256((tiny_shards / "_info.json").read_bytes()).hexdigest()[:32]
+    shards = tiny["workdir"] / "data" / "shards"
+    inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
+    assert sorted(inputs) == ["data/shards/train", "data/shards/val"]
+    for split, context in (("train", "training"), ("val", "validation")):
+        given = inputs[f"data/shards/{split}"]
+        assert given.dataset.digest == digest and given.dataset.source_type == "webdataset"
+        assert json.loads(given.dataset.source)["uri"] == str(shards)
+        assert json.loads(given.dataset.profile)["samples"] == sum(read_info(shards).splits[split].shards.values())
+        assert [(t.key, t.value) for t in given.tags] == [("mlflow.data.context", context)]
+    drawn_with = []  # the names the 10-crop picture gets (the picture itself: test_the_ten_crop_picture_names_...)
+    real_plot = report_cli.plot_ten_crop
+    monkeypatch.setattr(report_cli, "plot_ten_crop", lambda r, e, names, png: drawn_with.append(names) or real_plot(r, e, names, png))
+    code, out, err = run_cli([str(tiny["ckpt"]), "--out", str(tmp_path), "--num-images", "2"], capsys)
+    assert code == 0 and f"uploaded: MLflow run {tiny['run_id']}: report/kernels.png" in out, out + err
+    assert drawn_with == [[f"digit {c}" for c in range(10)]]
+    logged = sorted(a.path for a in client.list_artifacts(tiny["run_id"], "report"))
+    assert logged == ["report/curves.png", "report/kernels.png", "report/ten_crop.png"]
+    back = Path(client.download_artifacts(tiny["run_id"], "report/ten_crop.png", str(tmp_path / "back")))
+    assert back.read_bytes() == (tmp_path / "ten_crop.png").read_bytes()
+
+
+def test_the_ten_crop_picture_names_classes_as_predict_does():
+    g = torch.Generator().manual_seed(0)
+    crop_probs = torch.softmax(torch.randn(2, 10, 10, generator=g), dim=-1)
+    result = report_ten_crop.TenCropResult(np.zeros((2, 10, 8, 8, 3), np.uint8), crop_probs.mean(1), crop_probs)
+    examples = [report_ten_crop.Example(b"", 3, "a.jpg"), report_ten_crop.Example(b"", None, "b.jpg")]
+    names = [f"digit {c}" for c in range(10)]
+    fig = report_ten_crop.ten_crop_figure(result, examples, names)
+    texts = [t.get_text() for t in fig.texts]
+    for ax in fig.axes:
+        texts += [ax.get_xlabel()] + [t.get_text() for t in ax.get_yticklabels()]
+    assert "a.jpg    true: digit 3" in texts and "b.jpg    true: unknown" in texts
+    top = result.probs[0].topk(5).indices.tolist()
+    assert [f"digit {c}" for c in top] in [texts[i : i + 5] for i in range(len(texts))]
+    assert not [t for t in texts if "n0000" in t or "class " in t]
+
+
+def test_run_id_and_the_runs_model_file_give_all_three_pictures(tiny, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tiny["uri"])  # the run id form reads the environment
-    code, out, err = run_cli([tiny["run_id"], "--out", str(tmp_path / "run"), "--num-images", "1"], capsys)
+    code, out, err = run_cli([tiny["run_id"], "--out", str(tmp_path / "run"), "--num-images", "1", "--no-upload"], capsys)
     assert code == 0 and "skipped" not in out, out + err  # model.pt and config.yaml artifacts: all three
     assert read_png(tmp_path / "run" / "curves.png").shape == (800, 1500, 3)
     assert read_png(tmp_path / "run" / "ten_crop.png").shape == (40 + 190, 1600, 3)
-    code, out, err = run_cli([str(tiny["model_pt"]), "--out", str(tmp_path / "export")], capsys)
-    assert code == 0 and "curves: skipped: an exported model file has no metric history" in out
+    # the model file training writes names its run, store and validation shards
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    code, out, err = run_cli([str(tiny["model_pt"]), "--out", str(tmp_path / "export"), "--num-images", "1",
+                              "--no-upload"], capsys)
+    assert code == 0 and "skipped" not in out, out + err
+    # a model file exported without them says what it lacks
+    bare = save_serial_model(tmp_path / "bare.pt", load_source(str(tiny["model_pt"])).state, ModelConfig(
+        **load_source(str(tiny["model_pt"])).model_config))
+    code, out, err = run_cli([str(bare), "--out", str(tmp_path / "bare")], capsys)
+    assert code == 0 and "curves: skipped: the model file names no MLflow run" in out
     assert "ten_crop: skipped: no validation images" in out
-    assert not (tmp_path / "export" / "curves.png").exists()
+    assert not (tmp_path / "bare" / "curves.png").exists()
 
 
 def test_curves_cover_every_metric_the_run_has():
@@ -287,10 +357,9 @@ def test_ten_crop_from_image_files(tiny, tiny_shards, tmp_path, capsys):
         (folder / f"{key}.jpg").write_bytes(data)
     examples = report_ten_crop.examples_from_files([str(tmp_path / "images")], 5, info.classes)
     assert sorted(e.label for e in examples) == sorted(parse_sample(k, m)[1] for k, m in samples)
-    source = report_sources.load_source(str(tiny["model_pt"]))
-    model = report_sources.load_model(source)
+    source = load_source(str(tiny["model_pt"]))
     data_cfg = Config.model_validate({"data": {"train_shards": str(tiny_shards)}}).data
-    result = report_ten_crop.ten_crop_predict(model, examples, 72, data_cfg)
+    result = report_ten_crop.ten_crop_predict(source.model(), examples, 72, source.normalizer(data_cfg, ten=True))
     assert result.crops.shape == (2, 10, 64, 64, 3)
     assert torch.allclose(result.probs, result.crop_probs.mean(1))
     assert torch.allclose(result.probs.sum(1), torch.ones(2, dtype=result.probs.dtype))
@@ -298,9 +367,8 @@ def test_ten_crop_from_image_files(tiny, tiny_shards, tmp_path, capsys):
     from distalex.data.augment import centre_crop, centre_square
 
     assert np.array_equal(result.crops[0, 4], centre_crop(centre_square(examples[0].data, 72), 64))
-    with pytest.warns(UserWarning, match="no training statistics"):  # an export carries no data config
-        code, out, err = run_cli([str(tiny["model_pt"]), "--out", str(tmp_path / "o"), "--images", str(tmp_path / "images"),
-                                  "--resize", "72"], capsys)
+    code, out, err = run_cli([str(tiny["model_pt"]), "--out", str(tmp_path / "o"), "--images", str(tmp_path / "images"),
+                              "--resize", "72", "--no-upload"], capsys)
     assert code == 0, err
     assert read_png(tmp_path / "o" / "ten_crop.png").shape == (40 + 190 * 2, 1600, 3)
 
@@ -337,18 +405,32 @@ def test_checkpoint_without_conv1_is_a_clear_error(tiny, tmp_path, capsys):
     assert code == 2 and "conv1.weight" in err, err
 
 
-def test_moved_checkpoint_still_gives_kernels_and_says_what_is_missing(tiny, tmp_path, capsys, monkeypatch):
+def test_moved_checkpoint_still_gives_everything_and_moved_data_is_named(tiny, tmp_path, capsys, monkeypatch):
     import shutil
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)  # no runs/mlflow.db in the working directory either (make demo leaves one)
     moved = tmp_path / "elsewhere" / tiny["ckpt"].name
-    shutil.copytree(tiny["ckpt"], moved)  # without the run's data/ and runs/mlflow.db beside it
-    code, out, err = run_cli([str(moved), "--out", str(tmp_path / "o")], capsys)
+    shutil.copytree(tiny["ckpt"], moved)  # without the run's data/ and runs/ beside it
+    code, out, err = run_cli([str(moved), "--out", str(tmp_path / "o"), "--no-upload"], capsys)
+    assert code == 0 and "skipped" not in out, out + err  # absolute paths to the store and the shards
+    # the run's data and store gone: kernels still, the rest skipped with what to pass
+    data, runs = tiny["workdir"] / "data", tiny["workdir"] / "runs"
+    data.rename(tmp_path / "data-aside")
+    runs.rename(tmp_path / "runs-aside")
+    try:
+        code, out, err = run_cli([str(moved), "--out", str(tmp_path / "o"), "--no-upload"], capsys)
+        evaluated = subprocess.run([sys.executable, "-m", "distalex.evaluate", str(tmp_path / "runs-aside" / "tiny" / "model.pt")],
+                                   capture_output=True, text=True, timeout=120)
+    finally:
+        (tmp_path / "data-aside").rename(data)
+        (tmp_path / "runs-aside").rename(runs)
     assert code == 0, err
     assert read_png(tmp_path / "o" / "kernels.png").size > 0
     assert "curves: skipped: " in out and "no MLflow database" in out
     assert "ten_crop: skipped: " in out and "not found" in out and "--val-shards" in out
+    assert evaluated.returncode == 2 and evaluated.stderr.count("\n") == 1, evaluated.stderr
+    assert f"data.val_shards='{data / 'shards'}'" in evaluated.stderr and "pass --set data.val_shards=" in evaluated.stderr
     # naming the images explicitly makes a bad path an error, not a skip
     code, out, err = run_cli([str(moved), "--out", str(tmp_path / "o"), "--val-shards", str(tmp_path / "nowhere")], capsys)
     assert code == 2 and "nowhere" in err
@@ -373,4 +455,4 @@ def test_cli_error_is_one_line_on_stderr():
                           timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr, proc.stderr
-    assert "report: error: /nonexistent/run" in proc.stderr
+    assert proc.stderr.startswith("error: /nonexistent/run: no such file or folder"), proc.stderr

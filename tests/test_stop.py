@@ -21,9 +21,14 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -240,3 +245,172 @@ def test_no_host_sync_in_a_step_between_log_points(tiny_shards, tmp_path):
             assert result["reads"][step] == [], (result["rank"], step, result["reads"][step])
         # the spy does see the reads that logging makes
         assert result["reads"]["step 4"] and result["reads"]["step 7"], result["reads"]
+
+
+# ----------------------------------------------------------------------------- Ctrl-C
+
+
+@pytest.fixture
+def own_handlers():
+    """StopRequested installs SIGINT and SIGTERM handlers: restore pytest's afterwards."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for s, handler in saved.items():
+        signal.signal(s, handler)
+
+
+def deliver(sig: int) -> None:
+    os.kill(os.getpid(), sig)
+    time.sleep(0.01)  # the handler runs in this (the main) thread at the next bytecode
+
+
+@pytest.mark.parametrize("first,second,aborts", [
+    (signal.SIGINT, signal.SIGINT, True),    # Ctrl-C, Ctrl-C
+    (signal.SIGINT, signal.SIGTERM, True),   # torchrun turns the second Ctrl-C into SIGTERM
+    (signal.SIGTERM, signal.SIGINT, True),   # a Ctrl-C during a SIGTERM stop
+    (signal.SIGTERM, signal.SIGTERM, False),  # Slurm and torchrun both send SIGTERM: one stop
+])
+def test_a_second_ctrl_c_aborts_a_copy_of_the_first_does_not(own_handlers, first, second, aborts):
+    from distalex.stopping import StopRequested
+
+    stop = StopRequested()
+    stop.SAME_KEYPRESS_S = 0.3
+    deliver(first)
+    assert stop.requested and stop.signal == signal.Signals(first).name and not stop.aborted
+    deliver(second)  # within SAME_KEYPRESS_S: the same keypress, reaching this process twice
+    assert not stop.aborted
+    time.sleep(0.35)
+    if aborts:
+        with pytest.raises(KeyboardInterrupt, match="aborting without a checkpoint"):
+            deliver(second)
+        assert stop.aborted
+        deliver(signal.SIGINT)  # once aborting, further signals change nothing
+    else:
+        deliver(second)
+        assert not stop.aborted
+    stop.finishing = True
+    deliver(signal.SIGINT)  # the loop is ending its MLflow run: nothing cuts that off
+
+
+def launch_in_session(workdir: Path, command: list[str], **env) -> subprocess.Popen:
+    """torchrun in a session of its own, output to files: its process group is what a terminal signals."""
+    from tests.runs import run_env
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen(command, cwd=workdir, env=run_env(**env), start_new_session=True,
+                            stdout=open(workdir / "stdout", "w"), stderr=open(workdir / "stderr", "w"))
+
+
+def wait_for_checkpoint(workdir: Path, proc: subprocess.Popen, timeout: float = 180) -> list[int]:
+    """Until the first checkpoint is written; the worker pids (torchrun's children)."""
+    from distalex.checkpoint import complete_checkpoints
+
+    deadline = time.monotonic() + timeout
+    while not complete_checkpoints(workdir / "runs" / "ctrlc" / "checkpoints"):
+        assert proc.poll() is None and time.monotonic() < deadline, (workdir / "stderr").read_text()[-4000:]
+        time.sleep(0.05)
+    return [c.pid for c in psutil.Process(proc.pid).children()]
+
+
+def wait_gone(pids: list[int], timeout: float) -> float:
+    """Seconds until every pid has exited (not just become a zombie); fails after ``timeout``."""
+    t0 = time.monotonic()
+    while any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids):
+        assert time.monotonic() - t0 < timeout, f"workers {pids} still running {timeout} s later"
+        time.sleep(0.05)
+    return time.monotonic() - t0
+
+
+def mlflow_run(workdir: Path):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{workdir / 'runs' / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("distalex").experiment_id])
+    return run
+
+
+@pytest.mark.slow
+def test_ctrl_c_under_torchrun_stops_every_rank_with_a_checkpoint_and_a_killed_run(tiny_shards, tmp_path):
+    """One Ctrl-C as a terminal sends it: SIGINT to torchrun's process group (torchrun passes it on
+    to its workers), and the same SIGINT straight to the workers as well, as where they share that
+    group. One keypress reaching a worker twice is one stop, not an abort."""
+    from distalex.checkpoint import complete_checkpoints, read_meta
+    from tests.runs import tiny_overrides, torchrun_cmd
+
+    proc = launch_in_session(tmp_path, torchrun_cmd(2) + tiny_overrides(
+        tiny_shards, run_name="ctrlc", **{"train.epochs": 40, "checkpoint.every_steps": 3}))
+    workers = wait_for_checkpoint(tmp_path, proc)
+    assert len(workers) == 2
+    t0 = time.monotonic()
+    os.killpg(proc.pid, signal.SIGINT)
+    for pid in workers:
+        os.kill(pid, signal.SIGINT)
+    proc.wait(timeout=120)
+    wait_gone(workers, 60)
+    took = time.monotonic() - t0
+    out, err = (tmp_path / "stdout").read_text(), (tmp_path / "stderr").read_text()
+    print(f"\nCtrl-C to the workers' exit: {took:.1f} s")
+    stopped = re.search(r"stopped by Ctrl-C \(SIGINT\) at step (\d+) \(during training\)", out)
+    assert stopped, out[-2000:] + err[-4000:]
+    assert "aborted:" not in err, err[-4000:]
+    assert err.count("Traceback") == 1 and "SignalException: Process" in err, err[-6000:]  # torchrun's own exit
+    last = complete_checkpoints(tmp_path / "runs" / "ctrlc" / "checkpoints")[-1]
+    assert read_meta(last)["train_state"]["step"] == int(stopped.group(1)), "the checkpoint is of the stop's step"
+    assert mlflow_run(tmp_path).info.status == "KILLED"
+    assert took < 30
+
+
+SLOW_STOP_SAVE = '''
+import signal, sys, time
+from distalex.checkpoint import CheckpointManager
+import distalex.train
+
+real_save = CheckpointManager.save
+
+
+def save(self, *args, **kwargs):
+    stop = signal.getsignal(signal.SIGINT).__self__  # the StopRequested that distalex.train installed
+    if stop.requested:
+        time.sleep({seconds})
+    return real_save(self, *args, **kwargs)
+
+
+CheckpointManager.save = save
+sys.argv[0] = "distalex.train"
+distalex.train.main()
+'''
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_under_torchrun_aborts_at_once_and_still_marks_the_run(tiny_shards, tmp_path):
+    """Ctrl-C twice, 2 s apart, at torchrun's process group. The stop's checkpoint is made to take
+    SAVE_S (the tiny net saves in milliseconds, the paper's net in seconds), so that the second
+    keypress lands during it. torchrun exits at the second and sends its workers SIGTERM: they abort
+    at once, without that checkpoint, and the MLflow run is KILLED."""
+    from distalex.checkpoint import complete_checkpoints, read_meta
+    from tests.runs import DEMO_CONFIG, tiny_overrides
+
+    save_s = 20.0
+    script = tmp_path / "slow_stop_save.py"
+    script.write_text(SLOW_STOP_SAVE.replace("{seconds}", str(save_s)))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=0",
+               str(script), "--config", str(DEMO_CONFIG)]
+    proc = launch_in_session(tmp_path, command + tiny_overrides(
+        tiny_shards, run_name="ctrlc", **{"train.epochs": 40, "checkpoint.every_steps": 3}))
+    workers = wait_for_checkpoint(tmp_path, proc)
+    os.killpg(proc.pid, signal.SIGINT)
+    time.sleep(2.0)
+    before = [read_meta(c)["train_state"]["step"] for c in complete_checkpoints(tmp_path / "runs" / "ctrlc" / "checkpoints")]
+    t0 = time.monotonic()
+    os.killpg(proc.pid, signal.SIGINT)
+    proc.wait(timeout=60)
+    wait_gone(workers, 60)
+    took = time.monotonic() - t0
+    out, err = (tmp_path / "stdout").read_text(), (tmp_path / "stderr").read_text()
+    print(f"\nsecond Ctrl-C to the workers' exit: {took:.1f} s")
+    assert "aborted: SIGTERM after Ctrl-C (SIGINT): aborting without a checkpoint" in err, err[-4000:]
+    assert took < save_s - 2, "the workers waited for the slowed checkpoint instead of aborting"
+    after = [read_meta(c)["train_state"]["step"] for c in complete_checkpoints(tmp_path / "runs" / "ctrlc" / "checkpoints")]
+    assert after == before, "no checkpoint of the aborted stop"
+    assert "stopped by" not in out
+    assert mlflow_run(tmp_path).info.status == "KILLED"

@@ -26,6 +26,7 @@ from distalex.tracking import (
     EPOCH_METRICS, METRIC_EPOCH, METRIC_LOSS, METRIC_TOP1, STEP_METRICS, NullTracker, Tracker,
     TrackingWarning,
 )
+from distalex.tracking.tracker import END_TAG, UNCLEAN_EXITS_TAG
 
 REPO = Path(__file__).resolve().parents[1]
 LAYOUT = ParallelDims(dp=2, tp=2, rank=0)  # rank 0 of a 4-process job; no process group needed
@@ -173,6 +174,84 @@ def test_resume_of_a_run_missing_from_the_store_starts_a_new_one(tmp_path, empty
     assert len(tracking_warnings(caught)) == 1 and "0" * 32 in tracking_warnings(caught)[0]
     tracker.close()
     assert MlflowClient(uri).get_run(tracker.run_id).data.params["run_name"] == "tiny"
+
+
+DEAD_JOB = """
+import os, sys
+from pathlib import Path
+from distalex.config import load_config
+from distalex.parallel.dims import ParallelDims
+from distalex.tracking import Tracker
+
+run_id = sys.argv[2] if len(sys.argv) > 2 else None
+tracker = Tracker.start(load_config(None, ["run_name=tiny"]), ParallelDims(dp=2, tp=2, rank=0), Path(sys.argv[1]), run_id)
+tracker.log_metrics({"train/loss": 1.0}, step=1)
+assert tracker.flush()
+print(tracker.run_id, flush=True)
+os.kill(os.getpid(), 9)  # dies without a word: no close, no atexit
+"""
+
+
+def dead_job(run_dir: Path, run_id: str | None = None) -> str:
+    """A job that opens (or resumes) its run and is then killed with SIGKILL; the run's id."""
+    proc = subprocess.run([sys.executable, "-c", DEAD_JOB, str(run_dir), *([run_id] if run_id else [])],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    return proc.stdout.strip()
+
+
+def test_a_run_left_running_by_a_killed_job_is_marked_by_the_next_start(tmp_path, empty_store):
+    """kill -9 leaves the MLflow run RUNNING for good. The next job of the same run directory marks
+    it: resuming it counts the unclean exit in a tag and goes on; starting anew ends it as KILLED,
+    saying why. Runs of other run directories are not touched."""
+    run_dir = tmp_path / "runs" / "tiny"
+    uri = new_store(empty_store, run_dir.parent)
+    client = MlflowClient(uri)
+    other = Tracker.start(config(f"tracking.uri={uri}"), LAYOUT, tmp_path / "elsewhere" / "tiny", None)
+    first = dead_job(run_dir)
+    assert client.get_run(first).info.status == "RUNNING"
+    resumed = Tracker.start(config(), LAYOUT, run_dir, run_id=first)  # resumes from first's checkpoint
+    assert resumed.run_id == first and client.get_run(first).info.status == "RUNNING"
+    assert client.get_run(first).data.tags[UNCLEAN_EXITS_TAG] == "1"
+    resumed.close("FINISHED")
+    second = dead_job(run_dir)  # a new run, killed before its first checkpoint
+    fresh = Tracker.start(config(), LAYOUT, run_dir, run_id=None)  # so the next job starts anew
+    ended = client.get_run(second)
+    assert ended.info.status == "KILLED" and "its job died without ending it" in ended.data.tags[END_TAG]
+    assert str(run_dir) in ended.data.tags[END_TAG]
+    assert client.get_run(fresh.run_id).info.status == "RUNNING" and fresh.run_id not in (first, second)
+    assert client.get_run(first).info.status == "FINISHED"
+    assert client.get_run(other.run_id).info.status == "RUNNING"  # another run directory's live run
+    fresh.close()
+    other.close()
+
+
+def test_system_metrics_come_from_one_process_per_host_and_can_be_turned_off(tmp_path, empty_store, monkeypatch):
+    """A job of 4 ranks on 2 hosts (local ranks 0, 1 on each): MLflow's sampler runs on each host's
+    local rank 0 only, under that host's node id; tracking.system_metrics=false: none."""
+    uri = new_store(empty_store, tmp_path)
+    cfg = config(f"tracking.uri={uri}", "tracking.system_metrics_interval_s=0.2")
+    ranks = [ParallelDims(dp=2, tp=2, rank=r, local_rank=r % 2) for r in range(4)]
+    trackers = [Tracker.start(cfg, dims, tmp_path / "runs" / "tiny") for dims in ranks]
+    run_id = trackers[0].run_id
+    for dims, tracker in zip(ranks, trackers):
+        monkeypatch.setenv("SLURMD_NODENAME", f"node-{dims.rank // 2}")  # the name a Slurm node gives
+        tracker.watch_host(cfg, dims, run_id, uri)
+    time.sleep(2.0)
+    for tracker in reversed(trackers):
+        tracker.close()
+    client = MlflowClient(uri)
+    logged = [k for k in client.get_run(run_id).data.metrics if k.startswith("system/")]
+    assert {k.split("/")[1] for k in logged} == {"node-0", "node-1"}
+    for node in ("node-0", "node-1"):
+        for metric in ("cpu_utilization_percentage", "system_memory_usage_megabytes"):
+            steps = [m.step for m in client.get_metric_history(run_id, f"system/{node}/{metric}")]
+            assert len(steps) >= 2 and len(set(steps)) == len(steps), (node, metric, steps)  # one sampler each
+    off = Tracker.start(config(f"tracking.uri={uri}", "tracking.system_metrics=false"), ranks[0], tmp_path / "runs" / "off")
+    off.watch_host(config("tracking.system_metrics=false"), ranks[0], off.run_id, uri)
+    time.sleep(0.5)
+    off.close()
+    assert not [k for k in client.get_run(off.run_id).data.metrics if k.startswith("system/")]
 
 
 # ------------------------------------------------------------------ never in the loop's way

@@ -16,18 +16,22 @@ URLs: a local path (or ``file://``) is read with seeks over the samples before a
 goes through ``curl``; any other scheme (``s3://``, ``gs://``, ...) through fsspec
 (``pip install 'distalex[remote]'`` plus the store's fsspec backend, e.g. s3fs), else through
 webdataset's own handlers. A stream cannot seek, so a remote reader reaches the start of its
-segment by reading. A remote read that fails or ends early is retried from where it stopped
-(``data.retries`` times, waiting ``data.retry_wait_s`` doubled each time); then the rest of the
-segment is counted as skipped.
+segment by reading. Every remote stream is opened and read on a thread of its own (``StallGuard``):
+when it delivers no byte for ``data.stall_timeout_s`` the read fails, whatever the scheme. A remote
+read that fails, stalls or ends early is retried from where it stopped (``data.retries`` times,
+waiting ``data.retry_wait_s`` doubled each time); then the rest of the segment is counted as skipped.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
+import queue
 import shutil
 import tarfile
+import threading
 import time
 from collections.abc import Callable, Container, Iterator
 from contextlib import contextmanager
@@ -110,8 +114,9 @@ def _scheme(url: str) -> str:
 
 
 def _fsspec_protocol(scheme: str) -> bool:
-    """True when fsspec is installed and knows the scheme (its backend may still be missing)."""
-    return fsspec is not None and scheme in fsspec.available_protocols()
+    """True when fsspec is installed and knows the scheme (its backend may still be missing), including
+    filesystems registered at run time (``fsspec.register_implementation``)."""
+    return fsspec is not None and (scheme in fsspec.available_protocols() or scheme in fsspec.registry)
 
 
 def check_readable(urls: list[str], what: str) -> None:
@@ -130,32 +135,119 @@ def check_readable(urls: list[str], what: str) -> None:
             raise ValueError(f"{what}: {example}: no reader for {scheme}:// (pip install 'distalex[remote]' for fsspec)")
 
 
-def _curl(url: str, stall_s: float) -> list[str]:
-    # No curl --retry: the reader retries itself, a bounded number of times, from the last sample.
-    t = str(max(1, round(stall_s)))
-    return ["curl", "--fail", "--silent", "--show-error", "--location", "--connect-timeout", t,
-            "--speed-limit", "1", "--speed-time", t, url]
+def _curl(url: str) -> list[str]:
+    # No curl --retry: the reader retries itself, a bounded number of times, from the last sample;
+    # and no curl timeouts: StallGuard times every remote stream the same way.
+    return ["curl", "--fail", "--silent", "--show-error", "--location", url]
+
+
+def _open_remote(url: str):
+    scheme = _scheme(url)
+    if scheme in ("http", "https"):
+        return Pipe(_curl(url), mode="rb", bufsize=PIPE_BUFFER)
+    if scheme != "pipe" and _fsspec_protocol(scheme):
+        return fsspec.open(url, "rb").open()
+    return gopen(url, "rb", bufsize=PIPE_BUFFER)
+
+
+STALL_CHUNK = 1 << 18
+"""Bytes a StallGuard asks the stream for at a time (a pipe returns what it has, up to this)."""
+
+
+class StallGuard(io.RawIOBase):
+    """A remote stream opened and read on a thread of its own, so that no read waits longer than
+    ``stall_s`` for a byte (``data.stall_timeout_s``): one that does raises OSError naming the URL.
+
+    Closing it ends the stream (a command behind it is killed), which also ends a thread blocked in
+    a read; a backend read that ignores the close leaves only that daemon thread waiting.
+    """
+
+    def __init__(self, url: str, stall_s: float, opener=_open_remote):
+        super().__init__()
+        self.url, self.stall_s = url, stall_s
+        self._chunks: queue.Queue = queue.Queue(maxsize=8)
+        self._closing = threading.Event()
+        self._lock = threading.Lock()
+        self._stream = None
+        self._pending, self._eof = b"", False
+        threading.Thread(target=self._pump, args=(opener,), daemon=True, name="distalex-remote-read").start()
+
+    def _pump(self, opener) -> None:
+        stream = None
+        try:
+            stream = opener(self.url)
+            with self._lock:
+                self._stream = stream
+            raw = stream.stream if isinstance(stream, Pipe) else stream  # Pipe.read would wait for a full chunk
+            read = getattr(raw, "read1", None) or raw.read
+            while not self._closing.is_set():
+                data = read(STALL_CHUNK)
+                if not data and isinstance(stream, Pipe) and stream.proc.wait() != 0:  # e.g. curl --fail
+                    command = stream.proc.args if isinstance(stream.proc.args, str) else stream.proc.args[0]
+                    raise OSError(f"{command} exited with status {stream.proc.returncode}")
+                self._put(("data", data))
+                if not data:
+                    return
+        except BaseException as e:  # noqa: BLE001 - raised in the reader's thread by readinto
+            self._put(("error", e))
+        finally:
+            if stream is not None:  # here, not in close(): closing a pipe another thread reads would wait for it
+                _close_quietly(stream)
+
+    def _put(self, item) -> None:
+        while not self._closing.is_set():
+            try:
+                self._chunks.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        if not self._pending and not self._eof:
+            try:
+                kind, data = self._chunks.get(timeout=self.stall_s)
+            except queue.Empty:
+                raise OSError(f"{self.url}: no data for {self.stall_s:g} s (data.stall_timeout_s)") from None
+            if kind == "error":
+                raise data
+            self._pending, self._eof = data, not data
+        n = min(len(buffer), len(self._pending))
+        buffer[:n] = self._pending[:n]
+        self._pending = self._pending[n:]
+        return n
+
+    def close(self) -> None:
+        """End the stream: a command behind it is killed, which ends the reader thread's read."""
+        self._closing.set()
+        with self._lock:
+            stream = self._stream
+        if isinstance(stream, Pipe):
+            if stream.proc.poll() is None:
+                stream.proc.kill()
+        elif stream is not None:
+            try:
+                stream.close()
+            except Exception:  # noqa: BLE001 - a backend that cannot close now is closed again by the reader
+                pass
+        super().close()
 
 
 @contextmanager
 def open_url(url: str, stall_s: float = 60.0):
-    """(binary stream, seekable) of a shard or file; a subprocess behind it is ended on exit."""
+    """(binary stream, seekable) of a shard or file; a remote one is a ``StallGuard``, ended on exit."""
     path = local_path(url)
     if path is not None:
         with open(path, "rb") as f:
             yield f, True
         return
-    scheme = _scheme(url)
-    if scheme in ("http", "https"):
-        stream = Pipe(_curl(url, stall_s), mode="rb", bufsize=PIPE_BUFFER)
-    elif scheme != "pipe" and _fsspec_protocol(scheme):
-        stream = fsspec.open(url, "rb").open()
-    else:
-        stream = gopen(url, "rb", bufsize=PIPE_BUFFER)
+    stream = StallGuard(url, stall_s)
     try:
         yield stream, False
     finally:
-        _close_quietly(stream)
+        stream.close()
 
 
 def _close_quietly(stream) -> None:
@@ -172,13 +264,7 @@ def _close_quietly(stream) -> None:
 def read_bytes(url: str, stall_s: float = 60.0) -> bytes:
     """A whole small file (``_info.json``, the mean image) from a path or URL."""
     with open_url(url, stall_s) as (f, _):
-        if not isinstance(f, Pipe):
-            return f.read()
-        data = f.stream.read()  # to the end, then one plain message if the command failed
-        if f.proc.wait() != 0:  # e.g. curl --fail on an HTTP error
-            command = f.proc.args if isinstance(f.proc.args, str) else f.proc.args[0]
-            raise OSError(f"{command} exited with status {f.proc.returncode}")
-        return data
+        return f.read()
 
 
 # ------------------------------------------------------------------ tar -> samples

@@ -5,10 +5,11 @@ before its first step) can take minutes: the first batch is fetched on a helper 
 start, and ``WorkerPool.ready(timeout)`` lets the training loop wait for it in slices, so that it
 can still act on a stop.
 
-The workers ignore SIGTERM: torchrun (killpg) and SLURM (every process of the step) send it to
-them too, and a worker that died of it would make the training process raise mid-checkpoint
-("DataLoader worker ... killed by signal") while it saves after its own SIGTERM. Ignoring it
-removes the usual way workers end, so they are ended by other means:
+The workers ignore SIGTERM and SIGINT: torchrun (killpg) and SLURM (every process of the step)
+send SIGTERM to them too, and a terminal's Ctrl-C (or torchrun passing it on) sends SIGINT to the
+training process's whole process group. A worker that died of either would make the training
+process raise mid-checkpoint ("DataLoader worker ... killed by signal") while it saves after its
+own stop signal. Ignoring them removes the usual way workers end, so they are ended by other means:
 
 - ``WorkerPool.close`` kills them (SIGKILL) and is called on every path out of an epoch
   (``try/finally`` in the loaders). Killing is safe: a worker holds nothing that needs a clean
@@ -60,6 +61,7 @@ def _die_with_parent(parent: int) -> None:
 def _worker_init(parent: int, _worker_id: int) -> None:
     torch.set_num_threads(1)  # the workers decode with PIL; torch ops here are tiny copies
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # see the module docstring
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _die_with_parent(parent)
 
 

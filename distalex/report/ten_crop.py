@@ -3,18 +3,20 @@
 ``ten_crop.png`` (1600 x (40 + 190 * images)): per validation image the ten image_size patches
 the paper averages over (four corners and centre, then their mirrors: ``distalex.data.augment.ten_crop``
 on the central ``data.resize`` square), each with its own top-1 class, and the top-5 classes of the
-softmax averaged over the ten, the true class in green. Pixels are normalised as in evaluation
-(``augment.normalize``, statistics from the ``_info.json`` beside ``data.train_shards``; ImageNet's
-with a warning when that file is not found from where the report runs).
+softmax averaged over the ten, the true class in green; classes by their names (``digit 3``), as
+predict names them. Pixels are normalised as in evaluation, with the training statistics the model
+source carries (``ModelSource.normalizer``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from matplotlib.figure import Figure
 
 from distalex.report import ReportError
 from distalex.report.canvas import figure, save
@@ -44,9 +46,11 @@ class TenCropResult:
 
 
 @torch.no_grad()
-def ten_crop_predict(model: torch.nn.Module, examples: list[Example], resize: int, data_cfg) -> TenCropResult:
-    """The paper's test-time averaging: softmax over the ten patches of each image, then the mean."""
-    from distalex.data.augment import CorruptImage, centre_square, hwc_to_chw, normalize, ten_crop
+def ten_crop_predict(model: torch.nn.Module, examples: list[Example], resize: int,
+                     prepare: Callable[[torch.Tensor], torch.Tensor]) -> TenCropResult:
+    """The paper's test-time averaging: softmax over the ten patches of each image, then the mean.
+    ``prepare``: uint8 (B, 10, 3, S, S) -> the net's input (``ModelSource.normalizer(data_cfg, ten=True)``)."""
+    from distalex.data.augment import CorruptImage, centre_square, hwc_to_chw, ten_crop
 
     size = model.image_size
     if resize < size:
@@ -58,7 +62,7 @@ def ten_crop_predict(model: torch.nn.Module, examples: list[Example], resize: in
         except CorruptImage as e:
             raise ReportError(f"{ex.name}: not a readable image ({e})") from None
     crops_np = np.stack(crops)  # (B, 10, S, S, 3)
-    x = normalize(hwc_to_chw(crops_np), train=False, data_cfg=data_cfg)  # (B, 10, 3, S, S) float
+    x = prepare(hwc_to_chw(crops_np))  # (B, 10, 3, S, S) float
     model.eval()
     b = x.shape[0]
     crop_probs = torch.softmax(model(x.flatten(0, 1)).float(), dim=-1).view(b, 10, -1)
@@ -68,7 +72,13 @@ def ten_crop_predict(model: torch.nn.Module, examples: list[Example], resize: in
 CROP_NAMES = ("top-left", "top-right", "bottom-left", "bottom-right", "centre")
 
 
-def plot_ten_crop(result: TenCropResult, examples: list[Example], classes: list[str], png_path: str | Path, top: int = 5) -> Path:
+def plot_ten_crop(result: TenCropResult, examples: list[Example], class_names: list[str], png_path: str | Path,
+                  top: int = 5) -> Path:
+    """ten_crop.png; ``class_names[c]`` is how class c is named in it."""
+    return save(ten_crop_figure(result, examples, class_names, top), png_path)
+
+
+def ten_crop_figure(result: TenCropResult, examples: list[Example], class_names: list[str], top: int = 5) -> Figure:
     n = len(examples)
     W, H = TEN_W, TEN_HEAD_H + TEN_ROW_H * n
     fig = figure(W, H)
@@ -77,7 +87,7 @@ def plot_ten_crop(result: TenCropResult, examples: list[Example], classes: list[
              va="top", fontsize=12, weight="bold")
 
     def name(c: int) -> str:
-        return classes[c] if c < len(classes) else f"class {c}"
+        return class_names[c] if c < len(class_names) else f"class {c}"
 
     bars_left = 12 + 10 * (THUMB + THUMB_GAP) + 150
     for row, ex in enumerate(examples):
@@ -92,7 +102,7 @@ def plot_ten_crop(result: TenCropResult, examples: list[Example], classes: list[
             ax.set_yticks([])
             p, c = result.crop_probs[row, i].max(dim=0)
             ax.set_title(CROP_NAMES[i % 5] + (" m" if i >= 5 else ""), fontsize=7, pad=2)
-            ax.set_xlabel(f"{name(int(c))[-12:]} {float(p):.2f}", fontsize=7, labelpad=2)
+            ax.set_xlabel(f"{name(int(c))[:14]} {float(p):.2f}", fontsize=7, labelpad=2)
         probs, idx = result.probs[row].topk(min(top, result.probs.shape[1]))
         ax = fig.add_axes((bars_left / W, 1 - (top_px + THUMB_TOP + THUMB) / H, (W - bars_left - 20) / W, THUMB / H))
         colours = ["#3a9a4a" if ex.label is not None and int(c) == ex.label else "#9ab7d3" for c in idx]
@@ -103,7 +113,7 @@ def plot_ten_crop(result: TenCropResult, examples: list[Example], classes: list[
         ax.tick_params(axis="x", labelsize=7)
         for j, p in enumerate(probs.tolist()):
             ax.text(min(p, 0.85) + 0.01, j, f"{p:.3f}", va="center", fontsize=7)
-    return save(fig, png_path)
+    return fig
 
 
 def examples_from_files(paths: list[str], num: int, classes: list[str]) -> list[Example]:

@@ -21,6 +21,10 @@ class TrackingError(RuntimeError):
     """Tracking cannot start (the server does not answer, the store cannot be opened)."""
 
 
+class TrackingWarning(RuntimeWarning):
+    """MLflow could not be reached or refused something; training goes on without it."""
+
+
 def resolve_tracking_uri(cfg: Config, run_dir: Path) -> str:
     """``tracking.uri``, else ``$MLFLOW_TRACKING_URI``, else the sqlite file next to the run directory."""
     if cfg.tracking.uri:

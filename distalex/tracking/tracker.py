@@ -22,17 +22,26 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from distalex.tracking.datasets import shard_datasets
 from distalex.tracking.images import png_bytes
 from distalex.tracking.params import run_params
-from distalex.tracking.store import check_server, default_artifact_location, resolve_tracking_uri, sqlite_path, view_command
+from distalex.tracking.store import (
+    TrackingWarning, check_server, default_artifact_location, resolve_tracking_uri, sqlite_path, view_command,
+)
+from distalex.tracking.system import HostMetrics
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
 
-    from distalex.config import Config
+    from distalex.config import Config, DataConfig
     from distalex.parallel.dims import ParallelDims
 
 RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
+RUN_DIR_TAG = "distalex.run_dir"
+UNCLEAN_EXITS_TAG = "distalex.unclean_exits"
+"""How often a job of this run died without ending it (kill -9, out of memory, a lost node) and the run was resumed."""
+END_TAG = "distalex.end"
+"""Why a run that a dead job left RUNNING was ended by the next start of its run directory."""
 
 # MLflow's limits per log_batch call (mlflow.utils.validation).
 _MAX_METRICS_PER_BATCH = 1000
@@ -46,10 +55,6 @@ _CLOSE_TIMEOUT_S = 30.0
 """Longest flush/close waits. A dead server must not hold a checkpoint or a SIGTERM exit for the
 minutes that MLflow's own HTTP retries take (MLFLOW_HTTP_REQUEST_MAX_RETRIES, default 7, with
 exponential backoff); a healthy store takes well under a second for thousands of points."""
-
-
-class TrackingWarning(RuntimeWarning):
-    """MLflow could not be reached or refused something; training goes on without it."""
 
 
 def _chunks(items: list, size: int) -> list[list]:
@@ -66,6 +71,12 @@ class NullTracker:
     def __init__(self, run_id: str | None = None, reason: str | None = None):
         self._run_id = run_id
         self.reason = reason
+        self._host: HostMetrics | None = None
+
+    def watch_host(self, cfg: Config, dims: ParallelDims, run_id: str | None, uri: str | None) -> None:
+        """System metrics of this host into run ``run_id`` at ``uri``, on the host's local rank 0
+        (``tracking.system``); every rank calls it, with the run id and store rank 0 opened."""
+        self._host = HostMetrics.start(cfg, dims, run_id, uri)
 
     @property
     def run_id(self) -> str | None:
@@ -91,11 +102,16 @@ class NullTracker:
     def log_image(self, image: Any, file_name: str) -> None:
         pass
 
+    def log_datasets(self, data: DataConfig) -> None:
+        pass
+
     def flush(self, timeout: float = _FLUSH_TIMEOUT_S) -> bool:
         return True
 
     def close(self, status: str = "FINISHED", timeout: float = _CLOSE_TIMEOUT_S) -> None:
-        pass
+        if self._host is not None:
+            self._host.stop()
+            self._host = None
 
     def describe(self) -> str:
         return f"MLflow: off ({self.reason})" if self.reason else ""
@@ -130,6 +146,7 @@ class Tracker:
         self._failing = False  # the last MLflow call failed
         self._reported = False
         self._closed = False
+        self._host: HostMetrics | None = None
         self._sender = threading.Thread(target=self._send_loop, name="distalex-mlflow", daemon=True)
         self._sender.start()
         atexit.register(self._at_exit)
@@ -183,15 +200,17 @@ class Tracker:
                 )
                 run = None
             if run is not None:
+                _end_runs_left_running(client, run.info.experiment_id, run_dir, resumed=run)
                 _continue_run(client, run, params)
                 exp = client.get_experiment(run.info.experiment_id)
                 return cls(client, run_id, uri, run.info.experiment_id, exp.name)
         experiment_id = _experiment_id(client, cfg.tracking.experiment, default_artifact_location(uri))
+        _end_runs_left_running(client, experiment_id, run_dir, resumed=None)
         commit = params["git_commit"]
         tags = {
             "mlflow.source.name": "distalex.train",
             "mlflow.source.type": "JOB",
-            "distalex.run_dir": str(run_dir.resolve()),
+            RUN_DIR_TAG: str(run_dir.resolve()),
             "distalex.layout": dims.describe(),
         }
         if commit != "unknown":
@@ -218,6 +237,10 @@ class Tracker:
     def errors(self) -> int:
         """Failed MLflow calls so far (only the first one is reported)."""
         return self._errors
+
+    def watch_host(self, cfg: Config, dims: ParallelDims, run_id: str | None, uri: str | None) -> None:
+        """System metrics of this host into the run (``tracking.system``), as on every other rank."""
+        self._host = HostMetrics.start(cfg, dims, run_id, uri)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """Queue ``{name: value}`` at ``step``; returns at once. Values must be Python numbers
@@ -252,6 +275,15 @@ class Tracker:
         data = png_bytes(image)
         self._put(lambda c: _log_bytes(c, self._run_id, data, file_name), f"write {file_name}")
 
+    def log_datasets(self, data: DataConfig) -> None:
+        """The training and validation shards as the run's dataset inputs (``tracking.datasets``)."""
+        try:
+            inputs = shard_datasets(data)
+        except Exception as e:  # noqa: BLE001 - the run goes on without its dataset inputs
+            self._report(f"MLflow run {self._run_id}: the shards are not logged as its datasets: {type(e).__name__}: {e}")
+            return
+        self._put(lambda c: c.log_inputs(self._run_id, datasets=inputs), "log the shards as datasets")
+
     def flush(self, timeout: float = _FLUSH_TIMEOUT_S) -> bool:
         """Wait until everything queued so far has been handled (sent, or failed and counted).
 
@@ -271,6 +303,9 @@ class Tracker:
             raise ValueError(f"run status must be one of {', '.join(RUN_STATUSES)}, got {status!r}")
         if self._closed:
             return
+        if self._host is not None:  # its last samples go in while the run still says RUNNING
+            self._host.stop()
+            self._host = None
         self._put(lambda c: c.set_terminated(self._run_id, status), f"end the run as {status}")
         self._put(_STOP, "stop")
         self._closed = True
@@ -412,6 +447,25 @@ def _continue_run(client: MlflowClient, run, params: dict[str, str]) -> None:
     changed = [RunTag(f"resumed.{k}", v) for k, v in params.items() if k in old and old[k] != v]
     for chunk in _chunks(changed, _MAX_PARAMS_PER_BATCH):
         client.log_batch(run.info.run_id, tags=chunk)
+
+
+def _end_runs_left_running(client: MlflowClient, experiment_id: str, run_dir: Path, resumed) -> None:
+    """Runs of this run directory that MLflow still shows RUNNING: a job died without a word (kill -9,
+    out of memory, a lost node) before it could end them. The run this job resumes counts it in a
+    tag and goes on; any other is ended as KILLED, with a tag that says so."""
+    now, where = time.strftime("%Y-%m-%d %H:%M:%S"), str(run_dir.resolve())
+    if resumed is not None and resumed.info.status == "RUNNING":
+        count = int(resumed.data.tags.get(UNCLEAN_EXITS_TAG, "0")) + 1
+        client.set_tag(resumed.info.run_id, UNCLEAN_EXITS_TAG, str(count))
+    if "'" in where:  # not expressible in a filter string; such a run stays as it is
+        return
+    left = client.search_runs([experiment_id], f"tags.`{RUN_DIR_TAG}` = '{where}' and attributes.status = 'RUNNING'")
+    for run in left:
+        if resumed is not None and run.info.run_id == resumed.info.run_id:
+            continue
+        client.set_tag(run.info.run_id, END_TAG, f"its job died without ending it (kill -9, out of memory, a lost "
+                                                 f"node); ended as KILLED by the next start of {where} at {now}")
+        client.set_terminated(run.info.run_id, "KILLED")
 
 
 def _log_bytes(client: MlflowClient, run_id: str, data: bytes, file_name: str) -> None:
