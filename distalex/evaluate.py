@@ -86,6 +86,7 @@ def evaluate(model: nn.Module, loader, dims: ParallelDims, data_cfg, autocast=co
 def main(argv: list[str] | None = None) -> None:
     from distalex.data.info import DataError
     from distalex.data.loader import ValLoader
+    from distalex.jobs import exit_now, report_failure
     from distalex.model_source import SourceError, load_source
     from distalex.parallel.dims import ParallelConfigError, destroy_parallel, init_parallel
     from distalex.parallel.plan import parallelize
@@ -103,18 +104,21 @@ def main(argv: list[str] | None = None) -> None:
         state = source.weights()
         # The run's own config (evaluated at tp=1 unless asked), then the file and --set given here.
         cfg = load_config(args.config, args.overrides, base=source.config_base())
-        dims = init_parallel(cfg.parallel.tp, cfg.model.towers, cfg.parallel.device, layout=cfg.parallel.layout)
+        par = cfg.parallel
+        dims = init_parallel(par.tp, cfg.model.towers, par.device, par.timeout_s, par.layout, par.peer_timeout_s)
+    except (ConfigError, SourceError, ParallelConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    try:
         model = build_model(cfg.model)
         model.load_state_dict(state)
         model = parallelize(model, dims.tp_group, cfg.parallel.layout).to(dims.device)
         loader = ValLoader(cfg.data, dims, args.batch_size, cfg.model.image_size, ten_crop=args.ten_crop)
         result = evaluate(model, loader, dims, cfg.data, prepare=source.normalizer(cfg.data, args.ten_crop))
-    except DataError as e:
-        print(f"error: {e}{moved_data_hint(str(e))}", file=sys.stderr)
-        sys.exit(2)
-    except (ConfigError, SourceError, ParallelConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except BaseException as e:  # noqa: BLE001 - one line, and every rank ends (distalex.jobs)
+        if isinstance(e, DataError):
+            e = DataError(f"{e}{moved_data_hint(str(e))}")
+        exit_now(report_failure(dims, e))
     if dims.is_main:
         mode = "10-crop" if args.ten_crop else "centre crop"
         print(

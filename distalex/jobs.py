@@ -66,7 +66,7 @@ def report_failure(dims: ParallelDims, e: BaseException) -> int:
     code, reason = failure_of(e)
     if code == EXIT_BUG:
         traceback.print_exception(e)
-    print(f"error (rank {dims.rank}): {reason}", file=sys.stderr, flush=True)
+    print(f"error (rank {dims.rank}): {reason}" if dims.distributed else f"error: {reason}", file=sys.stderr, flush=True)
     if dims.liveness is not None:
         dims.liveness.fail(code, reason)
     e._distalex_exit_status = code
