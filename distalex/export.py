@@ -16,7 +16,7 @@ and the class ids) with a warning. With distalex:
     blob = torch.load("model.pt", weights_only=True)
     model = AlexNet(**blob["model_config"]); model.load_state_dict(blob["state_dict"])
 
-and without it, see the README ("Using a trained model").
+and without it, see docs/using-a-model.md ("Without distalex").
 """
 
 from __future__ import annotations

@@ -47,5 +47,5 @@ Done.
   checkpoints   : runs/demo/checkpoints
   MLflow        : ${MLFLOW_TRACKING_URI:-sqlite:///runs/mlflow.db}
                   view with: mlflow ui --backend-store-uri ${MLFLOW_TRACKING_URI:-sqlite:///runs/mlflow.db}
-                  the run's model: runs:/<run_id>/model (see "Using a trained model" in README.md)
+                  the run's model: runs:/<run_id>/model (see docs/using-a-model.md)
 EOM
