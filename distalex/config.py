@@ -49,7 +49,7 @@ class ParallelConfig(Section):
     tp: int = Field(2, ge=1)
     """Tensor-parallel degree: ranks per tower group. dp = world size / tp."""
     layout: Literal["towers", "hybrid"] = "towers"
-    """How a tp group splits the net (the same net either way; README "Two layouts").
+    """How a tp group splits the net (the same net either way; docs/parallelism.md).
     towers: each rank holds towers/tp whole towers and sees every image (the paper's split).
     hybrid: each rank holds every conv kernel and convolves 1/tp of the group's images; the fully
     connected layers are split as in towers (Krizhevsky 2014). tp need not divide model.towers."""

@@ -19,7 +19,7 @@ its curves are. With distalex:
     blob = torch.load("model.pt", weights_only=True)
     model = AlexNet(**blob["model_config"]); model.load_state_dict(blob["state_dict"])
 
-and without it, see docs/using-a-model.md.
+and without it, see docs/using-a-model.md ("Without distalex").
 """
 
 from __future__ import annotations

@@ -8,8 +8,9 @@ carrier and packets vanish without a reset, as when a cable, a switch port or a 
 that crashes. Hosts share this machine's file system: one working directory for all stands for a
 shared file system, one each for none.
 
-Needs root and iproute2 (``ip netns``): without them the tests skip with the reason, and
-``require_hosts`` turns that skip into a failure where ``DISTALEX_REQUIRE_ALL=1`` (CI).
+Needs root and iproute2 (``ip netns``): without them the tests (marker ``hosts``) skip with the
+reason, and ``require_hosts`` turns that skip into a failure where ``DISTALEX_REQUIRE_HOSTS=1``
+(``.ci/run``).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ SUBNET = "192.0.2"
 
 
 def require_hosts() -> None:
-    """Skip (loudly) where namespaces cannot be made; fail instead under DISTALEX_REQUIRE_ALL=1."""
+    """Skip (loudly) where namespaces cannot be made; fail instead under DISTALEX_REQUIRE_HOSTS=1."""
     reason = None
     if shutil.which("ip") is None:
         reason = "iproute2's ip is not installed (Debian: apt-get install iproute2)"
@@ -38,8 +39,8 @@ def require_hosts() -> None:
         reason = "making network namespaces needs root"
     if reason is None:
         return
-    if os.environ.get("DISTALEX_REQUIRE_ALL") == "1":
-        pytest.fail(f"multi-host fault tests cannot run: {reason} (DISTALEX_REQUIRE_ALL=1)")
+    if os.environ.get("DISTALEX_REQUIRE_HOSTS") == "1":
+        pytest.fail(f"multi-host fault tests cannot run: {reason} (DISTALEX_REQUIRE_HOSTS=1)")
     pytest.skip(f"multi-host fault tests skipped: {reason}")
 
 

@@ -1,9 +1,14 @@
 """A real one-node SLURM cluster for tests, brought up by launch/slurm/local-cluster.sh.
 
 Import the fixture into a test module (``from tests.slurm_fixtures import slurm_cluster``)
-and take ``slurm_cluster`` as an argument. The first use in a session starts the cluster
-(installing Debian's Slurm packages when missing; needs root) and the session's end stops it
-again. A cluster that was already up before the session is used and left running.
+and take ``slurm_cluster`` as an argument. The first use in a session starts the cluster and the
+session's end stops it again. A cluster that was already up before the session is used and left
+running.
+
+The cluster needs root and Debian's Slurm packages (``local-cluster.sh check`` says what is
+missing). Without them the tests that use it are skipped with that reason; with
+``DISTALEX_REQUIRE_SLURM=1`` (which .ci/run sets) a missing prerequisite fails them instead, and
+missing packages are installed by ``local-cluster.sh start`` (apt-get).
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ STATE_DIR = Path(os.environ.get("DISTALEX_SLURM_DIR", "/tmp/distalex-slurm"))
 
 # apt-get on a fresh machine plus daemon start; later starts take about a second.
 START_TIMEOUT_S = 600
+REQUIRE = "DISTALEX_REQUIRE_SLURM"
+CHECK_INSTALLABLE, CHECK_IMPOSSIBLE = 3, 4  # local-cluster.sh check: packages missing / not root or not Debian
 # A requeued or cancelled job leaves COMPLETING within KillWait (30 s) of its SIGTERM.
 KILL_TIMEOUT_S = 45
 
@@ -89,8 +96,26 @@ def _script(command: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def cannot_run_here() -> str | None:
+    """Why the cluster cannot start on this machine (as this session runs), or None."""
+    check = _script("check")
+    reason = check.stdout.strip() or check.stderr.strip()
+    if check.returncode == CHECK_IMPOSSIBLE:
+        return reason
+    if check.returncode == CHECK_INSTALLABLE and os.environ.get(REQUIRE) != "1":
+        return reason  # installing system packages is for CI (or `local-cluster.sh start` by hand)
+    if check.returncode not in (0, CHECK_INSTALLABLE):
+        return f"local-cluster.sh check failed (exit {check.returncode}): {reason}"
+    return None
+
+
 @pytest.fixture(scope="session")
 def slurm_cluster() -> Iterator[SlurmCluster]:
+    reason = cannot_run_here()
+    if reason is not None:
+        if os.environ.get(REQUIRE) == "1":
+            pytest.fail(f"SLURM tests required ({REQUIRE}=1) but cannot run: {reason}", pytrace=False)
+        pytest.skip(f"SLURM tests skipped: {reason}; set {REQUIRE}=1 to make this a failure (.ci/run does)")
     was_up = _script("status").returncode == 0
     started = _script("start")
     if started.returncode != 0:

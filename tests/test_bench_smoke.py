@@ -15,6 +15,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_bench_tiny_writes_every_row(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run(

@@ -190,6 +190,7 @@ def test_gpu_jpeg_decode_equals_cpu_decode(subsampling):
             subsampling, seed, diff.mean().item(), diff.max().item())
 
 
+@pytest.mark.e2e
 def test_short_training_run_on_cuda(tiny_shards, tmp_path):
     """The demo config on the GPU for a few steps, tp=1: one process per GPU (up to 2; with 2, dp=2
     over nccl; with 1, world size 1 needs no process group). It ends cleanly with a finite loss

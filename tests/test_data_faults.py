@@ -137,7 +137,7 @@ def test_a_fault_ends_the_loading_process_with_its_workers(fault, tmp_path):
     assert_ended_promptly(rc, ended, err, seen, stamp, what, expect_workers=2)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.parametrize("fault", ["worker", "step"])
 def test_a_fault_ends_a_torchrun_job_within_seconds(fault, tiny_shards, tmp_path):
     """2 ranks (tp=2) under torchrun; the fault hits rank 0: both ranks and all workers end."""

@@ -106,7 +106,7 @@ def test_http_and_pipe_shards_train_like_the_local_files(served, tmp_path):
     assert server.requests["imagenet-train-000001.tar"] >= 3
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_torchrun_training_over_http_ends_with_the_local_runs_weights(tiny_shards, tmp_path):
     """The demo shards once from their folder, once from a local HTTP server (data.info by URL)."""
     server = ShardServer(tiny_shards)

@@ -38,6 +38,8 @@ from distalex.parallel.trace import CollectiveSpy
 from tests.distributed import run_workers
 from tests.test_tensor_parallel import BATCH, LR, MOMENTUM, WD, assert_close_rel, data, tiny_model
 
+pytestmark = pytest.mark.slow  # DeepSpeed start-up on 2-4 processes per layout: minutes for the module
+
 STEPS, SAVE_AFTER = 4, 2  # checkpoint after step 2 of 4
 LR_DROP = 0.1  # engine.lr = LR * LR_DROP from step SAVE_AFTER on
 STAGES = (1, 2)

@@ -24,7 +24,7 @@ from tests.hosts import Hosts, agent_cmd, host_env, require_hosts
 from tests.runs import REPO, run_env, tiny_overrides, tiny_shards, torchrun_cmd  # noqa: F401 - fixture
 from tests.servers import ShardServer
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 
 PEER_TIMEOUT_S = 10
 BOUND_S = PEER_TIMEOUT_S + 30
@@ -151,6 +151,7 @@ def assert_healed(job: Job) -> None:
     assert run.info.status == "FINISHED"
 
 
+@pytest.mark.hosts
 def test_a_cut_link_ends_both_hosts_within_the_peer_timeout(hosts, tiny_shards, tmp_path):
     """Fixed --nnodes=2: host 1 finds host 2 silent, host 2 finds the store silent; both end."""
     job = Job(hosts, tmp_path, tiny_shards, nnodes="2", max_restarts=0)
@@ -165,6 +166,7 @@ def test_a_cut_link_ends_both_hosts_within_the_peer_timeout(hosts, tiny_shards, 
     report("link cut, fixed --nnodes=2", f"both hosts end: host 1 in {gone[1]:.1f} s, host 2 in {gone[2]:.1f} s")
 
 
+@pytest.mark.hosts
 def test_a_cut_link_under_elastic_settings_heals_on_the_rendezvous_host(hosts, tiny_shards, tmp_path):
     job = Job(hosts, tmp_path, tiny_shards, nnodes="1:2", max_restarts=3, rdzv_conf=ELASTIC)
     job.start(1), job.start(2)
@@ -179,6 +181,7 @@ def test_a_cut_link_under_elastic_settings_heals_on_the_rendezvous_host(hosts, t
     report("link cut, elastic", f"host 1 resumes at dp=1 {resumed:.1f} s after the cut, {job.steps_lost()}; host 2 ends in {host2:.1f} s")
 
 
+@pytest.mark.hosts
 def test_a_killed_host_is_survived_under_elastic_settings(hosts, tiny_shards, tmp_path):
     job = Job(hosts, tmp_path, tiny_shards, nnodes="1:2", max_restarts=3, rdzv_conf=ELASTIC)
     job.start(1), job.start(2)
@@ -192,6 +195,7 @@ def test_a_killed_host_is_survived_under_elastic_settings(hosts, tiny_shards, tm
     report("host killed, elastic", f"host 1 resumes at dp=1 {resumed:.1f} s after the kill, {job.steps_lost()}")
 
 
+@pytest.mark.hosts
 def test_a_host_joining_an_elastic_job_is_taken_in(hosts, tiny_shards, tmp_path):
     job = Job(hosts, tmp_path, tiny_shards, nnodes="1:2", max_restarts=3, rdzv_conf=ELASTIC)
     job.start(1)
@@ -207,6 +211,7 @@ def test_a_host_joining_an_elastic_job_is_taken_in(hosts, tiny_shards, tmp_path)
            f"{job.steps_lost()}")
 
 
+@pytest.mark.hosts
 def test_losing_the_rendezvous_host_ends_the_others_with_the_reason(hosts, tiny_shards, tmp_path):
     job = Job(hosts, tmp_path, tiny_shards, nnodes="1:2", max_restarts=3, rdzv_conf=ELASTIC)
     job.start(1), job.start(2)
@@ -219,6 +224,7 @@ def test_losing_the_rendezvous_host_ends_the_others_with_the_reason(hosts, tiny_
     report("rendezvous host lost", f"host 2 ends in {gone[2]:.1f} s, naming the rendezvous host")
 
 
+@pytest.mark.hosts
 def test_no_shared_checkpoint_directory_stops_before_the_first_step(hosts, tiny_shards, tmp_path):
     job = Job(hosts, tmp_path, tiny_shards, nnodes="2", max_restarts=0, shared=False)
     started = time.monotonic()

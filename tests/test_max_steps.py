@@ -13,9 +13,13 @@ import io
 import json
 import os
 
+import pytest
+
 from distalex.checkpoint import complete_checkpoints
 from tests.distributed import run_workers
 from tests.runs import DEMO_CONFIG, tiny_overrides, tiny_shards  # noqa: F401 - fixture
+
+pytestmark = pytest.mark.e2e  # real training runs (distalex.train.train, in-process)
 
 
 def two_runs(workdir: str, values: list[str]) -> list[str]:

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+pytestmark = pytest.mark.slow  # each test starts a real MLflow server: about 10 s
+
 SCRIPT = Path(__file__).resolve().parents[1] / "launch" / "mlflow-server.sh"
 
 

@@ -1,5 +1,5 @@
 """Using a trained model: predict agrees with evaluate, the MLflow model agrees with predict, the
-README's plain-torch snippet agrees with distalex's net, and bad images are reported one by one.
+plain-torch snippet of docs/using-a-model.md agrees with distalex's net, and bad images are reported one by one.
 
 The fast tests use a randomly initialised narrow net and images made here; the slow ones share one
 short real training run (tp=2 under torchrun, the demo data given as a relative path) that logs and
@@ -208,17 +208,18 @@ def test_a_model_predict_cannot_use_is_one_clear_error(exported, tmp_path, capsy
     assert code == 0 and "Exit status: 0 when every image was classified; 2 when" in out
 
 
-# ------------------------------------------------------------------ fast: the README's plain-torch snippet
+# ------------------------------------------------------------------ fast: the docs' plain-torch snippet
 
 
-def readme_snippet() -> str:
-    text = (REPO / "README.md").read_text()
-    section = text.split("**Without distalex.**", 1)[1]
-    return section.split("```python\n", 1)[1].split("```", 1)[0]
+def plain_torch_snippet() -> str:
+    """The python block of docs/using-a-model.md's "Without distalex" section."""
+    text = (REPO / "docs" / "using-a-model.md").read_text()
+    section = text.split("\n## Without distalex\n", 1)[1]
+    return section.split("```python demo\n", 1)[1].split("```", 1)[0]
 
 
-def test_readme_snippet_loads_the_weights_without_distalex(exported, tmp_path):
-    snippet = readme_snippet()
+def test_plain_torch_snippet_loads_the_weights_without_distalex(exported, tmp_path):
+    snippet = plain_torch_snippet()
     assert "distalex" not in snippet.replace("distalex's", "")
     work = tmp_path / "plain"
     (work / "runs" / "demo").mkdir(parents=True)
@@ -285,7 +286,7 @@ def errors_of(probs: torch.Tensor, labels: list[int]) -> tuple[str, float]:
     return f"top-1 error {100 * top1_err:.2f}%, top-5 error {100 * top5_err:.2f}%", loss
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.parametrize("ten", [False, True])
 def test_predict_gives_evaluates_numbers_on_the_held_out_images(trained, ten):
     line = evaluate_line(trained, ten)
@@ -302,7 +303,7 @@ def test_predict_gives_evaluates_numbers_on_the_held_out_images(trained, ten):
     assert torch.allclose(again, probs, atol=1e-6)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_predict_command_line_reports_evaluates_top1_error(trained):
     paths = [str(p) for p in trained["val"]]
     proc = subprocess.run([sys.executable, "-m", "distalex.predict", str(trained["run"] / "model.pt"), *paths, "--top", "1"],
@@ -315,7 +316,7 @@ def test_predict_command_line_reports_evaluates_top1_error(trained):
     assert f"top-1 error {top1_err:.2f}%" in evaluate_line(trained, ten=False)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_mlflow_model_gives_predicts_probabilities(trained, monkeypatch):
     from mlflow.models import Model
 
@@ -357,7 +358,7 @@ def test_mlflow_model_gives_predicts_probabilities(trained, monkeypatch):
     np.testing.assert_allclose(registered, want.numpy(), atol=1e-5, rtol=0)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_mlflow_models_predict_command_line_against_the_local_store(trained, tmp_path):
     paths = [str(p) for p in trained["val"][:4]]
     predictor = load_predictor(str(trained["run"] / "model.pt"))

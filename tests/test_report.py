@@ -184,6 +184,7 @@ def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
     return code, out.out, out.err
 
 
+@pytest.mark.e2e
 def test_report_on_tp2_checkpoint_writes_all_three_pictures(tiny, tmp_path, capsys, monkeypatch):
     """From a directory that holds neither the run nor its data (the run's config named them relative
     to its own): the checkpoint names its store and its shards by absolute path."""
@@ -199,6 +200,7 @@ def test_report_on_tp2_checkpoint_writes_all_three_pictures(tiny, tmp_path, caps
     assert read_png(tmp_path / "ten_crop.png").shape == (40 + 190 * 3, 1600, 3)
 
 
+@pytest.mark.e2e
 def test_tp2_checkpoint_blocks_are_the_ranks_shards(tiny, tmp_path, capsys):
     """Tower t's block shows exactly the kernels that tp rank t saved."""
     assert run_cli([str(tiny["ckpt"]), "--out", str(tmp_path)], capsys)[0] == 0
@@ -207,6 +209,7 @@ def test_tp2_checkpoint_blocks_are_the_ranks_shards(tiny, tmp_path, capsys):
     assert_grid_holds(read_png(tmp_path / "kernels.png"), torch.cat(per_rank), towers=2)
 
 
+@pytest.mark.e2e
 def test_tp2_checkpoint_and_its_export_give_the_same_picture(tiny, tmp_path, capsys):
     from distalex.export import main as export_main
 
@@ -225,6 +228,7 @@ def test_tp2_checkpoint_and_its_export_give_the_same_picture(tiny, tmp_path, cap
     assert not np.array_equal(pictures["ckpt"][:below], pictures["export"][:below])
 
 
+@pytest.mark.e2e
 def test_loop_logged_the_kernel_statistic_of_its_weights(tiny):
     """Item 2: at the epoch end the loop logged kernel_summary's metrics and picture to MLflow."""
     import mlflow
@@ -240,6 +244,7 @@ def test_loop_logged_the_kernel_statistic_of_its_weights(tiny):
     assert kernels and all(p.endswith(".png") for p in kernels)
 
 
+@pytest.mark.e2e
 def test_the_mlflow_run_holds_system_metrics_datasets_and_the_reports_pictures(tiny, tiny_shards, tmp_path, capsys,
                                                                              monkeypatch):
     """What a researcher opens: the run's system metrics for this host (one sampler: each step once),
@@ -296,6 +301,7 @@ def test_the_ten_crop_picture_names_classes_as_predict_does():
     assert not [t for t in texts if "n0000" in t or "class " in t]
 
 
+@pytest.mark.e2e
 def test_run_id_and_the_runs_model_file_give_all_three_pictures(tiny, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tiny["uri"])  # the run id form reads the environment
     code, out, err = run_cli([tiny["run_id"], "--out", str(tmp_path / "run"), "--num-images", "1", "--no-upload"], capsys)
@@ -342,6 +348,7 @@ def test_resumed_steps_keep_the_value_logged_last():
         "train/loss": [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0)] + [(s, -float(s)) for s in range(5, 10)]}
 
 
+@pytest.mark.e2e
 def test_ten_crop_from_image_files(tiny, tiny_shards, tmp_path, capsys):
     from distalex.data.info import read_info
     from distalex.data.loader import Segment, parse_sample, read_segment
@@ -376,6 +383,7 @@ def test_ten_crop_from_image_files(tiny, tiny_shards, tmp_path, capsys):
 # ------------------------------------------------------------------ clear errors, no tracebacks
 
 
+@pytest.mark.e2e
 def test_missing_run_is_a_clear_error(tiny, tmp_path, capsys):
     code, out, err = run_cli(["0123456789abcdef0123456789abcdef", "--tracking-uri", tiny["uri"], "--out", str(tmp_path)], capsys)
     assert code == 2 and "0123456789abcdef0123456789abcdef not found" in err and "Traceback" not in err
@@ -384,6 +392,7 @@ def test_missing_run_is_a_clear_error(tiny, tmp_path, capsys):
     assert not (tmp_path / "nope.db").exists()  # no empty store created by mistake
 
 
+@pytest.mark.e2e
 def test_checkpoint_without_conv1_is_a_clear_error(tiny, tmp_path, capsys):
     import json
     import shutil
@@ -405,6 +414,7 @@ def test_checkpoint_without_conv1_is_a_clear_error(tiny, tmp_path, capsys):
     assert code == 2 and "conv1.weight" in err, err
 
 
+@pytest.mark.e2e
 def test_moved_checkpoint_still_gives_everything_and_moved_data_is_named(tiny, tmp_path, capsys, monkeypatch):
     import shutil
 
@@ -436,6 +446,7 @@ def test_moved_checkpoint_still_gives_everything_and_moved_data_is_named(tiny, t
     assert code == 2 and "nowhere" in err
 
 
+@pytest.mark.e2e
 def test_unreadable_and_missing_files_are_clear_errors(tiny, tmp_path, capsys):
     junk = tmp_path / "model.pt"
     junk.write_bytes(b"not a torch file at all")

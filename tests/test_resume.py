@@ -2,7 +2,7 @@
 
 The uninterrupted run: 4 processes, 2 epochs of 4 steps, a checkpoint every 2 steps. Each resume
 starts from a copy of its run folder holding only the checkpoint of step 2 (half way through
-epoch 1), so the job continues the same MLflow run. The documented rule (README, "Resuming at
+epoch 1), so the job continues the same MLflow run. The documented rule (docs/training.md, "Resuming at
 another layout"):
 
 - tp alone moves no sample (tp rank 0 of each dp group loads; the sample windows are per dp rank):
@@ -38,7 +38,7 @@ import torch
 from distalex.checkpoint import complete_checkpoints, load_serial_state
 from tests.runs import launch, tiny_overrides, tiny_shards  # noqa: F401 - fixture
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 
 RTOL = 1e-5
 SAVED_STEP = 2

@@ -15,7 +15,7 @@ import pytest
 
 from tests.slurm_fixtures import SlurmCluster, slurm_cluster  # noqa: F401  (fixture)
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slurm
 
 
 def _write(path: Path, text: str) -> Path:

@@ -28,7 +28,7 @@ from distalex.checkpoint import complete_checkpoints, load_serial_state
 from tests.runs import DEMO_CONFIG, REPO, run_env, tiny_overrides, tiny_shards  # noqa: F401 - fixture
 from tests.slurm_fixtures import KILL_TIMEOUT_S, STATE_DIR, SlurmCluster, slurm_cluster  # noqa: F401 - fixture
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slurm, pytest.mark.e2e]
 
 SCRIPT = REPO / "launch" / "slurm" / "train.sbatch"
 RUN = "tiny"

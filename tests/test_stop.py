@@ -35,6 +35,8 @@ import torch
 from tests.distributed import run_workers
 from tests.runs import DEMO_CONFIG, tiny_overrides, tiny_shards  # noqa: F401 - fixture
 
+pytestmark = pytest.mark.e2e  # real training runs (distalex.train.train on 2 gloo ranks)
+
 VAL_BATCH_S = 0.5
 STALL_S = 60.0
 EXIT_SLACK_S = 3.0

@@ -9,14 +9,11 @@ share theirs); the serial reference draws the same ones (``serial_model``). At t
 model also evaluates ragged batches (3 and 1 images) as the serial one does.
 
 The collectives of one step are recorded and must be exactly the table's, and their kinds per
-layer those of the README's tables. A hybrid rank's input rows other than its own samples are NaN
+layer those of docs/parallelism.md's tables (from which docs/layouts.png is drawn). A hybrid rank's input rows other than its own samples are NaN
 in training: its model must never read them.
 """
 
 from __future__ import annotations
-
-import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -30,12 +27,12 @@ from distalex.parallel.layers import sample_counts
 from distalex.parallel.plan import CONVS, full_grads, full_state_dict, parallelize
 from distalex.parallel.trace import CollectiveSpy, label_layers, recording_allreduce_hook
 from tests.distributed import run_workers
+from tests.docs_commands import layer_table
 
 SEED, STEPS, BATCH, CLASSES, SIZE, WIDTH = 0, 3, 8, 10, 64, 1 / 16
 LR, MOMENTUM, WD = 0.05, 0.9, 5e-4
 DROPOUT, EVAL_BATCHES = 0.5, (3, 1)
 RTOL = 1e-5
-README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def tiny_model(dropout: float = 0.0) -> AlexNet:
@@ -165,23 +162,6 @@ WORDS = {"all_gather_into_tensor": "all-gather", "reduce_scatter_tensor": "reduc
          "all_reduce": "all-reduce", "all_to_all_single": "all-to-all"}
 
 
-def readme_table(section: str) -> list[tuple[list[str], set[str], set[str]]]:
-    """The README's per-layer table in ``## section``: (layers, forward collectives, backward collectives)
-    per row, each collective one of WORDS' values; "conv2..conv5" names four layers."""
-    text = README.read_text().split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
-    rows = []
-    for line in text.splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if not line.startswith("| ") or len(cells) != 4 or cells[0] == "layer":
-            continue
-        layers = []
-        for kind, a, b in re.findall(r"(conv|fc)(\d)(?:\.\.(?:conv|fc)(\d))?", cells[0]):
-            layers += [f"{kind}{i}" for i in range(int(a), int(b or a) + 1)]
-        words = [set(re.findall("|".join(WORDS.values()), cell)) for cell in cells[2:]]
-        rows.append((layers, *words))
-    return rows
-
-
 # ---------------------------------------------------------------------------- workers
 
 
@@ -295,15 +275,15 @@ def test_tp_collectives_are_the_table(runs, layout):
         assert run["calls"] == run["expected_tp"]
 
 
-@pytest.mark.parametrize(("layout", "section"), [("towers", "Towers as tensor parallelism"), ("hybrid", "Two layouts")])
-def test_readme_table_names_each_layers_collectives(runs, layout, section):
-    """Per layer and direction, the kinds of collective the step made are the README table's."""
+@pytest.mark.parametrize(("layout", "section"), [("towers", "Towers"), ("hybrid", "Hybrid")])
+def test_docs_table_names_each_layers_collectives(runs, layout, section):
+    """Per layer and direction, the kinds of collective the step made are docs/parallelism.md's table's."""
     run = runs(layout, 2)[0]
     seen: dict[tuple[str, str], set[str]] = {}
     for (kind, ranks, _), (phase, layer) in zip(run["calls"], run["phases"]):
         if ranks == run["tp_ranks"]:
             seen.setdefault((layer, phase), set()).add(WORDS[kind])
-    table = readme_table(section)
+    table = [(layers, set(fwd), set(bwd)) for layers, fwd, bwd in layer_table(section)]
     covered = {layer for layers, _, _ in table for layer in layers}
     assert {layer for layer, _ in seen} <= covered, (seen, table)
     for layers, fwd, bwd in table:

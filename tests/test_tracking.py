@@ -358,6 +358,7 @@ def test_mlflow_sends_no_telemetry_once_distalex_tracking_is_imported():
 # ------------------------------------------------------------------ a real tracking server
 
 
+@pytest.mark.slow  # starts a real MLflow server
 def test_real_mlflow_server_receives_params_metrics_and_artifacts(tmp_path, empty_store, monkeypatch, capsys):
     port = free_port()
     uri = f"http://127.0.0.1:{port}"

@@ -19,7 +19,7 @@ import torch
 from distalex.checkpoint import complete_checkpoints, load_serial_state
 from tests.runs import launch, run_env, tiny_overrides, tiny_shards, torchrun_cmd  # noqa: F401 - fixture
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 
 KILL_WAIT_S = 30  # Slurm's default time from SIGTERM to SIGKILL
 

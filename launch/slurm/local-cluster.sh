@@ -6,6 +6,8 @@
 #   bash launch/slurm/local-cluster.sh start    # install packages if missing, start, wait idle
 #   bash launch/slurm/local-cluster.sh status   # daemons, sinfo, squeue
 #   bash launch/slurm/local-cluster.sh stop     # kill the daemons by pid file
+#   bash launch/slurm/local-cluster.sh check    # can start run here? exit 0 yes, 3 after installing
+#                                               # packages, 4 never (not root, not Debian); one line why
 #
 # Everything (slurm.conf, logs, pid files, spool, controller state) lives in $DISTALEX_SLURM_DIR
 # (default /tmp/distalex-slurm). Clients find the config through SLURM_CONF, or through the
@@ -46,11 +48,18 @@ need_root() {
     [[ $(id -u) == 0 ]] || die "run as root (the daemons, munge and apt-get need it)"
 }
 
-install_packages() {
+# The packages of PACKAGES that dpkg does not list as installed, one line.
+missing_packages() {
     local missing=() p
     for p in "${PACKAGES[@]}"; do
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
     done
+    echo "${missing[*]}"
+}
+
+install_packages() {
+    local missing=()
+    read -ra missing <<<"$(missing_packages)"
     if ((${#missing[@]} == 0)); then
         say "packages present: ${PACKAGES[*]}"
         return
@@ -377,12 +386,32 @@ cmd_status() {
     return $rc
 }
 
+# What start needs, without changing anything: for tests that must say why they cannot run.
+cmd_check() {
+    if [[ $(id -u) != 0 ]]; then
+        echo "needs root (munge, the Slurm daemons and apt-get run as root)"
+        return 4
+    fi
+    if ! command -v dpkg-query >/dev/null || ! command -v apt-get >/dev/null; then
+        echo "needs Debian's Slurm packages (${PACKAGES[*]}): no dpkg-query or apt-get on this machine"
+        return 4
+    fi
+    local missing
+    missing=$(missing_packages)
+    if [[ -n $missing ]]; then
+        echo "Debian's packages $missing are not installed (start installs them with apt-get)"
+        return 3
+    fi
+    echo "root, and the packages ${PACKAGES[*]} are installed"
+}
+
 case ${1:-} in
     start) cmd_start ;;
     stop) cmd_stop ;;
     status) cmd_status ;;
+    check) cmd_check ;;
     *)
-        echo "usage: $0 start|stop|status" >&2
+        echo "usage: $0 start|stop|status|check" >&2
         exit 2
         ;;
 esac
