@@ -139,16 +139,20 @@ class Hosts:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
-def agent_cmd(hosts: Hosts, i: int, nnodes: str, overrides: list[str], port: int, max_restarts: int = 0,
-              script: Path | None = None, rdzv_conf: str = "") -> list[str]:
-    """torchrun on host i, one process, c10d rendezvous on host 1 (``is_host`` says which agent
-    holds the store: the hosts share one hostname, so torchrun cannot tell by name)."""
-    conf = f"is_host={int(i == 1)}" + (f",{rdzv_conf}" if rdzv_conf else "")
-    entry = [str(script)] if script else ["-m", "distalex.train"]
-    return [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", "--nproc_per_node=1",
-            "--rdzv-backend=c10d", f"--rdzv-endpoint={hosts.addr(1)}:{port}", "--rdzv-id=faults", "--rdzv-conf", conf,
-            f"--local-addr={hosts.addr(i)}", f"--max-restarts={max_restarts}", *entry,
-            "--config", str(DEMO_CONFIG), *overrides]
+LAUNCH = REPO / "launch" / "torchrun-hosts.sh"
+
+
+def agent(hosts: Hosts, i: int, nnodes: str, overrides: list[str], port: int, max_restarts: int = 0,
+          script: Path | None = None, rdzv_conf: str = "") -> tuple[list[str], dict[str, str]]:
+    """(command, environment) of host i's torchrun agent, started as a user would: with
+    launch/torchrun-hosts.sh, one process, the rendezvous on host 1. ``is_host`` says which agent
+    holds the store: the hosts share one hostname, so torchrun cannot tell by name."""
+    env = dict(RDZV_HOST=hosts.addr(1), RDZV_PORT=str(port), NODES=nnodes, NPROC_PER_NODE="1",
+               MAX_RESTARTS=str(max_restarts), JOB_ID="faults", LOCAL_ADDR=hosts.addr(i), PYTHON=sys.executable,
+               RDZV_CONF=f"is_host={int(i == 1)}" + (f",{rdzv_conf}" if rdzv_conf else ""))
+    if script is not None:
+        env["TRAIN_SCRIPT"] = str(script)
+    return ["bash", str(LAUNCH), str(DEMO_CONFIG), *overrides], env
 
 
 def host_env(hosts: Hosts, i: int, **extra) -> dict[str, str]:
