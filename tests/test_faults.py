@@ -120,6 +120,14 @@ def wait_for(log: Path, pattern: str, timeout: float) -> float:
     raise AssertionError(f"{log}: no {pattern!r} within {timeout} s\n{log.read_text(errors='replace')[-4000:]}")
 
 
+def fault_after_first_checkpoint(job: Job, fault) -> float:
+    """Start both hosts, wait for the first checkpoint, inject ``fault()``; its monotonic time."""
+    job.start(1), job.start(2)
+    job.wait_first_checkpoint()
+    fault()
+    return time.monotonic()
+
+
 def gone_within(hosts: Hosts, since: float, bound: float) -> dict[int, float]:
     """Seconds from ``since`` until each host has no process left; fails past ``bound``."""
     gone: dict[int, float] = {}
@@ -155,10 +163,7 @@ def assert_healed(job: Job) -> None:
 def test_a_cut_link_ends_both_hosts_within_the_peer_timeout(hosts, tiny_shards, tmp_path):
     """Fixed --nnodes=2: host 1 finds host 2 silent, host 2 finds the store silent; both end."""
     job = Job(hosts, tmp_path, tiny_shards, nnodes="2", max_restarts=0)
-    job.start(1), job.start(2)
-    job.wait_first_checkpoint()
-    hosts.cut(2)
-    cut = time.monotonic()
+    cut = fault_after_first_checkpoint(job, lambda: hosts.cut(2))
     gone = gone_within(hosts, cut, BOUND_S)
     assert job.exit_code(1, 5) != 0 and job.exit_code(2, 5) != 0
     assert re.search(r"error \(rank 0, node 0 \S+\): rank 1 \(node 1 \S+\) silent since \d\d:\d\d:\d\d", job.text(1)), job.tail(1)
@@ -169,10 +174,7 @@ def test_a_cut_link_ends_both_hosts_within_the_peer_timeout(hosts, tiny_shards, 
 @pytest.mark.hosts
 def test_a_cut_link_under_elastic_settings_heals_on_the_rendezvous_host(hosts, tiny_shards, tmp_path):
     job = Job(hosts, tmp_path, tiny_shards, nnodes="1:2", max_restarts=3, rdzv_conf=ELASTIC)
-    job.start(1), job.start(2)
-    job.wait_first_checkpoint()
-    hosts.cut(2)
-    cut = time.monotonic()
+    cut = fault_after_first_checkpoint(job, lambda: hosts.cut(2))
     host2 = hosts.wait_gone(2, BOUND_S)
     assert host2 is not None, f"host 2 still runs {BOUND_S} s after the cut: {hosts.pids(2)}\n{job.tail(2)}"
     assert "has not answered since" in job.text(2), job.tail(2)
@@ -184,10 +186,7 @@ def test_a_cut_link_under_elastic_settings_heals_on_the_rendezvous_host(hosts, t
 @pytest.mark.hosts
 def test_a_killed_host_is_survived_under_elastic_settings(hosts, tiny_shards, tmp_path):
     job = Job(hosts, tmp_path, tiny_shards, nnodes="1:2", max_restarts=3, rdzv_conf=ELASTIC)
-    job.start(1), job.start(2)
-    job.wait_first_checkpoint()
-    hosts.kill(2)  # every process, the agent included
-    killed = time.monotonic()
+    killed = fault_after_first_checkpoint(job, lambda: hosts.kill(2))  # every process, the agent included
     resumed = job.wait_for(1, r"resumed from \S+", BOUND_S + 60) - killed
     assert_healed(job)
     before = job.text(1).split("resumed from")[0]  # the first attempt, which the kill ended
@@ -216,10 +215,7 @@ def test_a_host_joining_an_elastic_job_is_taken_in(hosts, tiny_shards, tmp_path)
 @pytest.mark.hosts
 def test_losing_the_rendezvous_host_ends_the_others_with_the_reason(hosts, tiny_shards, tmp_path):
     job = Job(hosts, tmp_path, tiny_shards, nnodes="1:2", max_restarts=3, rdzv_conf=ELASTIC)
-    job.start(1), job.start(2)
-    job.wait_first_checkpoint()
-    hosts.kill(1)
-    killed = time.monotonic()
+    killed = fault_after_first_checkpoint(job, lambda: hosts.kill(1))
     gone = gone_within(hosts, killed, BOUND_S)
     assert job.exit_code(2, 5) != 0
     assert "the rendezvous host (torchrun's store at" in job.text(2), job.tail(2)
