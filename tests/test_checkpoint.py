@@ -23,6 +23,7 @@ from distalex.checkpoint import (
 from distalex.config import Config
 from distalex.engine import DDPEngine
 from distalex.parallel.dims import ParallelDims
+from tests.distributed import run_workers
 from tests.test_tensor_parallel import tiny_model
 
 
@@ -189,3 +190,118 @@ def test_complete_checkpoints_prefers_the_folder_in_place(tmp_path):
         (tmp_path / name / "meta.json").write_text("{}")
     (tmp_path / "step-00000009" / "meta.json").unlink()  # half deleted
     assert [p.name for p in complete_checkpoints(tmp_path)] == ["step-00000004", ".step-00000007.old"]
+
+
+def save_at(cfg: Config, steps: list[int]) -> dict[int, dict[str, torch.Tensor]]:
+    """Checkpoints at ``steps`` of one engine trained a step between them; step -> its weights."""
+    e, saved = engine(cfg), {}
+    for step in steps:
+        e.train_step(torch.randn(4, 3, 63, 63), torch.randint(0, 10, (4,)))
+        CheckpointManager(cfg, ParallelDims()).save(e, TrainState(step=step), RandomStreams())
+        saved[step] = weights(e)
+    return saved
+
+
+def test_a_checkpoint_that_does_not_load_is_moved_aside_and_the_previous_one_used(tmp_path, capsys):
+    cfg = make_cfg(tmp_path, keep=3)
+    saved = save_at(cfg, [3, 6, 9])
+    shard = tmp_path / "step-00000009" / "model-tp00.pt"
+    shard.write_bytes(shard.read_bytes()[:500])  # truncated, as by a full disk or a lost node
+    (tmp_path / "step-00000006" / "rng-rank00000.pt").write_bytes(b"not a tensor file")
+    fresh, state = engine(cfg), TrainState()
+    folder, _ = CheckpointManager(cfg, ParallelDims()).resume(fresh, state, RandomStreams())
+    assert folder.name == "step-00000003" and state.step == 3 and same(weights(fresh), saved[3])
+    err = capsys.readouterr().err
+    assert "checkpoint" in err and "step-00000009 does not load" in err and "moved aside to .step-00000009.unreadable" in err
+    assert "step-00000006 does not load" in err and "rng-rank00000.pt: unreadable" in err
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["step-00000003"]  # out of resume's and pruning's way
+    assert (tmp_path / ".step-00000009.unreadable" / "meta.json").is_file()  # kept for a look
+    # The next save tidies nothing of them away, and its pruning counts only loadable ones.
+    CheckpointManager(cfg, ParallelDims()).save(fresh, TrainState(step=4), RandomStreams())
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["step-00000003", "step-00000004"]
+
+
+def test_no_loadable_checkpoint_is_an_error_naming_each(tmp_path):
+    cfg = make_cfg(tmp_path, keep=3)
+    save_at(cfg, [3, 6])
+    for step in (3, 6):
+        (tmp_path / f"step-{step:08d}" / "meta.json").write_text("{ truncated")
+    with pytest.raises(CheckpointError, match=r"no complete checkpoint loads: step-00000006 .*; step-00000003 "):
+        CheckpointManager(cfg, ParallelDims()).resume(engine(cfg), TrainState(), RandomStreams())
+
+
+def test_an_explicit_resume_path_that_does_not_load_is_not_replaced(tmp_path):
+    cfg = make_cfg(tmp_path, keep=3)
+    save_at(cfg, [3, 6])
+    (tmp_path / "step-00000006" / "model-tp00.pt").write_bytes(b"")
+    explicit = make_cfg(tmp_path, keep=3)
+    explicit.checkpoint.resume = str(tmp_path / "step-00000006")
+    with pytest.raises(CheckpointError, match="step-00000006: cannot load rank 0's shard"):
+        CheckpointManager(explicit, ParallelDims()).resume(engine(explicit), TrainState(), RandomStreams())
+    assert (tmp_path / "step-00000006").is_dir()  # asked for by name: left where it is
+
+
+def test_every_file_is_on_disk_before_the_checkpoint_counts(tmp_path, monkeypatch):
+    """fsync of each shard and stream file, and of the folder, before meta.json makes it complete;
+    of the checkpoint directory after the folder is renamed into place."""
+    cfg = make_cfg(tmp_path)
+    e = engine(cfg)
+    events = []
+    real_fsync, real_rename = os.fsync, os.rename
+
+    def fsync(fd):
+        events.append(("fsync", Path(os.readlink(f"/proc/self/fd/{fd}")).name))
+        return real_fsync(fd)
+
+    def rename(src, dst):
+        events.append(("rename", Path(dst).name))
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", rename)
+    CheckpointManager(cfg, ParallelDims()).save(e, TrainState(step=5), RandomStreams())
+    names = [n for _, n in events]
+    meta = names.index("meta.json.tmp")  # meta.json is written, flushed, then replaced into place
+    for f in ("model-tp00.pt", "rng-rank00000.pt", ".step-00000005.tmp"):
+        assert f in names[:meta], (f, events)
+    published = events.index(("rename", "step-00000005"))
+    assert ("fsync", tmp_path.name) in events[published:], events
+
+
+def _resume_as_rank_0_sees_it(root: str) -> int:
+    """Rank 1 sees no checkpoint yet (a network file system a moment behind): it still loads rank 0's."""
+    import distalex.checkpoint as checkpoint
+    from distalex.parallel.dims import init_parallel
+
+    dims = init_parallel(tp=1, towers=2, device="cpu")
+    cfg = make_cfg(Path(root))
+    cfg.parallel.tp = 1
+    if dims.rank == 1:
+        checkpoint.complete_checkpoints = lambda _root: []
+    state = TrainState()
+    found = CheckpointManager(cfg, dims).resume(DDPEngine(tiny_model(), cfg, dims), state, RandomStreams())
+    return state.step if found else -1
+
+
+def test_every_rank_resumes_from_rank_0s_choice(tmp_path):
+    save_at(make_cfg(tmp_path), [5])
+    assert run_workers(_resume_as_rank_0_sees_it, 2, str(tmp_path)) == [5, 5]
+
+
+def _check_shared(root: str) -> str:
+    from distalex.parallel.dims import init_parallel
+
+    dims = init_parallel(tp=1, towers=2, device="cpu")
+    cfg = make_cfg(Path(root) / f"host{dims.rank}")  # every rank its own directory: no shared file system
+    try:
+        CheckpointManager(cfg, dims).check_shared_dir()
+    except CheckpointError as e:
+        return str(e)
+    return "no error"
+
+
+def test_a_checkpoint_dir_that_is_not_shared_is_refused_on_every_rank(tmp_path):
+    errors = run_workers(_check_shared, 2, str(tmp_path))
+    for error in errors:
+        assert error.startswith(f"checkpoint.dir: {tmp_path}/host0 is not one directory shared by all hosts: rank 1 ("), error
+    assert not list((tmp_path / "host0").iterdir())  # rank 0's probe file is gone again

@@ -208,10 +208,11 @@ class CheckpointManager:
         if error is None:
             missing = None if _appears(self.root / name) else f"rank {dims.rank} ({where_am_i()})"
             error = dims.first_of(missing)
-            if error is not None:
-                error = (f"checkpoint.dir: {self.root} is not one directory shared by all hosts: {error} does not "
-                         f"see the file rank 0 ({dims.broadcast_object(where_am_i() if dims.is_main else None)}) "
-                         "wrote there; point checkpoint.dir at a file system every host mounts at the same path")
+            if error is not None:  # in rank 0's words: its directory, its host
+                host0, root0 = dims.broadcast_object((where_am_i(), str(self.root)) if dims.is_main else None)
+                error = (f"checkpoint.dir: {root0} is not one directory shared by all hosts: {error} does not "
+                         f"see the file rank 0 ({host0}) wrote there; point checkpoint.dir at a file system every "
+                         "host mounts at the same path")
         if dims.is_main:
             (self.root / name).unlink(missing_ok=True)
         if error is not None:
