@@ -334,9 +334,10 @@ def plan_rows(device: torch.device, a) -> list[dict]:
         for model in ("distalex", "torchvision"):
             add(model, False)
             add(model, True)
-            add(model, False, channels_last=True, optional=True)  # "if it works" on the CPU
+            add(model, False, channels_last=True)
         add("distalex", False, lrn=False)
         add("distalex", True, lrn=False)
+        add("distalex", False, channels_last=True, lrn=False)
 
     n_gpu = torch.cuda.device_count() if device.type == "cuda" else 0
     tp_device = {"auto": "cuda" if n_gpu >= 2 else ("cpu" if device.type == "cpu" else None)}.get(a.tp2, a.tp2)

@@ -78,11 +78,16 @@ def build_parallel_model(cfg: Config, dims: ParallelDims):
     # Dropout masks: shared by the tp peers of a dp group, different across dp groups.
     model.reseed_dropout(cfg.train.seed + 7919 * dims.dp_rank)
     model = model.to(dims.device)
-    if dims.device.type == "cuda" and cfg.train.channels_last:
+    if channels_last(cfg, dims.device):
         model = model.to(memory_format=torch.channels_last)
     if cfg.train.compile:
-        model.compile(**compile_options(cfg, dims))
+        model.compile(fullgraph=True, **compile_options(cfg, dims))  # one graph, or an error that says where not
     return model
+
+
+def channels_last(cfg: Config, device: torch.device) -> bool:
+    """``train.channels_last`` on ``device`` (auto: on CUDA only)."""
+    return device.type == "cuda" if cfg.train.channels_last == "auto" else cfg.train.channels_last
 
 
 def compile_options(cfg: Config, dims: ParallelDims) -> dict:
@@ -111,7 +116,7 @@ def setup(cfg: Config, dims: ParallelDims, stop: StopRequested) -> Run:
     model = build_parallel_model(cfg, dims)
     engine = build_engine(model, cfg, dims)
     lighting = torch.Generator(device=dims.device).manual_seed(cfg.train.seed * 1_000_003 + dims.dp_rank)
-    streams = RandomStreams({"lighting": lighting, **{f"dropout{i}": m.generator_on(dims.device) for i, m in enumerate(model.dropouts())}})
+    streams = RandomStreams({"lighting": lighting, **{f"dropout{i}": m.stream_on(dims.device) for i, m in enumerate(model.dropouts())}})
     position = data_position_settings(cfg, dims, train_loader.num_samples, train_loader.steps_per_epoch)
     checkpoints = CheckpointManager(cfg, dims, info.classes, position)
     state = TrainState(lr=cfg.optim.lr)
@@ -184,7 +189,7 @@ def train_epoch(run: Run, progress) -> str | None:
         window_sum, window_n, window_t = torch.zeros((), device=dims.device), 0, time.perf_counter()
         for batch in batches:
             x = normalize(batch.images, train=True, data_cfg=cfg.data, generator=run.lighting)
-            if dims.device.type == "cuda" and cfg.train.channels_last:
+            if channels_last(cfg, dims.device):
                 x = x.contiguous(memory_format=torch.channels_last)
             loss = engine.train_step(x, batch.labels)
             window_sum += loss
