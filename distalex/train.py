@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from distalex import determinism
 from distalex.checkpoint import (
     CheckpointError, CheckpointManager, RandomStreams, Resumed, TrainState, data_position_settings,
 )
@@ -104,7 +105,7 @@ def compile_options(cfg: Config, dims: ParallelDims) -> dict:
 
 def setup(cfg: Config, dims: ParallelDims, stop: StopRequested) -> Run:
     if cfg.train.deterministic:
-        torch.use_deterministic_algorithms(True)
+        determinism.enable(dims.device)
     info = read_info(cfg.data.train_shards, cfg.data.info)
     if info.num_classes != cfg.model.num_classes:
         raise DataError(
@@ -450,8 +451,10 @@ def main(argv: list[str] | None = None) -> None:
     stop = StopRequested()  # first: a SIGTERM during start-up still ends in a clean save and exit
     cfg = config_from_args(args)  # exits 2 on a bad config, before any process group exists
     try:
+        if cfg.train.deterministic:
+            determinism.prepare(cfg.parallel.device)  # before the first CUDA call
         dims = init_parallel(cfg.parallel.tp, cfg.model.towers, cfg.parallel.device, cfg.parallel.timeout_s, cfg.parallel.layout)
-    except ParallelConfigError as e:
+    except (ConfigError, ParallelConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
     try:
