@@ -134,6 +134,13 @@ def measure(step, images_per_step: int, warmup: int, iters: int, windows: int, d
     return summarize(list(rates), list(cpu_rates), images_per_step, first)
 
 
+def set_malloc(mode: str) -> bool:
+    """``--malloc``: the host allocator every row of this process runs with (whether it applied)."""
+    from distalex.allocator import keep_freed_memory
+
+    return keep_freed_memory() if mode == "keep" else False
+
+
 def make_model(kind: str, width: float, size: int, lrn: bool = True):
     if kind == "distalex":
         from distalex.model import AlexNet
@@ -209,6 +216,8 @@ def run_single(row: dict, a, device: torch.device) -> dict:
     """One tp=1 row in this process, on its own."""
     mem_kind = reset_peak(device)
     out = measure(prepare_single(row, a, device), a.batch, a.warmup, a.iters, a.windows, device)
+    if device.type == "cpu" and a.malloc_applied:
+        mem_kind += " (--malloc keep: freed memory stays in the process, so at least the earlier rows' peak)"
     out.update(peak_mem_bytes=peak_bytes(device), peak_mem_kind=mem_kind)
     return out
 
@@ -244,13 +253,14 @@ def run_interleaved(rows: list[dict], a, device: torch.device) -> None:
 
 
 def tp_worker(device_type: str, width: float, size: int, batch: int, warmup: int, iters: int, windows: int,
-              layout: str = "towers") -> dict:
+              layout: str = "towers", malloc: str = "keep") -> dict:
     """tp=2 on 2 processes (spawned by tests/distributed.run_workers: 1 CPU thread each). Both ranks
     get the whole batch; under hybrid each convolves its half (the loader would scatter it)."""
     from distalex.model import AlexNet
     from distalex.parallel.dims import init_parallel
     from distalex.parallel.plan import parallelize
 
+    set_malloc(malloc)
     dims = init_parallel(tp=2, towers=2, device=device_type, layout=layout)
     device = dims.device
     mem_kind = reset_peak(device)
@@ -265,7 +275,7 @@ def tp_worker(device_type: str, width: float, size: int, batch: int, warmup: int
 def run_tp2(row: dict, a) -> dict:
     from tests.distributed import run_workers
 
-    outs = run_workers(tp_worker, 2, row["device"], a.width, a.size, a.batch, a.warmup, a.iters, a.windows, row["layout"],
+    outs = run_workers(tp_worker, 2, row["device"], a.width, a.size, a.batch, a.warmup, a.iters, a.windows, row["layout"], a.malloc,
                        timeout=a.tp_timeout)
     # The ranks step in lockstep (every step has blocking collectives): report rank 0's rate and
     # the larger of the two peaks.
@@ -440,6 +450,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", default="", help="comma-separated exact row names, run in this order")
     p.add_argument("--interleave", action="store_true",
                    help="time the tp=1 step rows round-robin, window by window (robust to other jobs' load; no peak memory)")
+    p.add_argument("--malloc", choices=("keep", "system"), default="keep",
+                   help="keep: glibc keeps freed memory, as distalex.train does on the CPU (distalex.allocator); "
+                        "system: glibc's defaults (large blocks mmapped and unmapped, page faults every step)")
     p.add_argument("--json", default=None, help="default bench/results-<device>.json")
     a = p.parse_args(argv)
     for k, v in (TINY if a.tiny else FULL).items():
@@ -448,12 +461,13 @@ def main(argv: list[str] | None = None) -> int:
     a.data_resize, a.data_size = (72, 64) if a.tiny else (256, 224)
     if a.threads:
         torch.set_num_threads(a.threads)
+    a.malloc_applied = set_malloc(a.malloc)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     prov = provenance(argv)
     config = {k: getattr(a, k) for k in ("tiny", "width", "size", "batch", "warmup", "iters", "windows", "interleave", "compile_backend",
                                           "data_images", "data_workers", "data_resize", "data_size")}
-    config.update(device=str(device), torch_threads=torch.get_num_threads())
+    config.update(device=str(device), torch_threads=torch.get_num_threads(), malloc=a.malloc, malloc_applied=a.malloc_applied)
     print(f"{prov['machine']}; torch {prov['torch']}; {prov['commit']}; load {prov['load_average_at_start']}")
     print("config: " + ", ".join(f"{k}={v}" for k, v in config.items()), flush=True)
 

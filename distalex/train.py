@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from distalex import determinism
+from distalex import allocator, determinism
 from distalex.checkpoint import (
     CheckpointError, CheckpointManager, RandomStreams, Resumed, TrainState, data_position_settings,
 )
@@ -106,6 +106,8 @@ def compile_options(cfg: Config, dims: ParallelDims) -> dict:
 def setup(cfg: Config, dims: ParallelDims, stop: StopRequested) -> Run:
     if cfg.train.deterministic:
         determinism.enable(dims.device)
+    if dims.device.type == "cpu":
+        allocator.keep_freed_memory()  # no page faults for the step's large tensors, every step
     info = read_info(cfg.data.train_shards, cfg.data.info)
     if info.num_classes != cfg.model.num_classes:
         raise DataError(
