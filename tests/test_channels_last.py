@@ -35,9 +35,9 @@ def tiny_model() -> AlexNet:
     return model
 
 
-def data():
+def data(device):
     g = torch.Generator().manual_seed(1)
-    return torch.randn(BATCH, 3, SIZE, SIZE, generator=g), torch.randint(0, CLASSES, (BATCH,), generator=g)
+    return torch.randn(BATCH, 3, SIZE, SIZE, generator=g).to(device), torch.randint(0, CLASSES, (BATCH,), generator=g).to(device)
 
 
 def record_layouts(model) -> tuple[list, list]:
@@ -69,16 +69,19 @@ def activation_copies(step) -> list[tuple[str, tuple]]:
     return copies
 
 
-def layout_worker(tp: int, layout: str, channels_last: bool) -> dict:
-    dims = init_parallel(tp=tp, towers=2, device="cpu", layout=layout)
-    model = parallelize(tiny_model(), dims.tp_group, layout)
-    x, y = data()
+def layout_worker(tp: int, layout: str, channels_last: bool, device: str = "cpu") -> dict:
+    """Also the GPU check's (tests/test_cuda.py), with device="cuda" (tp=2: one GPU per rank, NCCL)."""
+    dims = init_parallel(tp=tp, towers=2, device=device, layout=layout)
+    if dims.device.type == "cuda":  # plain float32 (no TF32), so that layouts and tp degrees compare closely
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    model = parallelize(tiny_model(), dims.tp_group, layout).to(dims.device)
+    x, y = data(dims.device)
     if channels_last:
         model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
     forward, backward = record_layouts(model)
     logits = model(x)
     F.cross_entropy(logits, y).backward()
-    result = {"forward": list(forward), "backward": list(backward), "logits": logits.detach(), "grads": full_grads(model, dims.tp_group),
+    result = {"forward": list(forward), "backward": list(backward), "logits": logits.detach().cpu(), "grads": full_grads(model, dims.tp_group),
               "grad_layouts": {n: is_channels_last(p.grad) for n, p in model.named_parameters() if p.dim() == 4}}
     result["copies"] = activation_copies(lambda: F.cross_entropy(model(x), y).backward())
     return result

@@ -38,9 +38,15 @@ def tiny_model() -> AlexNet:
     return model
 
 
-def data(step: int):
+def data(step: int, device: str = "cpu"):
     g = torch.Generator().manual_seed(100 + step)
-    return torch.randn(BATCH, 3, SIZE, SIZE, generator=g), torch.randint(0, CLASSES, (BATCH,), generator=g)
+    return torch.randn(BATCH, 3, SIZE, SIZE, generator=g).to(device), torch.randint(0, CLASSES, (BATCH,), generator=g).to(device)
+
+
+def exact_float32(device: torch.device) -> None:
+    """On CUDA: plain float32 convolutions and matrix products (no TF32), so that compiled and eager compare closely."""
+    if device.type == "cuda":
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
 
 
 def backward_nodes(loss: torch.Tensor) -> set[str]:
@@ -56,44 +62,62 @@ def backward_nodes(loss: torch.Tensor) -> set[str]:
     return kinds
 
 
-def steps(model, loss_of, tp_group) -> dict:
-    """STEPS forward/backward steps (no optimizer: each compares the same weights); the dropout
-    masks are read back from drop6's and drop7's streams by replaying them."""
+def steps(model, loss_of, tp_group, device) -> dict:
+    """STEPS forward/backward steps (no optimizer: each compares the same weights), and the dropout
+    streams' state at the end."""
     out = {"losses": [], "logits": [], "grads": [], "nodes": set()}
     for step in range(STEPS):
-        x, y = data(step)
+        x, y = data(step, device)
         model.zero_grad(set_to_none=True)
         loss, logits = loss_of(x, y)
         loss.backward()
         out["nodes"] |= backward_nodes(loss)
-        out["losses"].append(loss.detach())
-        out["logits"].append(logits.detach())
+        out["losses"].append(loss.detach().cpu())
+        out["logits"].append(logits.detach().cpu())
         out["grads"].append(full_grads(model, tp_group))
     out["streams"] = [d.stream.get_state() for d in model.dropouts()]
     return out
 
 
-def compile_worker(tp: int, layout: str, backend: str | None) -> dict:
-    """One graph or not (dynamo's explain), and, given a backend, compiled against eager steps."""
-    dims = init_parallel(tp=tp, towers=2, device="cpu", layout=layout)
-    model = parallelize(tiny_model(), dims.tp_group, layout)
+def compile_worker(tp: int, layout: str, backend: str | None, device: str = "cpu") -> dict:
+    """One graph or not (dynamo's explain), and, given a backend, compiled against eager steps.
+    Also the GPU check's (tests/test_cuda.py), with device="cuda" (tp=2: one GPU per rank, NCCL)."""
+    dims = init_parallel(tp=tp, towers=2, device=device, layout=layout)
+    exact_float32(dims.device)
+    model = parallelize(tiny_model(), dims.tp_group, layout).to(dims.device)
 
     def loss_and_logits(x, y):
         logits = model(x)
         return F.cross_entropy(logits, y), logits
 
     torch._dynamo.reset()
-    explained = torch._dynamo.explain(loss_and_logits)(*data(0))
+    explained = torch._dynamo.explain(loss_and_logits)(*data(0, dims.device))
     result = {"graphs": explained.graph_count, "breaks": explained.graph_break_count,
               "reasons": [str(b.reason) for b in explained.break_reasons]}
     if backend is None:
         return result
-    model = parallelize(tiny_model(), dims.tp_group, layout)  # explain ran the dropout streams on
-    eager = steps(model, loss_and_logits, dims.tp_group)
-    model = parallelize(tiny_model(), dims.tp_group, layout)
+    model = parallelize(tiny_model(), dims.tp_group, layout).to(dims.device)  # explain ran the dropout streams on
+    eager = steps(model, loss_and_logits, dims.tp_group, dims.device)
+    model = parallelize(tiny_model(), dims.tp_group, layout).to(dims.device)
     torch._dynamo.reset()
-    compiled = steps(model, torch.compile(loss_and_logits, fullgraph=True, backend=backend), dims.tp_group)
+    compiled = steps(model, torch.compile(loss_and_logits, fullgraph=True, backend=backend), dims.tp_group, dims.device)
     return {**result, "eager": eager, "compiled": compiled}
+
+
+def assert_compiled_equals_eager(rank: dict) -> None:
+    eager, compiled = rank["eager"], rank["compiled"]
+    assert (rank["graphs"], rank["breaks"]) == (1, 0), rank["reasons"]
+    # One compiled backward, nothing else: no eager op of the model outside the graph.
+    assert compiled["nodes"] == {"CompiledFunctionBackward", "AccumulateGrad"}, compiled["nodes"]
+    assert "CompiledFunctionBackward" not in eager["nodes"]
+    # The dropout streams advanced alike: the compiled steps drew the eager steps' masks.
+    assert all(torch.equal(a, b) for a, b in zip(compiled["streams"], eager["streams"]))
+    for step in range(STEPS):
+        assert rel(compiled["losses"][step], eager["losses"][step]) <= RTOL, step
+        assert rel(compiled["logits"][step], eager["logits"][step]) <= RTOL, step
+        for name, ref in eager["grads"][step].items():
+            assert rel(compiled["grads"][step][name], ref) <= RTOL, (step, name, rel(compiled["grads"][step][name], ref))
+    assert not torch.equal(eager["logits"][0], eager["logits"][1])  # two different steps
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -120,15 +144,4 @@ def test_step_is_one_graph_without_breaks(tp, layout):
 def test_inductor_step_equals_eager(tp, layout):
     """Inductor on the CPU (a cold compile takes a minute or two per process on a 2-core machine)."""
     for rank in run(tp, layout, backend="inductor"):
-        eager, compiled = rank["eager"], rank["compiled"]
-        # One compiled backward, nothing else: no eager op of the model outside the graph.
-        assert compiled["nodes"] == {"CompiledFunctionBackward", "AccumulateGrad"}, compiled["nodes"]
-        assert "CompiledFunctionBackward" not in eager["nodes"]
-        # The dropout streams advanced alike: the compiled steps drew the eager steps' masks.
-        assert all(torch.equal(a, b) for a, b in zip(compiled["streams"], eager["streams"]))
-        for step in range(STEPS):
-            assert rel(compiled["losses"][step], eager["losses"][step]) <= RTOL, step
-            assert rel(compiled["logits"][step], eager["logits"][step]) <= RTOL, step
-            for name, ref in eager["grads"][step].items():
-                assert rel(compiled["grads"][step][name], ref) <= RTOL, (step, name, rel(compiled["grads"][step][name], ref))
-        assert not torch.equal(eager["logits"][0], eager["logits"][1])  # two different steps
+        assert_compiled_equals_eager(rank)
