@@ -10,9 +10,9 @@ SGD with momentum and weight decay) on a fixed random batch already on the devic
 - distalex's model (tp=1, towers=2: the paper's net in one process) and torchvision's ``alexnet``
   side by side (below width 1, torchvision's modules with every width scaled alike); eager and
   ``torch.compile``'d;
-- on CUDA: float32 and bf16 autocast, each in NCHW and channels_last; on the CPU: float32, and
-  channels_last eager where it runs;
-- distalex with ``model.lrn=False``, to show what LRN costs;
+- on CUDA: float32 and bf16 autocast, each in NCHW and channels_last; on the CPU: float32, eager
+  and compiled in NCHW, eager in channels_last;
+- distalex with ``model.lrn=False``, to show what LRN costs (on the CPU in both memory formats);
 - the tp=2 step on 2 processes (2 GPUs with nccl; with no GPU, 2 gloo CPU ranks with 1 thread each,
   against the tp=1 rows' ``--threads``), global batch unchanged, in each ``parallel.layout``
   (``distalex-tp2``: towers; ``distalex-tp2-hybrid``: hybrid);
@@ -25,6 +25,11 @@ images/s is the median over the windows (all windows are in the JSON). Peak memo
 ``torch.cuda.max_memory_allocated`` (reset per row); on the CPU the process's peak RSS (VmHWM,
 reset per row through /proc/self/clear_refs; else ru_maxrss since start), which includes the
 Python and torch runtime (~0.3-0.5 GB) as well as the model.
+
+Host allocator (``--malloc``): by default glibc keeps freed memory (``distalex.allocator``, as
+``distalex.train`` runs on the CPU), so that the rows are not dominated by page faults of the
+large tensors every step maps afresh; ``--malloc system`` keeps glibc's defaults. Either way every
+row of a run has the same one.
 
 Benchmarks print numbers; nothing here gates on timing. Exit status 1 only if a row that should
 run fails (an error, not a slow number).
