@@ -10,9 +10,9 @@ SGD with momentum and weight decay) on a fixed random batch already on the devic
 - distalex's model (tp=1, towers=2: the paper's net in one process) and torchvision's ``alexnet``
   side by side (below width 1, torchvision's modules with every width scaled alike); eager and
   ``torch.compile``'d;
-- on CUDA: float32 and bf16 autocast, each in NCHW and channels_last; on the CPU: float32, and
-  channels_last eager where it runs;
-- distalex with ``model.lrn=False``, to show what LRN costs;
+- on CUDA: float32 and bf16 autocast, each in NCHW and channels_last; on the CPU: float32, eager
+  and compiled in NCHW, eager in channels_last;
+- distalex with ``model.lrn=False``, to show what LRN costs (on the CPU in both memory formats);
 - the tp=2 step on 2 processes (2 GPUs with nccl; with no GPU, 2 gloo CPU ranks with 1 thread each,
   against the tp=1 rows' ``--threads``), global batch unchanged, in each ``parallel.layout``
   (``distalex-tp2``: towers; ``distalex-tp2-hybrid``: hybrid);
@@ -25,6 +25,11 @@ images/s is the median over the windows (all windows are in the JSON). Peak memo
 ``torch.cuda.max_memory_allocated`` (reset per row); on the CPU the process's peak RSS (VmHWM,
 reset per row through /proc/self/clear_refs; else ru_maxrss since start), which includes the
 Python and torch runtime (~0.3-0.5 GB) as well as the model.
+
+Host allocator (``--malloc``): by default glibc keeps freed memory (``distalex.allocator``, as
+``distalex.train`` runs on the CPU), so that the rows are not dominated by page faults of the
+large tensors every step maps afresh; ``--malloc system`` keeps glibc's defaults. Either way every
+row of a run has the same one.
 
 Benchmarks print numbers; nothing here gates on timing. Exit status 1 only if a row that should
 run fails (an error, not a slow number).
@@ -134,6 +139,13 @@ def measure(step, images_per_step: int, warmup: int, iters: int, windows: int, d
     return summarize(list(rates), list(cpu_rates), images_per_step, first)
 
 
+def set_malloc(mode: str) -> bool:
+    """``--malloc``: the host allocator every row of this process runs with (whether it applied)."""
+    from distalex.allocator import keep_freed_memory
+
+    return keep_freed_memory() if mode == "keep" else False
+
+
 def make_model(kind: str, width: float, size: int, lrn: bool = True):
     if kind == "distalex":
         from distalex.model import AlexNet
@@ -209,6 +221,8 @@ def run_single(row: dict, a, device: torch.device) -> dict:
     """One tp=1 row in this process, on its own."""
     mem_kind = reset_peak(device)
     out = measure(prepare_single(row, a, device), a.batch, a.warmup, a.iters, a.windows, device)
+    if device.type == "cpu" and a.malloc_applied:
+        mem_kind += " (--malloc keep: freed memory stays in the process, so at least the earlier rows' peak)"
     out.update(peak_mem_bytes=peak_bytes(device), peak_mem_kind=mem_kind)
     return out
 
@@ -244,13 +258,14 @@ def run_interleaved(rows: list[dict], a, device: torch.device) -> None:
 
 
 def tp_worker(device_type: str, width: float, size: int, batch: int, warmup: int, iters: int, windows: int,
-              layout: str = "towers") -> dict:
+              layout: str = "towers", malloc: str = "keep") -> dict:
     """tp=2 on 2 processes (spawned by tests/distributed.run_workers: 1 CPU thread each). Both ranks
     get the whole batch; under hybrid each convolves its half (the loader would scatter it)."""
     from distalex.model import AlexNet
     from distalex.parallel.dims import init_parallel
     from distalex.parallel.plan import parallelize
 
+    set_malloc(malloc)
     dims = init_parallel(tp=2, towers=2, device=device_type, layout=layout)
     device = dims.device
     mem_kind = reset_peak(device)
@@ -265,7 +280,7 @@ def tp_worker(device_type: str, width: float, size: int, batch: int, warmup: int
 def run_tp2(row: dict, a) -> dict:
     from tests.distributed import run_workers
 
-    outs = run_workers(tp_worker, 2, row["device"], a.width, a.size, a.batch, a.warmup, a.iters, a.windows, row["layout"],
+    outs = run_workers(tp_worker, 2, row["device"], a.width, a.size, a.batch, a.warmup, a.iters, a.windows, row["layout"], a.malloc,
                        timeout=a.tp_timeout)
     # The ranks step in lockstep (every step has blocking collectives): report rank 0's rate and
     # the larger of the two peaks.
@@ -334,9 +349,10 @@ def plan_rows(device: torch.device, a) -> list[dict]:
         for model in ("distalex", "torchvision"):
             add(model, False)
             add(model, True)
-            add(model, False, channels_last=True, optional=True)  # "if it works" on the CPU
+            add(model, False, channels_last=True)
         add("distalex", False, lrn=False)
         add("distalex", True, lrn=False)
+        add("distalex", False, channels_last=True, lrn=False)
 
     n_gpu = torch.cuda.device_count() if device.type == "cuda" else 0
     tp_device = {"auto": "cuda" if n_gpu >= 2 else ("cpu" if device.type == "cpu" else None)}.get(a.tp2, a.tp2)
@@ -439,6 +455,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", default="", help="comma-separated exact row names, run in this order")
     p.add_argument("--interleave", action="store_true",
                    help="time the tp=1 step rows round-robin, window by window (robust to other jobs' load; no peak memory)")
+    p.add_argument("--malloc", choices=("keep", "system"), default="keep",
+                   help="keep: glibc keeps freed memory, as distalex.train does on the CPU (distalex.allocator); "
+                        "system: glibc's defaults (large blocks mmapped and unmapped, page faults every step)")
     p.add_argument("--json", default=None, help="default bench/results-<device>.json")
     a = p.parse_args(argv)
     for k, v in (TINY if a.tiny else FULL).items():
@@ -447,12 +466,13 @@ def main(argv: list[str] | None = None) -> int:
     a.data_resize, a.data_size = (72, 64) if a.tiny else (256, 224)
     if a.threads:
         torch.set_num_threads(a.threads)
+    a.malloc_applied = set_malloc(a.malloc)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     prov = provenance(argv)
     config = {k: getattr(a, k) for k in ("tiny", "width", "size", "batch", "warmup", "iters", "windows", "interleave", "compile_backend",
                                           "data_images", "data_workers", "data_resize", "data_size")}
-    config.update(device=str(device), torch_threads=torch.get_num_threads())
+    config.update(device=str(device), torch_threads=torch.get_num_threads(), malloc=a.malloc, malloc_applied=a.malloc_applied)
     print(f"{prov['machine']}; torch {prov['torch']}; {prov['commit']}; load {prov['load_average_at_start']}")
     print("config: " + ", ".join(f"{k}={v}" for k, v in config.items()), flush=True)
 

@@ -6,7 +6,7 @@
 # For a GPU machine that has torch and torchvision but no network: the project's other
 # requirements come from wheels in .whl/ made beforehand where pip reaches PyPI
 # (bash bench/make_wheelhouse.sh), carried to the machine with the repository, and installed with
-# pip --no-index. The repository is used in place (PYTHONPATH), not installed. Fits in 8 minutes:
+# pip --no-index. The repository is used in place (PYTHONPATH), not installed. Fits in 10 minutes:
 # each stage has its own time limit, and the benchmark writes its JSON after every row, so a stage
 # cut short still leaves what it finished. Without CUDA every CUDA test skips with its reason and
 # the benchmark runs its tiny CPU form instead: the script itself is tested that way on CPU
@@ -25,7 +25,7 @@ fi
 OUT=$1
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PYTHON=${PYTHON:-python3}
-TEST_LIMIT_S=${GPU_CHECK_TEST_LIMIT_S:-220}
+TEST_LIMIT_S=${GPU_CHECK_TEST_LIMIT_S:-300}
 BENCH_LIMIT_S=${GPU_CHECK_BENCH_LIMIT_S:-240}
 mkdir -p "$OUT" || exit 2
 OUT=$(cd "$OUT" && pwd)
@@ -81,7 +81,7 @@ if [ "$has_cuda" = 1 ]; then
   rows+=,distalex/compiled-cudagraphs/bf16/channels_last,distalex/compiled/bf16
   bench_args=(--rows "$rows" --warmup 3 --iters 5 --windows 5)
 else
-  bench_args=(--tiny --rows distalex/eager/fp32,torchvision/eager/fp32,distalex-nolrn/eager/fp32)
+  bench_args=(--tiny --rows distalex/eager/fp32,torchvision/eager/fp32,distalex-nolrn/eager/fp32,distalex/eager/fp32/channels_last,torchvision/eager/fp32/channels_last,distalex-nolrn/eager/fp32/channels_last)
   echo "no CUDA: the benchmark's tiny CPU form"
 fi
 stage "benchmark (limit ${BENCH_LIMIT_S} s)"

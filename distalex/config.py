@@ -131,8 +131,10 @@ class TrainConfig(Section):
     """ZeRO stage with engine=deepspeed (optimizer state, plus gradients at 2, over the dp group)."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """auto: bf16 autocast on CUDA, float32 on CPU."""
-    channels_last: bool = True
-    """Memory format on CUDA (ignored on CPU)."""
+    channels_last: Literal["auto", True, False] = "auto"
+    """The conv maps' memory format: true, channels-last (N, H, W, C) on every device, kept from
+    conv1 to pool5 (``distalex.memory_format``); false, NCHW; auto, channels-last on CUDA and NCHW
+    on the CPU (docs/benchmarks.md)."""
     compile: bool = False
     """torch.compile the model (inductor)."""
     cuda_graphs: bool = False

@@ -18,9 +18,13 @@ above is ~9 passes over the tensor and the backward ~6; what they cost is memory
 - on the CPU in eager mode, float32, each direction is one compiled loop per sample
   (``distalex.cpu_loops``; ``_cpu_forward`` / ``_cpu_backward``): it reads the input once, keeps
   one sample's squares and window sums in cache and writes the result once. The backward
-  recomputes d from the input instead of saving it: the Function keeps only its input.
+  recomputes d from the input instead of saving it: the Function keeps only its input. A
+  channels-last map runs the same loops with the channels innermost (``_cpu_forward_last`` /
+  ``_cpu_backward_last``: a row of one pixel's channels at a time), so that it stays channels
+  last, with the same sums in the same order: the same numbers as its NCHW copy.
 - elsewhere (CUDA; under ``torch.compile``, whose code generator fuses them itself; float64; or
-  without numba) the same math as tensor ops, ``_tensor_forward`` / ``_tensor_backward``.
+  without numba) the same math as tensor ops, ``_tensor_forward`` / ``_tensor_backward``, along
+  dim 1 of (N, C, L) or, channels last, dim 2 of (N, L, C).
 """
 
 from __future__ import annotations
@@ -33,93 +37,121 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from distalex import cpu_loops
+from distalex.memory_format import is_channels_last
 
 
 def local_response_norm(
-    x: Tensor, size: int, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0, relu_first: bool = False
+    x: Tensor, size: int, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0, relu_first: bool = False,
+    groups: int = 1,
 ) -> Tensor:
     """``F.local_response_norm(x, size, alpha, beta, k)`` across dim 1 of an (N, C, L, ...) tensor;
     with ``relu_first``, of ``F.relu(x)`` (the order after AlexNet's conv1 and conv2) in the same
-    pass, so that the ReLU costs no pass of its own.
+    pass, so that the ReLU costs no pass of its own. With ``groups``, each of that many consecutive
+    blocks of channels is normalised on its own (the window never crosses into the next block).
 
     Equal to PyTorch's to ~3e-7 relative in float32, output and input gradient. bfloat16 and
-    float16 inputs are normalised in float32 and the result is rounded once to their dtype.
+    float16 inputs are normalised in float32 and the result is rounded once to their dtype. A
+    channels-last (N, C, H, W) input gives a channels-last output and gradient, computed with
+    the channels innermost: no layout copy, the same numbers as for the NCHW tensor.
     """
     if x.dim() < 3:
         raise ValueError(f"local_response_norm: expected an (N, C, L, ...) tensor, got shape {tuple(x.shape)}")
     if size < 1:
         raise ValueError(f"local_response_norm: size must be >= 1, got {size}")
-    return _LocalResponseNorm.apply(x, size, alpha, beta, k, relu_first)
+    if groups < 1 or x.shape[1] % groups:
+        raise ValueError(f"local_response_norm: {x.shape[1]} channels do not split into groups={groups}")
+    return _LocalResponseNorm.apply(x, size, alpha, beta, k, relu_first, groups)
 
 
 class _LocalResponseNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, size: int, alpha: float, beta: float, k: float, relu_first: bool) -> Tensor:
-        a = _flat(x)  # (N, C, L)
-        ctx.lrn = size, alpha, beta, k, relu_first
+    def forward(ctx, x: Tensor, size: int, alpha: float, beta: float, k: float, relu_first: bool, groups: int) -> Tensor:
+        last = is_channels_last(x)
+        a = _rows(x, groups, last)  # (N, C, L) or, channels last, (N, L, C): C one group's channels
+        ctx.lrn, ctx.groups, ctx.last = (size, alpha, beta, k, relu_first), groups, last
         if cpu_loops.usable(a):
             a = a.contiguous()
             y = torch.empty_like(a)
-            _over_samples(_cpu_forward, a.shape[0], (a, y), ctx.lrn)
+            _over_samples(_cpu_forward_last if last else _cpu_forward, a.shape[0], (a, y), ctx.lrn)
             ctx.save_for_backward(a)
         else:
-            y, power, r = _tensor_forward(a.relu() if relu_first else a, size, alpha, beta, k)
+            y, power, r = _tensor_forward(a.relu() if relu_first else a, size, alpha, beta, k, 2 if last else 1)
             ctx.save_for_backward(a, power, r)
-        return y.to(x.dtype).view(x.shape)
+        return _unrows(y.to(x.dtype), x.shape, last)
 
     @staticmethod
     def backward(ctx, g: Tensor):
         a, *saved = ctx.saved_tensors
-        g3 = _flat(g)
+        g3 = _rows(g.contiguous(memory_format=torch.channels_last) if ctx.last else g, ctx.groups, ctx.last)
         if saved:
-            dx = _tensor_backward(a, g3, *saved, *ctx.lrn)
+            dx = _tensor_backward(a, g3, *saved, *ctx.lrn, 2 if ctx.last else 1)
         else:
             dx = torch.empty_like(a)
-            _over_samples(_cpu_backward, a.shape[0], (a, g3.contiguous(), dx), ctx.lrn)
-        return dx.to(g.dtype).view(g.shape), None, None, None, None, None
+            _over_samples(_cpu_backward_last if ctx.last else _cpu_backward, a.shape[0], (a, g3.contiguous(), dx), ctx.lrn)
+        return _unrows(dx.to(g.dtype), g.shape, ctx.last), None, None, None, None, None, None
 
 
-def _flat(t: Tensor) -> Tensor:
-    """(N, C, ...) -> (N, C, L); float32 for 16-bit inputs (their window sums of squares lose too much)."""
+def _rows(t: Tensor, groups: int, last: bool) -> Tensor:
+    """The tensor as rows the window runs along, as views where the layout allows; float32 for 16-bit
+    inputs (their window sums of squares lose too much).
+
+    (N, C, ...) -> (N * groups, C / groups, L); channels last, (N, C, H, W) -> (N, H * W * groups, C / groups)."""
     if t.dtype in (torch.float16, torch.bfloat16):
         t = t.float()
-    return t.reshape(t.shape[0], t.shape[1], math.prod(t.shape[2:]))  # explicit: a rank may hold 0 samples
+    n, c = t.shape[0], t.shape[1]
+    if last:
+        return t.permute(0, 2, 3, 1).reshape(n, t.shape[2] * t.shape[3] * groups, c // groups)
+    return t.reshape(n * groups, c // groups, math.prod(t.shape[2:]))  # explicit sizes: a rank may hold 0 samples
+
+
+def _unrows(rows: Tensor, shape: torch.Size, last: bool) -> Tensor:
+    """``_rows`` undone: the (N, C, ...) tensor of ``shape``, channels last if ``last``."""
+    if last:
+        n, c, h, w = shape
+        return rows.view(n, h, w, c).permute(0, 3, 1, 2)
+    return rows.view(shape)
 
 
 # --- tensor ops: CUDA, torch.compile, float64 -------------------------------------------------------
 
 
-def _tensor_forward(a: Tensor, size: int, alpha: float, beta: float, k: float) -> tuple[Tensor, Tensor, Tensor]:
-    """b, d^beta and b / d = a d^(-beta-1), the last two for the backward."""
-    d = _window_sum(F.pad(a * a, (0, 0, size // 2, (size - 1) // 2)), size).mul(alpha / size).add(k)
+def _tensor_forward(a: Tensor, size: int, alpha: float, beta: float, k: float, dim: int) -> tuple[Tensor, Tensor, Tensor]:
+    """b, d^beta and b / d = a d^(-beta-1), the last two for the backward; the channels along ``dim``."""
+    d = _window_sum(_pad(a * a, size // 2, (size - 1) // 2, dim), size, dim).mul(alpha / size).add(k)
     power = d.pow(beta)
     y = a / power
     return y, power, y / d
 
 
 def _tensor_backward(
-    x: Tensor, g: Tensor, power: Tensor, r: Tensor, size: int, alpha: float, beta: float, k: float, relu_first: bool
+    x: Tensor, g: Tensor, power: Tensor, r: Tensor, size: int, alpha: float, beta: float, k: float, relu_first: bool, dim: int
 ) -> Tensor:
-    window = _window_sum(F.pad(g * r, (0, 0, (size - 1) // 2, size // 2)), size)  # over the mirrored window
+    window = _window_sum(_pad(g * r, (size - 1) // 2, size // 2, dim), size, dim)  # over the mirrored window
     a = x.relu() if relu_first else x
     dx = (g / power).addcmul_(window, a, value=-2 * alpha * beta / size)
     return dx.masked_fill_(x <= 0, 0.0) if relu_first else dx  # ReLU's gradient: none where x <= 0
 
 
-def _window_sum(padded: Tensor, size: int) -> Tensor:
-    """Sum over ``size`` consecutive channels of a channel-padded (N, C + size - 1, L) tensor.
+def _pad(t: Tensor, front: int, back: int, dim: int) -> Tensor:
+    """Zeros before and after the channels of a 3-d tensor, which lie along ``dim`` (1 or 2)."""
+    return F.pad(t, (0, 0, front, back) if dim == 1 else (front, back))
+
+
+def _window_sum(padded: Tensor, size: int, dim: int) -> Tensor:
+    """Sum over ``size`` consecutive channels (along ``dim``) of a channel-padded tensor with
+    C + size - 1 of them.
 
     From sums over power-of-two windows, each the sum of two shifted halves: log2(size) +
     popcount(size) - 1 adds (3 for 5 channels) instead of size - 1."""
-    c = padded.shape[1] - size + 1
+    c = padded.shape[dim] - size + 1
     parts, offset, width, sums = [], 0, 1, padded  # sums[:, j] = sum of `width` channels from j
     while True:
         if size & width:
-            parts.append(sums[:, offset : offset + c])
+            parts.append(sums.narrow(dim, offset, c))
             offset += width
         if offset == size:
             break
-        sums = sums[:, :-width] + sums[:, width:]
+        sums = sums.narrow(dim, 0, sums.shape[dim] - width) + sums.narrow(dim, width, sums.shape[dim] - width)
         width *= 2
     out = parts[0].clone()
     for part in parts[1:]:
@@ -206,3 +238,76 @@ def _cpu_backward(x, g, dx, n0, n1, size, alpha_n, coef, beta, k, three_quarters
                 if relu_first and x[n, c, l] <= 0:  # ReLU's gradient: none where x <= 0
                     grad = np.float32(0.0)
                 dx[n, c, l] = grad
+
+
+# --- the same loops with the channels innermost: channels-last maps -----------------------------
+
+
+@cpu_loops.jit
+def _padded_window_sums(padded, size, out):
+    """out[c] = padded[c] + ... + padded[c + size - 1], added in that order: with the zeros the
+    padding puts outside the channels, exactly ``_window_sums``' clipped sums."""
+    for c in range(out.shape[0]):
+        out[c] = padded[c]
+    for j in range(1, size):
+        for c in range(out.shape[0]):
+            out[c] += padded[c + j]
+
+
+@cpu_loops.jit
+def _squares_last(x, n, l, relu_first, a, sq, front):
+    """One row's input (after ReLU with ``relu_first``), and its squares from ``sq[front]`` on."""
+    for c in range(x.shape[2]):
+        v = x[n, l, c]
+        if relu_first and v < 0:
+            v = np.float32(0.0)
+        a[c] = v
+        sq[front + c] = v * v
+
+
+@cpu_loops.jit
+def _cpu_forward_last(x, y, n0, n1, size, alpha_n, coef, beta, k, three_quarters, relu_first):
+    channels = x.shape[2]
+    a, d = np.empty(channels, np.float32), np.empty(channels, np.float32)
+    sq = np.zeros(channels + size - 1, np.float32)  # zeros either side of the channels stay zero
+    for n in range(n0, n1):
+        for l in range(x.shape[1]):
+            _squares_last(x, n, l, relu_first, a, sq, size // 2)
+            _padded_window_sums(sq, size, d)
+            if three_quarters:
+                for c in range(channels):
+                    p = np.sqrt(k + alpha_n * d[c])
+                    y[n, l, c] = a[c] / (p * np.sqrt(p))
+            else:
+                for c in range(channels):
+                    y[n, l, c] = a[c] / (k + alpha_n * d[c]) ** beta
+
+
+@cpu_loops.jit
+def _cpu_backward_last(x, g, dx, n0, n1, size, alpha_n, coef, beta, k, three_quarters, relu_first):
+    channels, lead = x.shape[2], (size - 1) // 2  # the mirrored window starts (size - 1) // 2 before c
+    a, d, inv_power = np.empty(channels, np.float32), np.empty(channels, np.float32), np.empty(channels, np.float32)
+    sq, r = np.zeros(channels + size - 1, np.float32), np.zeros(channels + size - 1, np.float32)
+    for n in range(n0, n1):
+        for l in range(x.shape[1]):
+            _squares_last(x, n, l, relu_first, a, sq, size // 2)
+            _padded_window_sums(sq, size, d)
+            if three_quarters:
+                for c in range(channels):
+                    dd = k + alpha_n * d[c]
+                    p = np.sqrt(dd)
+                    inv = np.float32(1.0) / (p * np.sqrt(p))
+                    inv_power[c] = inv
+                    r[lead + c] = g[n, l, c] * a[c] * inv / dd
+            else:
+                for c in range(channels):
+                    dd = k + alpha_n * d[c]
+                    inv = np.float32(1.0) / dd**beta
+                    inv_power[c] = inv
+                    r[lead + c] = g[n, l, c] * a[c] * inv / dd
+            _padded_window_sums(r, size, d)
+            for c in range(channels):
+                grad = g[n, l, c] * inv_power[c] + coef * a[c] * d[c]
+                if relu_first and x[n, l, c] <= 0:
+                    grad = np.float32(0.0)
+                dx[n, l, c] = grad

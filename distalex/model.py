@@ -33,7 +33,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from distalex.lrn import local_response_norm
+from distalex.memory_format import flatten_channel_major
 from distalex.pool import MaxPool2d
+from distalex.rng import RandomStream
 
 # Kernels (or fc units) per tower at width 1.0: the paper's numbers.
 PER_TOWER = {"conv1": 48, "conv2": 128, "conv3": 192, "conv4": 192, "conv5": 128, "fc": 2048}
@@ -69,11 +71,8 @@ class TowerLRN(nn.Module):
         self.channels_per_tower, self.relu_first = channels_per_tower, relu_first
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
-        per = self.channels_per_tower
-        # (B, C, H, W) -> (B*towers, C/towers, H, W): each tower normalised on its own.
-        towers = x.reshape(b * (c // per), per, h, w)
-        return local_response_norm(towers, LRN_SIZE, LRN_ALPHA, LRN_BETA, LRN_K, relu_first=self.relu_first).reshape(b, c, h, w)
+        towers = x.shape[1] // self.channels_per_tower  # each normalised on its own
+        return local_response_norm(x, LRN_SIZE, LRN_ALPHA, LRN_BETA, LRN_K, relu_first=self.relu_first, groups=towers)
 
     def extra_repr(self) -> str:
         relu = "relu_first=True, " if self.relu_first else ""
@@ -81,31 +80,39 @@ class TowerLRN(nn.Module):
 
 
 class SharedDropout(nn.Module):
-    """Inverted dropout whose mask comes from the module's own seeded generator.
+    """Inverted dropout whose mask comes from the module's own seeded random stream.
 
-    The noise is drawn for all ``features`` from a generator that every tensor-parallel rank
+    The noise is drawn for all ``features`` from a stream that every tensor-parallel rank
     advances identically, so a replicated activation gets the same mask on every rank (and a
     sharded one can keep its slice of the serial model's mask: ``parallel.layers.ShardedDropout``).
-    tp runs then equal the serial run with dropout on.
+    tp runs then equal the serial run with dropout on. The stream (``distalex.rng``) is one that
+    torch.compile traces: a compiled step draws the eager step's masks, inside its one graph.
     """
 
     def __init__(self, p: float, features: int, seed: int = 0):
         super().__init__()
         self.p, self.features = p, features
         self.seed = seed
-        self.generator: torch.Generator | None = None
+        self.stream = RandomStream(seed)  # on the CPU until the module moves
 
     def reseed(self, seed: int) -> None:
-        self.seed, self.generator = seed, None
+        self.seed, self.stream = seed, RandomStream(seed, self.stream.device)
 
-    def generator_on(self, device: torch.device) -> torch.Generator:
-        if self.generator is None or self.generator.device != device:
-            self.generator = torch.Generator(device=device).manual_seed(self.seed)
-        return self.generator
+    def stream_on(self, device: torch.device) -> RandomStream:
+        """The layer's stream on ``device``; moving to another device starts it again from the seed."""
+        if self.stream.device != RandomStream.resolve(device):
+            self.stream = RandomStream(self.seed, device)
+        return self.stream
+
+    def _apply(self, fn, recurse=True):
+        # Module.to() and friends: the stream follows the module (it is no parameter or buffer), so
+        # that it already lives on the input's device when torch.compile first traces forward.
+        self.stream_on(fn(torch.empty(0)).device)
+        return super()._apply(fn, recurse)
 
     def noise(self, x: torch.Tensor) -> torch.Tensor:
         """Uniform noise for ``x``'s units: (B, features), drawn for the full width on every rank."""
-        return torch.rand((x.shape[0], self.features), generator=self.generator_on(x.device), device=x.device)
+        return self.stream_on(x.device).uniform((x.shape[0], self.features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
@@ -175,7 +182,7 @@ class AlexNet(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def dropouts(self) -> list[SharedDropout]:
-        """The dropout layers, in forward order (their generators are part of a checkpoint)."""
+        """The dropout layers, in forward order (their random streams are part of a checkpoint)."""
         return [m for m in self.modules() if isinstance(m, SharedDropout)]
 
     def reseed_dropout(self, seed: int) -> None:
@@ -184,6 +191,7 @@ class AlexNet(nn.Module):
             m.reseed(seed * 1000 + i)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch = x.shape[0]
         # ReLU in place after conv3-5 (their backward does not need the outputs): no new map to allocate.
         x = self.pool(self.relu_lrn1(self.conv1(x)))  # (B, 96, 27, 27) at 224
         x = self.pool(self.relu_lrn2(self.conv2(x)))  # (B, 256, 13, 13)
@@ -191,9 +199,12 @@ class AlexNet(nn.Module):
         x = F.relu_(self.conv4(x))
         x = self.pool(F.relu_(self.conv5(x)))  # (B, 256, 6, 6)
         # Channel-major flatten: tower t's features are one contiguous block of fc6's inputs
-        # (because tp shards fc6 by that block).
-        x = torch.flatten(x, 1)  # (B, 9216)
-        x = self.drop6(F.relu(self.fc6(x)))
+        # (because tp shards fc6 by that block). A channels-last map is copied into that order here.
+        x = flatten_channel_major(x)  # (B, 9216)
+        # because tp (hybrid layout): the convolutions may each have kept a share of the batch, which
+        # fc6 regroups; it is handed the batch's size rather than finding it in state set on the way
+        x = self.fc6(x, batch) if getattr(self.fc6, "takes_group_batch", False) else self.fc6(x)
+        x = self.drop6(F.relu(x))
         x = self.drop7(F.relu(self.fc7(x)))
         return self.fc8(x)  # (B, classes) logits
 

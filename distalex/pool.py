@@ -4,7 +4,9 @@ PyTorch's CPU kernel for NCHW max pooling walks each window element by element; 
 kernel vectorises across channels and is several times faster, even counting a transposed copy
 of the input. Both pick the first maximum of each window in row-major order, so the channels-last
 pass returns the same indices, and the backward is PyTorch's own (NCHW) scatter by those indices.
-Elsewhere (CUDA, or under ``torch.compile``, which lowers pooling itself) this is ``F.max_pool2d``.
+A channels-last input (``train.channels_last``) goes straight to that kernel and comes back
+channels last, its gradient too. Elsewhere (CUDA, or under ``torch.compile``, which lowers pooling
+itself) this is ``F.max_pool2d``.
 """
 
 from __future__ import annotations

@@ -21,10 +21,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from distalex import allocator, determinism
 from distalex.checkpoint import (
     CheckpointManager, RandomStreams, Resumed, TrainState, data_position_settings, latest_checkpoint,
 )
-from distalex.config import Config, absolute_paths, add_config_args, config_from_args, to_yaml
+from distalex.config import Config, ConfigError, absolute_paths, add_config_args, config_from_args, to_yaml
 from distalex.data.augment import normalize
 from distalex.data.info import DataError, read_info
 from distalex.data.loader import EpochBatches, TrainLoader, ValLoader
@@ -81,11 +82,16 @@ def build_parallel_model(cfg: Config, dims: ParallelDims):
     # Dropout masks: shared by the tp peers of a dp group, different across dp groups.
     model.reseed_dropout(cfg.train.seed + 7919 * dims.dp_rank)
     model = model.to(dims.device)
-    if dims.device.type == "cuda" and cfg.train.channels_last:
+    if channels_last(cfg, dims.device):
         model = model.to(memory_format=torch.channels_last)
     if cfg.train.compile:
-        model.compile(**compile_options(cfg, dims))
+        model.compile(fullgraph=True, **compile_options(cfg, dims))  # one graph, or an error that says where not
     return model
+
+
+def channels_last(cfg: Config, device: torch.device) -> bool:
+    """``train.channels_last`` on ``device`` (auto: on CUDA only)."""
+    return device.type == "cuda" if cfg.train.channels_last == "auto" else cfg.train.channels_last
 
 
 def compile_options(cfg: Config, dims: ParallelDims) -> dict:
@@ -103,7 +109,9 @@ def compile_options(cfg: Config, dims: ParallelDims) -> dict:
 def setup(cfg: Config, dims: ParallelDims, stop: StopRequested) -> Run:
     cfg = absolute_paths(cfg)  # what the run saves must not depend on this directory
     if cfg.train.deterministic:
-        torch.use_deterministic_algorithms(True)
+        determinism.enable(dims.device)
+    if dims.device.type == "cpu":
+        allocator.keep_freed_memory()  # no page faults for the step's large tensors, every step
     info = read_info(cfg.data.train_shards, cfg.data.info)
     if info.num_classes != cfg.model.num_classes:
         raise DataError(
@@ -115,7 +123,7 @@ def setup(cfg: Config, dims: ParallelDims, stop: StopRequested) -> Run:
     model = build_parallel_model(cfg, dims)
     engine = build_engine(model, cfg, dims)
     lighting = torch.Generator(device=dims.device).manual_seed(cfg.train.seed * 1_000_003 + dims.dp_rank)
-    streams = RandomStreams({"lighting": lighting, **{f"dropout{i}": m.generator_on(dims.device) for i, m in enumerate(model.dropouts())}})
+    streams = RandomStreams({"lighting": lighting, **{f"dropout{i}": m.stream_on(dims.device) for i, m in enumerate(model.dropouts())}})
     position = data_position_settings(cfg, dims, train_loader.num_samples, train_loader.steps_per_epoch)
     prep, names = training_settings(cfg)
     checkpoints = CheckpointManager(cfg, dims, info.classes, position, {"class_names": names, "preprocessing": prep.to_dict()})
@@ -185,7 +193,7 @@ def train_epoch(run: Run, progress) -> str | None:
         window_sum, window_n, window_t = torch.zeros((), device=dims.device), 0, time.perf_counter()
         for batch in batches:
             x = normalize(batch.images, train=True, data_cfg=cfg.data, generator=run.lighting)
-            if dims.device.type == "cuda" and cfg.train.channels_last:
+            if channels_last(cfg, dims.device):
                 x = x.contiguous(memory_format=torch.channels_last)
             loss = engine.train_step(x, batch.labels)
             window_sum += loss
@@ -457,8 +465,10 @@ def main(argv: list[str] | None = None) -> None:
     cfg = config_from_args(args)  # exits 2 on a bad config, before any process group exists
     par = cfg.parallel
     try:
+        if cfg.train.deterministic:
+            determinism.prepare(par.device)  # before the first CUDA call
         dims = init_parallel(par.tp, cfg.model.towers, par.device, par.timeout_s, par.layout, par.peer_timeout_s)
-    except ParallelConfigError as e:
+    except (ConfigError, ParallelConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
     try:

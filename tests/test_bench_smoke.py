@@ -28,6 +28,7 @@ def test_bench_tiny_writes_every_row(tmp_path):
     expected = [
         "distalex/eager/fp32", "distalex/compiled/fp32", "torchvision/eager/fp32", "torchvision/compiled/fp32",
         "distalex-nolrn/eager/fp32", "distalex-nolrn/compiled/fp32", "data/decode+crop+flip/1proc",
+        "distalex/eager/fp32/channels_last", "torchvision/eager/fp32/channels_last", "distalex-nolrn/eager/fp32/channels_last",
     ]
     if torch.cuda.is_available():
         expected += ["distalex/eager/bf16/channels_last", "torchvision/compiled/bf16/channels_last"]
@@ -65,9 +66,11 @@ def test_gpu_check_runs_end_to_end_without_cuda(tmp_path):
     assert n_tests >= 9 and f"{n_tests} skipped" in tests_log and "passed" not in tests_log
     assert tests_log.count("SKIPPED") >= 1 and "needs a CUDA GPU" in tests_log  # the reason is printed
     assert bench["config"]["tiny"] is True
-    assert [r["name"] for r in bench["rows"]] == ["distalex/eager/fp32", "torchvision/eager/fp32", "distalex-nolrn/eager/fp32"]
+    rows = ["distalex/eager/fp32", "torchvision/eager/fp32", "distalex-nolrn/eager/fp32"]
+    rows += [f"{r}/channels_last" for r in rows]
+    assert [r["name"] for r in bench["rows"]] == rows
     assert all(r["status"] == "ok" and r["images_per_s"] > 0 for r in bench["rows"])
-    assert {q["against"] for q in bench["ratios"]} == {"torchvision/eager/fp32", "distalex-nolrn/eager/fp32"}
+    assert {q["against"] for q in bench["ratios"]} == set(rows[1:3] + rows[4:])
 
 
 def test_gpu_check_usage_and_missing_requirements(tmp_path):

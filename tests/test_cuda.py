@@ -1,5 +1,9 @@
-"""What only a CUDA GPU can check: bf16 against float32, compiled against eager, channels-last
-against NCHW, the LRN on the GPU, JPEG decoding on the GPU, and a short training run.
+"""What only a CUDA GPU can check: bf16 against float32, compiled against eager (one graph per
+step), channels-last against NCHW and kept through every layer, deterministic mode, the LRN on the
+GPU, JPEG decoding on the GPU, tp=2 on NCCL (with two GPUs), and a short training run.
+
+The one-graph, channels-last and tp=2 checks run the CPU tests' own workers (tests/test_compile.py,
+tests/test_channels_last.py) with device="cuda", so that their logic is tested on the CPU too.
 
 Marked ``cuda``; on a machine without CUDA every test skips and says why. ``bash bench/gpu_check.sh
 OUT_DIR`` runs them (and the benchmark) on a GPU machine.
@@ -9,6 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -22,7 +29,13 @@ from distalex.lrn import local_response_norm
 from distalex.model import LRN_ALPHA, LRN_BETA, LRN_K, LRN_SIZE
 from distalex.parallel.dims import ParallelDims
 from distalex.train import build_parallel_model
-from tests.runs import launch, tiny_overrides, tiny_shards  # noqa: F401 - tiny_shards is a fixture
+from tests.distributed import run_workers
+from tests.runs import REPO, launch, tiny_overrides, tiny_shards  # noqa: F401 - tiny_shards is a fixture
+from tests.test_channels_last import layout_worker
+from tests.test_compile import assert_compiled_equals_eager, compile_worker
+
+two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2,
+                              reason=f"tp=2 on NCCL needs 2 GPUs, this machine has {torch.cuda.device_count()}")
 
 pytestmark = [
     pytest.mark.cuda,
@@ -135,6 +148,72 @@ def test_channels_last_equals_nchw(cuda_dims):
     assert_same_gradients(g_c, g_n)
 
 
+def test_step_is_one_graph_and_equals_eager_on_cuda():
+    """tests/test_compile.py on the GPU: forward, loss and backward one graph (no break, the
+    dropout draw from its CUDA stream inside it), and inductor's (Triton) steps equal eager's."""
+    assert_compiled_equals_eager(compile_worker(1, "towers", "inductor", "cuda"))
+
+
+def test_channels_last_through_every_layer_on_cuda():
+    """tests/test_channels_last.py on the GPU: every conv-stack output and gradient channels-last,
+    no activation copied but at the flatten before fc6, and the NCHW step's numbers."""
+    nchw, cl = layout_worker(1, "towers", False, "cuda"), layout_worker(1, "towers", True, "cuda")
+    assert all(last for _, last in cl["forward"]) and sorted(cl["backward"]) == sorted(cl["forward"]), cl["forward"]
+    assert [op for op, _ in cl["copies"]] == ["_FlattenChannelsLast", "_FlattenChannelsLastBackward"], cl["copies"]
+    assert rel(cl["logits"], nchw["logits"]) < 1e-4
+    assert_same_gradients(cl["grads"], nchw["grads"])
+
+
+DETERMINISTIC_STEP = """
+import os, torch, torch.nn.functional as F
+from distalex import determinism
+from distalex.model import AlexNet
+determinism.prepare("cuda")  # as python -m distalex.train does, before the first CUDA call
+assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+determinism.enable(torch.device("cuda", 0))
+g = torch.Generator().manual_seed(0)
+x, y = torch.randn(32, 3, 224, 224, generator=g).cuda(), torch.randint(0, 1000, (32,), generator=g).cuda()
+runs = []
+for _ in range(2):
+    torch.manual_seed(0)
+    model = AlexNet(init="kaiming").cuda().to(memory_format=torch.channels_last).train()
+    model.reseed_dropout(1)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = F.cross_entropy(model(x.contiguous(memory_format=torch.channels_last)), y)
+    loss.backward()
+    runs.append([loss.detach()] + [p.grad for p in model.parameters()])
+same = [torch.equal(a, b) for a, b in zip(*runs)]
+print("deterministic:", all(same), same.count(False), "of", len(same), "differ")
+"""
+
+
+def test_deterministic_mode_repeats_a_step_bit_for_bit():
+    """train.deterministic on CUDA (the default bf16, channels-last step of the paper's net): the
+    cuBLAS workspace is set before the first CUDA call and no op of the step refuses deterministic
+    mode; the same step twice gives the same loss and gradients bit for bit. In a fresh process:
+    cuBLAS reads the variable when it starts."""
+    proc = subprocess.run([sys.executable, "-c", DETERMINISTIC_STEP], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={k: v for k, v in os.environ.items() if k != "CUBLAS_WORKSPACE_CONFIG"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "deterministic: True" in proc.stdout, proc.stdout
+
+
+@two_gpus
+@pytest.mark.parametrize("layout", ["towers", "hybrid"])
+def test_tp2_on_nccl_equals_one_gpu(layout):
+    """tp=2 over NCCL, one GPU per rank, against the same net on one GPU (dropout on, float32 without
+    TF32): logits within 1e-4, every gradient the same in norm and direction; channels-last kept
+    through every layer; and the compiled tp=2 step equals the eager one (one graph, collectives
+    inside)."""
+    serial = layout_worker(1, "towers", True, "cuda")
+    for rank in run_workers(layout_worker, 2, 2, layout, True, "cuda", timeout=300):
+        assert all(last for _, last in rank["forward"]), rank["forward"]
+        assert rel(rank["logits"], serial["logits"]) < 1e-4
+        assert_same_gradients(rank["grads"], serial["grads"])
+    for rank in run_workers(compile_worker, 2, 2, layout, "inductor", "cuda", timeout=600):
+        assert_compiled_equals_eager(rank)
+
+
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "inductor"])
 def test_fast_lrn_equals_torch_on_cuda(compiled):
     """distalex.lrn on the GPU, eager and compiled to Triton by inductor: F.local_response_norm's
@@ -193,12 +272,12 @@ def test_gpu_jpeg_decode_equals_cpu_decode(subsampling):
 @pytest.mark.e2e
 def test_short_training_run_on_cuda(tiny_shards, tmp_path):
     """The demo config on the GPU for a few steps, tp=1: one process per GPU (up to 2; with 2, dp=2
-    over nccl; with 1, world size 1 needs no process group). It ends cleanly with a finite loss
-    and a checkpoint."""
+    over nccl; with 1, world size 1 needs no process group), with train.deterministic (the tests'
+    default: python -m distalex.train sets the cuBLAS workspace itself). It ends cleanly with a
+    finite loss and a checkpoint."""
     nproc = min(2, torch.cuda.device_count())
     overrides = tiny_overrides(tiny_shards, **{"parallel.tp": 1, "parallel.device": "cuda", "train.epochs": 1,
-                                               "train.max_steps": 6, "tracking.enabled": "false",
-                                               "train.deterministic": "false"})
+                                               "train.max_steps": 6, "tracking.enabled": "false"})
     proc = launch(tmp_path, overrides, nproc=nproc, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"(dp={nproc} x tp=1) backend=nccl" in proc.stdout

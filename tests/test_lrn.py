@@ -169,3 +169,31 @@ def test_empty_batch_passes_through(threads):
         assert max_pool2d(x.detach(), 3, 2).shape == F.max_pool2d(x.detach(), 3, 2).shape
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["loops", "tensor-ops"])
+@pytest.mark.parametrize("groups", [1, 2])
+def test_channels_last_in_channels_last_out_same_numbers(dtype, groups):
+    """A channels-last input gives a channels-last output and input gradient (the gradient arriving
+    channels-last, as from pooling), equal bit for bit to the NCHW tensor's, on both paths, one
+    thread and two, the ReLU folded in or not; ``groups`` normalise each block of channels alone."""
+    shape = (3, 2 * 24, 9, 7)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(11), dtype=dtype) * 30
+    g = torch.randn(shape, generator=torch.Generator().manual_seed(12), dtype=dtype)
+    last = torch.channels_last
+    for threads in (1, 2):
+        with torch_threads(threads):
+            for relu_first in (False, True):
+                fn = lambda t: local_response_norm(t, *PAPER, relu_first=relu_first, groups=groups)  # noqa: E731
+                y, dx = output_and_grad(fn, x, g)
+                y_cl, dx_cl = output_and_grad(fn, x.contiguous(memory_format=last), g.contiguous(memory_format=last))
+                assert not y_cl.is_contiguous() and y_cl.is_contiguous(memory_format=last)
+                assert not dx_cl.is_contiguous() and dx_cl.is_contiguous(memory_format=last)
+                assert torch.equal(y_cl, y) and torch.equal(dx_cl, dx), (threads, relu_first)
+    alone = torch.cat([F.local_response_norm(t, *PAPER) for t in x.clamp(min=0).chunk(groups, dim=1)], dim=1)
+    assert rel_err(local_response_norm(x.contiguous(memory_format=last), *PAPER, relu_first=True, groups=groups), alone) <= 1e-6
+
+
+def test_groups_must_divide_the_channels():
+    with pytest.raises(ValueError, match="7 channels do not split into groups=2"):
+        local_response_norm(torch.ones(1, 7, 2, 2), 5, groups=2)

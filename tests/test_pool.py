@@ -54,3 +54,21 @@ def test_fullgraph_compile():
     (dx,) = torch.autograd.grad(y.sum(), x)
     (dx_ref,) = torch.autograd.grad(F.max_pool2d(x, 3, 2).sum(), x)
     assert torch.equal(y, F.max_pool2d(x, 3, 2)) and torch.equal(dx, dx_ref)
+
+
+def test_channels_last_in_channels_last_out():
+    """A channels-last map (train.channels_last) stays channels-last, values and gradient those of
+    the NCHW map bit for bit."""
+    x = with_ties((2, 6, 27, 27), seed=4)
+    g = torch.randn(F.max_pool2d(x, 3, 2).shape, generator=torch.Generator().manual_seed(5))
+    last = torch.channels_last
+    outs = []
+    for xi, gi in ((x, g), (x.contiguous(memory_format=last), g.contiguous(memory_format=last))):
+        xi = xi.clone().requires_grad_()
+        y = max_pool2d(xi, 3, 2)
+        (dx,) = torch.autograd.grad(y, xi, gi)
+        outs.append((y, dx))
+    (y, dx), (y_cl, dx_cl) = outs
+    assert y_cl.is_contiguous(memory_format=last) and not y_cl.is_contiguous()
+    assert dx_cl.is_contiguous(memory_format=last) and not dx_cl.is_contiguous()
+    assert torch.equal(y_cl, y) and torch.equal(dx_cl, dx)

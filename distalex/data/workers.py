@@ -9,12 +9,21 @@ The workers ignore SIGTERM and SIGINT: torchrun (killpg) and SLURM (every proces
 send SIGTERM to them too, and a terminal's Ctrl-C (or torchrun passing it on) sends SIGINT to the
 training process's whole process group. A worker that died of either would make the training
 process raise mid-checkpoint ("DataLoader worker ... killed by signal") while it saves after its
-own stop signal. Ignoring them removes the usual way workers end, so they are ended by other means:
+own stop signal. Ignoring them removes the usual way workers end, so they are ended by other means,
+with public APIs only (torch's DataLoader and Python's multiprocessing and signal modules; nothing
+private of torch):
 
-- ``WorkerPool.close`` kills them (SIGKILL) and is called on every path out of an epoch
-  (``try/finally`` in the loaders). Killing is safe: a worker holds nothing that needs a clean
-  exit (its batches travel in shared memory unlinked at creation), and a polite shutdown can
-  wait many seconds on a worker blocked in a network read.
+- ``WorkerPool.close`` ends them and is called on every path out of an epoch (``try/finally`` in
+  the loaders). Each worker registers its pid at start and handles SIGUSR1 by ``os._exit(0)``:
+  close sends it, so a worker ends at once even when it is blocked in a network read, and with
+  exit status 0, which the DataLoader's SIGCHLD handler (installed where the loader starts in the
+  main thread) does not report as a failure. Only then is the loader's iterator released: its own
+  shutdown (queues, the pin-memory thread) finds the workers gone and waits for nothing. A worker
+  still alive after EXIT_GRACE_S (stuck in C code that holds the GIL) is killed (SIGKILL), with
+  that SIGCHLD handler set aside meanwhile so that the kill is not reported as a crash. Ending a
+  worker abruptly is safe: it holds nothing that needs a clean exit (its batches travel in shared
+  memory unlinked at creation), and a polite shutdown can wait many seconds on a worker blocked
+  in a network read.
 - An ``atexit`` hook closes any pool still open. Python's own exit handler would otherwise send
   the workers SIGTERM (ignored) and then wait for them forever: every unhandled exception in the
   training process became a hang. atexit runs the last registered first, and this module is
@@ -28,8 +37,10 @@ own stop signal. Ignoring them removes the usual way workers end, so they are en
 from __future__ import annotations
 
 import atexit
+import contextlib
 import ctypes
 import functools
+import multiprocessing
 import os
 import signal
 import sys
@@ -58,10 +69,24 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def _worker_init(parent: int, _worker_id: int) -> None:
+EXIT_SIGNAL = signal.SIGUSR1
+"""What ``WorkerPool.close`` sends a worker to end it (handled by ``os._exit(0)``)."""
+EXIT_GRACE_S = 2.0
+"""How long close waits for the workers to act on EXIT_SIGNAL before it kills them."""
+FETCH_END_S = 10.0
+"""After a kill, how long close waits for a first fetch still in progress to give the loader up."""
+
+
+def _exit_now(_signum, _frame) -> None:
+    os._exit(0)  # status 0: the DataLoader reports a worker that died of a signal as a crash
+
+
+def _worker_init(parent: int, pids, worker_id: int) -> None:
     torch.set_num_threads(1)  # the workers decode with PIL; torch ops here are tiny copies
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # see the module docstring
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(EXIT_SIGNAL, _exit_now)
+    pids[worker_id] = os.getpid()  # after the handler: a registered worker can be ended by close
     _die_with_parent(parent)
 
 
@@ -72,10 +97,12 @@ class WorkerPool:
     """``iter(DataLoader(dataset, ...))`` whose workers end when ``close()`` is called, or at exit."""
 
     def __init__(self, dataset: IterableDataset, workers: int, device: torch.device):
+        context = multiprocessing.get_context()  # the DataLoader's default, named so that the pid table is shared with it
+        self._pids = context.RawArray("q", max(workers, 1))  # worker id -> pid, 0 until that worker has started
         loader = DataLoader(
             dataset, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
-            worker_init_fn=functools.partial(_worker_init, os.getpid()) if workers > 0 else None,
-            prefetch_factor=4 if workers > 0 else None,
+            worker_init_fn=functools.partial(_worker_init, os.getpid(), self._pids) if workers > 0 else None,
+            prefetch_factor=4 if workers > 0 else None, multiprocessing_context=context if workers > 0 else None,
         )
         self._it = iter(loader)  # the workers start here, in the caller's thread (see _die_with_parent)
         _open_pools.add(self)
@@ -111,28 +138,70 @@ class WorkerPool:
         return next(self._it)
 
     def pids(self) -> list[int]:
-        return [w.pid for w in getattr(self._it, "_workers", [])]
+        """The workers that have started (their pids)."""
+        return [pid for pid in self._pids if pid]
 
     def close(self) -> None:
-        """Kill the workers and release the loader; safe to call more than once."""
+        """End the workers and release the loader; safe to call more than once."""
         it, self._it = self._it, None
-        self._fetch = None  # a first fetch still running fails once its workers are gone; nobody reads it
+        fetch, self._fetch = self._fetch, None  # a first fetch still running fails once its workers are gone
         _open_pools.discard(self)
-        workers = getattr(it, "_workers", [])
-        if not workers:
+        if it is None:
             return
-        if getattr(it, "_worker_pids_set", False):
-            # First tell torch's SIGCHLD handler to stop watching them, or their death raises here.
-            from torch.utils.data._utils import signal_handling
+        pids = self.pids()
+        for pid in pids:
+            _signal(pid, EXIT_SIGNAL)
+        alive = _still_running(pids, EXIT_GRACE_S)
+        if not alive:
+            return  # `it` goes with this frame: the DataLoader's own shutdown runs now (or when the first fetch ends)
+        with _sigchld_set_aside():
+            for pid in alive:
+                _signal(pid, signal.SIGKILL)
+            del it
+            if fetch is not None:  # it holds the loader until it sees the workers gone (seconds)
+                fetch.join(FETCH_END_S)  # the loader stops watching the killed ones only once released
 
-            signal_handling._remove_worker_pids(id(it))
-            it._worker_pids_set = False
-        for w in workers:
-            if w.is_alive():
-                w.kill()
-        for w in workers:
-            w.join(timeout=10)
-        it._shutdown_workers()  # queues and the pin-memory thread; the workers are already gone
+
+def _still_running(pids: list[int], timeout: float) -> list[int]:
+    """The children of ``pids`` that have not exited within ``timeout`` seconds (none reaped here:
+    multiprocessing joins them)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = [pid for pid in pids if not _exited(pid)]
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.01)
+
+
+def _signal(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:  # gone already (reaped)
+        pass
+
+
+def _exited(pid: int) -> bool:
+    """Whether child ``pid`` has exited, without reaping it (multiprocessing joins it later)."""
+    if not hasattr(os, "waitid"):  # macOS: cannot tell a zombie from a live process; wait the grace out
+        return False
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:  # reaped already
+        return True
+
+
+@contextlib.contextmanager
+def _sigchld_set_aside():
+    """SIGCHLD's default action while workers are killed, where it can be changed (the main thread):
+    the DataLoader's handler would report the kill as a worker crash (an exception in this thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGCHLD, previous)
 
 
 @atexit.register

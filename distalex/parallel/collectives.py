@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from distalex.memory_format import is_channels_last
+
 
 def group_size(group) -> int:
     return 1 if group is None else dist.get_world_size(group)
@@ -41,6 +43,14 @@ def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
 def _all_gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     """Concatenate every rank's ``x`` along ``dim``, in rank order."""
     n = group_size(group)
+    if dim == 1 and is_channels_last(x):
+        # (N, H, W, C) in memory: gather whole maps as they lie, then interleave each pixel's channel
+        # blocks (one copy), so that the result is channels last too
+        maps = x.permute(0, 2, 3, 1)  # contiguous (N, H, W, C/n)
+        out = torch.empty((n * maps.shape[0], *maps.shape[1:]), dtype=x.dtype, device=x.device)  # rank-major
+        _gather_op()(out, maps, group=group)
+        ranks = out.view(n, *maps.shape).permute(1, 2, 3, 0, 4)  # (N, H, W, n, C/n)
+        return ranks.reshape(*maps.shape[:3], n * maps.shape[3]).permute(0, 3, 1, 2)
     # The flat all-gather stacks along dim 0: gather there, then move the rank axis into dim.
     moved = x.movedim(dim, 0).contiguous()
     out = torch.empty((n * moved.shape[0], *moved.shape[1:]), dtype=x.dtype, device=x.device)
@@ -53,6 +63,13 @@ def _reduce_scatter(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     n = group_size(group)
     if x.shape[dim] % n != 0:
         raise ValueError(f"reduce-scatter: size {x.shape[dim]} of dim {dim} is not divisible by {n} ranks")
+    if dim == 1 and is_channels_last(x):
+        # the inverse of _all_gather's channels-last case: each rank's channel blocks gathered (one copy)
+        b, h, w, c = x.shape[0], x.shape[2], x.shape[3], x.shape[1] // n
+        blocks = x.permute(0, 2, 3, 1).reshape(b, h, w, n, c).permute(3, 0, 1, 2, 4).reshape(n * b, h, w, c)  # rank-major
+        out = torch.empty((b, h, w, c), dtype=x.dtype, device=x.device)
+        _reduce_scatter_op()(out, blocks, op=dist.ReduceOp.SUM, group=group)
+        return out.permute(0, 3, 1, 2)
     moved = x.movedim(dim, 0).contiguous()
     out = torch.empty((moved.shape[0] // n, *moved.shape[1:]), dtype=x.dtype, device=x.device)
     _reduce_scatter_op()(out, moved, op=dist.ReduceOp.SUM, group=group)

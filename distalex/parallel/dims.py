@@ -172,14 +172,24 @@ def backend_for(device: torch.device) -> str:
 
 
 def pick_device(local_rank: int, requested: str = "auto") -> torch.device:
-    """``auto``: this rank's GPU when CUDA is present, else the CPU."""
+    """``auto``: this rank's GPU when CUDA is present, else the CPU. On CUDA, local rank r takes GPU r:
+    more local ranks than GPUs is an error (two ranks on one GPU share its memory, and NCCL fails
+    later and far from the cause)."""
     if requested == "auto":
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     if requested == "cuda":
         if not torch.cuda.is_available():
             raise ParallelConfigError("device 'cuda' was asked for but CUDA is not available")
-        torch.cuda.set_device(local_rank % torch.cuda.device_count())
-        return torch.device("cuda", torch.cuda.current_device())
+        gpus = torch.cuda.device_count()
+        if local_rank >= gpus:
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            visible = "CUDA_VISIBLE_DEVICES unset" if visible is None else f"CUDA_VISIBLE_DEVICES={visible}"
+            raise ParallelConfigError(
+                f"LOCAL_RANK={local_rank} but this node shows {gpus} GPU(s) ({visible}): "
+                f"start at most {gpus} processes per node (torchrun --nproc_per_node={gpus}), one per GPU"
+            )
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
     if requested != "cpu":
         raise ParallelConfigError(f"device must be auto, cuda or cpu, got {requested!r}")
     return torch.device("cpu")

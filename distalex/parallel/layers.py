@@ -125,13 +125,13 @@ class GatherChannelsConv2d(nn.Conv2d):
 class ShardedDropout(SharedDropout):
     """The serial model's dropout on an activation sharded over tp ranks (fc7's outputs).
 
-    Draws the same full-width noise as every peer (one shared generator) and keeps this rank's
+    Draws the same full-width noise as every peer (one shared stream) and keeps this rank's
     contiguous slice of it, so the tp run's mask is the serial run's mask, cut into pieces.
     """
 
     def __init__(self, dropout: SharedDropout, group):
         super().__init__(dropout.p, dropout.features, dropout.seed)
-        self.generator = dropout.generator
+        self.stream = dropout.stream
         n, r = group_size(group), group_rank(group)
         if self.features % n:
             raise ValueError(f"cannot shard a dropout of {self.features} features over {n} ranks")
@@ -156,21 +156,25 @@ def sample_counts(batch: int, n: int) -> list[int]:
 
 
 class SampleSplit:
-    """Which of the tp group's samples each rank convolves, for the batch going through now.
-
-    conv1 sees the whole group batch and records the split; fc6, which regroups the samples,
-    reads it. So both agree on every batch, a ragged last validation batch included.
-    """
+    """Which of the tp group's samples each rank convolves: contiguous parts in rank order, of
+    ``sample_counts(batch, n)`` samples. A rule, not a record: conv1 (which keeps this rank's part)
+    and fc6 (which regroups every rank's) each apply it to the group batch's size, which fc6 is
+    handed by the model's forward. Nothing is stored between layers, so both agree on every
+    batch (a ragged last validation batch included) whatever ran before, and a compiled or
+    recomputed forward reads no Python state."""
 
     def __init__(self, group):
         self.n, self.rank = group_size(group), group_rank(group)
-        self.counts: list[int] = []
+
+    def counts(self, batch: int) -> list[int]:
+        """Every rank's number of samples of a group batch of ``batch``."""
+        return sample_counts(batch, self.n)
 
     def take(self, x: torch.Tensor) -> torch.Tensor:
-        """This rank's samples of the group batch ``x`` (a view), recording every rank's count."""
-        self.counts = sample_counts(x.shape[0], self.n)
-        start = sum(self.counts[: self.rank])
-        return x[start : start + self.counts[self.rank]]
+        """This rank's samples of the group batch ``x`` (a view)."""
+        counts = self.counts(x.shape[0])
+        start = sum(counts[: self.rank])
+        return x[start : start + counts[self.rank]]
 
     def describe(self) -> str:
         return f"keeps part {self.rank} of {self.n} (contiguous samples, in rank order)"
@@ -214,14 +218,18 @@ class AllToAllRowParallelLinear(RowParallelLinear):
     block X_i of every sample. One all-to-all regroups (B_rank, F) into (B, F/p) (backward: the
     inverse all-to-all; each element has one owner, so nothing is summed); the rest is row-parallel.
     Moving only the block each rank uses sends 1/p of what an all-gather of the features would.
+    The model's forward passes the group batch's size B, from which ``split`` gives every rank's share.
     """
+
+    takes_group_batch = True  # AlexNet.forward passes the group batch's size
 
     def __init__(self, linear: nn.Linear, group, split: SampleSplit):
         super().__init__(linear, group)
         self.split = split
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(samples_to_features(x, self.split.counts, self.group))  # (B_rank, F) -> (B, F/p) first
+    def forward(self, x: torch.Tensor, group_batch: int) -> torch.Tensor:
+        counts = self.split.counts(group_batch)
+        return super().forward(samples_to_features(x, counts, self.group))  # (B_rank, F) -> (B, F/p) first
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}; input regrouped all-to-all from this rank's samples x all features "

@@ -79,7 +79,7 @@ def parallelize(model: AlexNet, tp_group, layout: str = "towers") -> AlexNet:
         for name, size in (("fc6 input features", model.fc6.in_features), ("fc7 units", model.fc7.out_features)):
             if size % n:
                 raise ParallelConfigError(f"parallel.layout=hybrid: {name} ({size}) are not divisible by parallel.tp={n}")
-        split = SampleSplit(tp_group)  # conv1 records each batch's split, fc6 reads it
+        split = SampleSplit(tp_group)  # the rule conv1 keeps its samples by and fc6 regroups them by
         for name in CONVS:
             setattr(model, name, SampleShardConv2d(getattr(model, name), tp_group, split if name == "conv1" else None))
         model.fc6 = AllToAllRowParallelLinear(model.fc6, tp_group, split)
