@@ -124,6 +124,7 @@ def test_channels_last_computes_the_nchw_step(serial):
         assert rel(cl["grads"][name], ref) < 1e-4, name
 
 
+@pytest.mark.slow  # two spawned ranks per layout; the serial checks above stay in the quick tier
 @pytest.mark.parametrize("layout", ["towers", "hybrid"])
 def test_tp2_keeps_channels_last(layout, serial):
     """At tp=2 too. Towers copy only inside conv3's exchange: a gathered map's channel blocks

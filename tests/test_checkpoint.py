@@ -268,40 +268,34 @@ def test_every_file_is_on_disk_before_the_checkpoint_counts(tmp_path, monkeypatc
     assert ("fsync", tmp_path.name) in events[published:], events
 
 
-def _resume_as_rank_0_sees_it(root: str) -> int:
-    """Rank 1 sees no checkpoint yet (a network file system a moment behind): it still loads rank 0's."""
+def _two_ranks_resume_and_check_sharing(root: str) -> tuple[int, str]:
+    """Rank 1 sees no checkpoint yet (a network file system a moment behind): it still resumes rank
+    0's choice. Then each rank points checkpoint.dir at a directory of its own (no shared file
+    system): the check refuses it on every rank."""
     import distalex.checkpoint as checkpoint
     from distalex.parallel.dims import init_parallel
 
     dims = init_parallel(tp=1, towers=2, device="cpu")
-    cfg = make_cfg(Path(root))
+    cfg = make_cfg(Path(root) / "shared")
     cfg.parallel.tp = 1
+    listed = checkpoint.complete_checkpoints
     if dims.rank == 1:
         checkpoint.complete_checkpoints = lambda _root: []
     state = TrainState()
     found = CheckpointManager(cfg, dims).resume(DDPEngine(tiny_model(), cfg, dims), state, RandomStreams())
-    return state.step if found else -1
-
-
-def test_every_rank_resumes_from_rank_0s_choice(tmp_path):
-    save_at(make_cfg(tmp_path), [5])
-    assert run_workers(_resume_as_rank_0_sees_it, 2, str(tmp_path)) == [5, 5]
-
-
-def _check_shared(root: str) -> str:
-    from distalex.parallel.dims import init_parallel
-
-    dims = init_parallel(tp=1, towers=2, device="cpu")
-    cfg = make_cfg(Path(root) / f"host{dims.rank}")  # every rank its own directory: no shared file system
+    checkpoint.complete_checkpoints = listed
     try:
-        CheckpointManager(cfg, dims).check_shared_dir()
+        CheckpointManager(make_cfg(Path(root) / f"host{dims.rank}"), dims).check_shared_dir()
+        error = "no error"
     except CheckpointError as e:
-        return str(e)
-    return "no error"
+        error = str(e)
+    return (state.step if found else -1), error
 
 
-def test_a_checkpoint_dir_that_is_not_shared_is_refused_on_every_rank(tmp_path):
-    errors = run_workers(_check_shared, 2, str(tmp_path))
-    for error in errors:
+def test_every_rank_resumes_rank_0s_choice_and_an_unshared_checkpoint_dir_is_refused(tmp_path):
+    save_at(make_cfg(tmp_path / "shared"), [5])
+    results = run_workers(_two_ranks_resume_and_check_sharing, 2, str(tmp_path))
+    assert [step for step, _ in results] == [5, 5]
+    for _, error in results:
         assert error.startswith(f"checkpoint.dir: {tmp_path}/host0 is not one directory shared by all hosts: rank 1 ("), error
     assert not list((tmp_path / "host0").iterdir())  # rank 0's probe file is gone again

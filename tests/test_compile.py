@@ -131,9 +131,11 @@ def run(tp: int, layout: str, backend: str | None) -> list[dict]:
 
 
 CASES = [(1, "towers"), (2, "towers"), (2, "hybrid")]
+SPAWNED = pytest.mark.slow  # tp=2 compiles on two spawned ranks; tp=1 stays in the quick tier
 
 
-@pytest.mark.parametrize(("tp", "layout"), CASES, ids=[f"tp{t}-{lay}" for t, lay in CASES])
+@pytest.mark.parametrize(("tp", "layout"), [pytest.param(t, lay, marks=[SPAWNED] if t > 1 else []) for t, lay in CASES],
+                         ids=[f"tp{t}-{lay}" for t, lay in CASES])
 def test_step_is_one_graph_without_breaks(tp, layout):
     for rank in run(tp, layout, backend=None):
         assert (rank["graphs"], rank["breaks"]) == (1, 0), rank["reasons"]
