@@ -1,6 +1,6 @@
 """Local response normalisation: PyTorch's implementation against other formulations of the same function.
 
-    python bench/lrn.py [--batch 128] [--threads 2] [--repeats 7] [--compile]
+    python bench/lrn.py [--batch 128] [--threads 2] [--repeats 7] [--compile] [--channels-last] [--malloc system]
 
 LRN as distalex uses it (``distalex.model.TowerLRN``): size 5, alpha 1e-4 (divided by size),
 beta 0.75, k 2, across the channels of one tower, on the ReLU outputs of conv1 and conv2. At the
@@ -21,6 +21,14 @@ b = a / (k + alpha/n * sum_window a^2)^beta:
               on the CPU in float32 one numba-compiled loop per sample in each direction
   pool3d      avg_pool3d as PyTorch does, but with the padding inside the pool (no padded copy)
   pool3d_fn   pool3d's forward in a custom autograd Function with distalex's analytic backward
+
+With ``--channels-last`` the maps (and gradients) are laid out channels last, as
+``train.channels_last`` gives them to the LRN: distalex's loops then run over rows of 48 or 128
+channels; the other variants get the same tensors.
+
+``--malloc`` as in bench/bench.py: by default freed memory stays in the process
+(``distalex.allocator``, as ``distalex.train`` runs on the CPU), so that a variant's time is not
+that of the page faults of its fresh output tensors; ``--malloc system`` keeps glibc's defaults.
 
 Each variant is checked against the reference (output and input gradient) before it is timed:
 max |variant - torch| <= 1e-6 * max |torch| per tensor. Times are the median of ``--repeats`` runs
@@ -43,6 +51,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from distalex.allocator import keep_freed_memory  # noqa: E402
 from distalex.lrn import local_response_norm  # noqa: E402
 from distalex.model import LRN_ALPHA, LRN_BETA, LRN_K, LRN_SIZE  # noqa: E402
 
@@ -168,13 +177,13 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
-def check(fn, shape, device: torch.device, scales=(1.0, 30.0, 300.0)) -> dict[str, float]:
+def check(fn, shape, device: torch.device, scales=(1.0, 30.0, 300.0), layout=torch.contiguous_format) -> dict[str, float]:
     """Worst output and input-gradient error against F.local_response_norm, over input scales."""
     worst_y = worst_g = 0.0
     small = (min(shape[0], 4), *shape[1:])
     for scale in scales:
-        x = relu_like(small, scale, seed=1).to(device).requires_grad_()
-        g = torch.randn(small, generator=torch.Generator().manual_seed(2)).to(device)
+        x = relu_like(small, scale, seed=1).to(device).contiguous(memory_format=layout).requires_grad_()
+        g = torch.randn(small, generator=torch.Generator().manual_seed(2)).to(device).contiguous(memory_format=layout)
         y_ref = lrn_torch(x)
         (gx_ref,) = torch.autograd.grad(y_ref, x, g)
         y = fn(x)
@@ -195,12 +204,13 @@ def _timed(step, device: torch.device) -> tuple[float, float]:
     return time.perf_counter() - t0, time.process_time() - c0
 
 
-def time_variants(fns: dict, shape, repeats: int, device: torch.device, warmup: int = 2) -> dict[str, dict[str, float]]:
+def time_variants(fns: dict, shape, repeats: int, device: torch.device, warmup: int = 2,
+                  layout=torch.contiguous_format) -> dict[str, dict[str, float]]:
     """Forward and forward+backward of every variant, round-robin (so load from other processes
     hits every variant alike); medians of wall and of CPU time, in ms."""
-    x = relu_like(shape, 30.0).to(device)
+    x = relu_like(shape, 30.0).to(device).contiguous(memory_format=layout)
     xg = x.clone().requires_grad_()
-    g = torch.randn(shape).to(device)
+    g = torch.randn(shape).to(device).contiguous(memory_format=layout)
     steps = {}
     for name, fn in fns.items():
         def fwd(fn=fn):
@@ -233,28 +243,34 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd torch and distalex (inductor)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (on CUDA the 'CPU' columns are synchronised wall time)")
+    p.add_argument("--channels-last", action="store_true", help="the maps and gradients channels last (train.channels_last)")
+    p.add_argument("--malloc", choices=("keep", "system"), default="keep",
+                   help="keep: freed host memory stays in the process (distalex.allocator); system: glibc's defaults")
     p.add_argument("--json", default=None, help="write the rows here too")
     a = p.parse_args(argv)
     device = torch.device(a.device)
+    malloc_kept = a.malloc == "keep" and keep_freed_memory()
     torch.set_num_threads(a.threads)
     names = [n for n in a.variants.split(",") if n]
     fns = {n: VARIANTS[n] for n in names}
     if a.compile:
         fns.update({f"{n}+compile": torch.compile(VARIANTS[n], dynamic=False) for n in ("torch", "distalex") if n in names})
-    print(f"torch {torch.__version__}, {device}, {torch.get_num_threads()} thread(s), float32, batch {a.batch}; median of {a.repeats} "
+    layout = torch.channels_last if a.channels_last else torch.contiguous_format
+    print(f"torch {torch.__version__}, {device}, {torch.get_num_threads()} thread(s), float32, batch {a.batch}, "
+          f"{'channels-last' if a.channels_last else 'NCHW'}, freed memory {'kept' if malloc_kept else 'returned (glibc)'}; median of {a.repeats} "
           f"round-robin runs; speed-up = {names[0]} CPU time / variant CPU time")
     rows = []
     for layer, shape in paper_shapes(a.batch).items():
         print(f"\n{layer} {tuple(shape)}  ({torch.Size(shape).numel() * 4 / 2**20:.0f} MiB float32)")
         print(f"  {'variant':16s} {'fwd ms':>15s} {'fwd+bwd ms':>15s} {'speed-up (CPU)':>15s} {'out err':>9s} {'grad err':>9s}")
         print(f"  {'':16s} {'wall':>7s} {'CPU':>7s} {'wall':>7s} {'CPU':>7s} {'fwd':>7s} {'f+b':>7s}")
-        errs = {name: check(fn, shape, device) for name, fn in fns.items()}
-        times = time_variants(fns, shape, a.repeats, device)
+        errs = {name: check(fn, shape, device, layout=layout) for name, fn in fns.items()}
+        times = time_variants(fns, shape, a.repeats, device, layout=layout)
         base = times[names[0]]
         for name in fns:
             t, err = times[name], errs[name]
             ok = err["out_rel_err"] <= 1e-6 and err["grad_rel_err"] <= 1e-6
-            row = {"layer": layer, "shape": list(shape), "variant": name, **t, **err, "equal_1e-6": ok,
+            row = {"layer": layer, "shape": list(shape), "channels_last": a.channels_last, "variant": name, **t, **err, "equal_1e-6": ok,
                    "speedup_fwd_cpu": base["fwd_cpu_ms"] / t["fwd_cpu_ms"],
                    "speedup_fwd_bwd_cpu": base["fwd_bwd_cpu_ms"] / t["fwd_bwd_cpu_ms"]}
             rows.append(row)

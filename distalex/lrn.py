@@ -19,8 +19,8 @@ above is ~9 passes over the tensor and the backward ~6; what they cost is memory
   (``distalex.cpu_loops``; ``_cpu_forward`` / ``_cpu_backward``): it reads the input once, keeps
   one sample's squares and window sums in cache and writes the result once. The backward
   recomputes d from the input instead of saving it: the Function keeps only its input. A
-  channels-last map runs the same loops with the channels innermost (``_cpu_forward_last`` /
-  ``_cpu_backward_last``: a row of one pixel's channels at a time), so that it stays channels
+  channels-last map runs loops with the channels innermost (``_cpu_forward_last`` /
+  ``_cpu_backward_last``, over blocks of pixels' rows of channels), so that it stays channels
   last, with the same sums in the same order: the same numbers as its NCHW copy.
 - elsewhere (CUDA; under ``torch.compile``, whose code generator fuses them itself; float64; or
   without numba) the same math as tensor ops, ``_tensor_forward`` / ``_tensor_backward``, along
@@ -240,74 +240,128 @@ def _cpu_backward(x, g, dx, n0, n1, size, alpha_n, coef, beta, k, three_quarters
                 dx[n, c, l] = grad
 
 
-# --- the same loops with the channels innermost: channels-last maps -----------------------------
+# --- the same sums with the channels innermost: channels-last maps -------------------------------
+#
+# A channels-last map is rows of one pixel's channels (one tower's: 48 after conv1), too short for
+# a vectorised loop each. So the loops run over blocks of whole rows as one flat array: the window
+# sum of the flat squares is each row's own for all but its edge channels, whose flat window reaches
+# into the neighbouring rows; those few are summed again, clipped to the row. Every sum adds the
+# same terms in the same order as ``_window_sums``: the same numbers as the NCHW loops.
+
+_BLOCK = 1024  # elements per block of rows: the block's intermediates stay in the L1 cache
 
 
 @cpu_loops.jit
-def _padded_window_sums(padded, size, out):
-    """out[c] = padded[c] + ... + padded[c + size - 1], added in that order: with the zeros the
-    padding puts outside the channels, exactly ``_window_sums``' clipped sums."""
-    for c in range(out.shape[0]):
-        out[c] = padded[c]
-    for j in range(1, size):
-        for c in range(out.shape[0]):
-            out[c] += padded[c + j]
-
-
-@cpu_loops.jit
-def _squares_last(x, n, l, relu_first, a, sq, front):
-    """One row's input (after ReLU with ``relu_first``), and its squares from ``sq[front]`` on."""
-    for c in range(x.shape[2]):
-        v = x[n, l, c]
+def _relu_squares(x, relu_first, a, sq, front):
+    """A block's input (after ReLU with ``relu_first``) in ``a``, its squares from ``sq[front]`` on."""
+    for i in range(x.shape[0]):
+        v = x[i]
         if relu_first and v < 0:
             v = np.float32(0.0)
-        a[c] = v
-        sq[front + c] = v * v
+        a[i] = v
+        sq[front + i] = v * v
+
+
+@cpu_loops.jit
+def _row_window_sums(s, size, front, channels, rows, out):
+    """out[r * channels + c] = the sum of s[front + r * channels + j] over the channels j of row r in
+    [c - front, c - front + size - 1], in channel order; ``s`` holds zeros before and after the block."""
+    m = rows * channels
+    if size == 5 and front == 2 and channels >= 4:  # the paper's window: the sums written out
+        for i in range(m):
+            out[i] = s[i] + s[i + 1] + s[i + 2] + s[i + 3] + s[i + 4]
+        for r in range(rows):
+            t, o = s[r * channels:], out[r * channels:]  # row r's squares from t[2] on
+            o[0] = t[2] + t[3] + t[4]
+            o[1] = t[2] + t[3] + t[4] + t[5]
+            o[channels - 2] = t[channels - 2] + t[channels - 1] + t[channels] + t[channels + 1]
+            o[channels - 1] = t[channels - 1] + t[channels] + t[channels + 1]
+        return
+    for i in range(m):
+        acc = s[i]
+        for j in range(1, size):
+            acc += s[i + j]
+        out[i] = acc
+    for r in range(rows):
+        for c in range(channels):
+            if front <= c < channels - (size - 1 - front):
+                continue  # an interior channel: its flat sum is its own
+            lo, hi = max(0, c - front), min(channels, c - front + size)
+            acc = s[front + r * channels + lo]
+            for j in range(lo + 1, hi):
+                acc += s[front + r * channels + j]
+            out[r * channels + c] = acc
 
 
 @cpu_loops.jit
 def _cpu_forward_last(x, y, n0, n1, size, alpha_n, coef, beta, k, three_quarters, relu_first):
-    channels = x.shape[2]
-    a, d = np.empty(channels, np.float32), np.empty(channels, np.float32)
-    sq = np.zeros(channels + size - 1, np.float32)  # zeros either side of the channels stay zero
+    length, channels, front = x.shape[1] * x.shape[2], x.shape[2], size // 2
+    block = max(1, _BLOCK // channels) * channels
+    a, d = np.empty(block, np.float32), np.empty(block, np.float32)
+    sq = np.zeros(block + size - 1, np.float32)  # zeros either side of the block's squares
     for n in range(n0, n1):
-        for l in range(x.shape[1]):
-            _squares_last(x, n, l, relu_first, a, sq, size // 2)
-            _padded_window_sums(sq, size, d)
-            if three_quarters:
-                for c in range(channels):
-                    p = np.sqrt(k + alpha_n * d[c])
-                    y[n, l, c] = a[c] / (p * np.sqrt(p))
-            else:
-                for c in range(channels):
-                    y[n, l, c] = a[c] / (k + alpha_n * d[c]) ** beta
+        xn, yn = x[n].reshape(length), y[n].reshape(length)
+        for o in range(0, length, block):
+            m = min(block, length - o)
+            _relu_squares(xn[o:o + m], relu_first, a, sq, front)
+            sq[front + m:] = 0
+            _row_window_sums(sq, size, front, channels, m // channels, d)
+            _forward_block(a, d, yn[o:o + m], alpha_n, beta, k, three_quarters)
+
+
+@cpu_loops.jit
+def _forward_block(a, d, y, alpha_n, beta, k, three_quarters):
+    if three_quarters:
+        for i in range(y.shape[0]):
+            p = np.sqrt(k + alpha_n * d[i])
+            y[i] = a[i] / (p * np.sqrt(p))
+    else:
+        for i in range(y.shape[0]):
+            y[i] = a[i] / (k + alpha_n * d[i]) ** beta
 
 
 @cpu_loops.jit
 def _cpu_backward_last(x, g, dx, n0, n1, size, alpha_n, coef, beta, k, three_quarters, relu_first):
-    channels, lead = x.shape[2], (size - 1) // 2  # the mirrored window starts (size - 1) // 2 before c
-    a, d, inv_power = np.empty(channels, np.float32), np.empty(channels, np.float32), np.empty(channels, np.float32)
-    sq, r = np.zeros(channels + size - 1, np.float32), np.zeros(channels + size - 1, np.float32)
+    length, channels = x.shape[1] * x.shape[2], x.shape[2]
+    front, lead = size // 2, (size - 1) // 2  # the mirrored window starts (size - 1) // 2 before c
+    block = max(1, _BLOCK // channels) * channels
+    a, d, inv_power = np.empty(block, np.float32), np.empty(block, np.float32), np.empty(block, np.float32)
+    sq, r = np.zeros(block + size - 1, np.float32), np.zeros(block + size - 1, np.float32)
     for n in range(n0, n1):
-        for l in range(x.shape[1]):
-            _squares_last(x, n, l, relu_first, a, sq, size // 2)
-            _padded_window_sums(sq, size, d)
-            if three_quarters:
-                for c in range(channels):
-                    dd = k + alpha_n * d[c]
-                    p = np.sqrt(dd)
-                    inv = np.float32(1.0) / (p * np.sqrt(p))
-                    inv_power[c] = inv
-                    r[lead + c] = g[n, l, c] * a[c] * inv / dd
-            else:
-                for c in range(channels):
-                    dd = k + alpha_n * d[c]
-                    inv = np.float32(1.0) / dd**beta
-                    inv_power[c] = inv
-                    r[lead + c] = g[n, l, c] * a[c] * inv / dd
-            _padded_window_sums(r, size, d)
-            for c in range(channels):
-                grad = g[n, l, c] * inv_power[c] + coef * a[c] * d[c]
-                if relu_first and x[n, l, c] <= 0:
-                    grad = np.float32(0.0)
-                dx[n, l, c] = grad
+        xn, gn, dxn = x[n].reshape(length), g[n].reshape(length), dx[n].reshape(length)
+        for o in range(0, length, block):
+            m, rows = min(block, length - o), min(block, length - o) // channels
+            _relu_squares(xn[o:o + m], relu_first, a, sq, front)
+            sq[front + m:] = 0
+            _row_window_sums(sq, size, front, channels, rows, d)
+            _backward_terms(a, d, gn[o:o + m], inv_power, r[lead:lead + m], alpha_n, beta, k, three_quarters)
+            r[lead + m:] = 0
+            _row_window_sums(r, size, lead, channels, rows, d)  # the mirrored window
+            _backward_block(xn[o:o + m], gn[o:o + m], a, d, inv_power, dxn[o:o + m], coef, relu_first)
+
+
+@cpu_loops.jit
+def _backward_terms(a, d, g, inv_power, r, alpha_n, beta, k, three_quarters):
+    """d^-beta and r = g a d^(-beta-1) of a block, from its window sums ``d``."""
+    if three_quarters:
+        for i in range(g.shape[0]):
+            dd = k + alpha_n * d[i]
+            p = np.sqrt(dd)
+            inv = np.float32(1.0) / (p * np.sqrt(p))
+            inv_power[i] = inv
+            r[i] = g[i] * a[i] * inv / dd
+    else:
+        for i in range(g.shape[0]):
+            dd = k + alpha_n * d[i]
+            inv = np.float32(1.0) / dd**beta
+            inv_power[i] = inv
+            r[i] = g[i] * a[i] * inv / dd
+
+
+@cpu_loops.jit
+def _backward_block(x, g, a, window, inv_power, dx, coef, relu_first):
+    for i in range(dx.shape[0]):
+        grad = g[i] * inv_power[i] + coef * a[i] * window[i]
+        if relu_first and x[i] <= 0:  # ReLU's gradient: none where x <= 0
+            grad = np.float32(0.0)
+        dx[i] = grad

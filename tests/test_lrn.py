@@ -194,6 +194,23 @@ def test_channels_last_in_channels_last_out_same_numbers(dtype, groups):
     assert rel_err(local_response_norm(x.contiguous(memory_format=last), *PAPER, relu_first=True, groups=groups), alone) <= 1e-6
 
 
+@pytest.mark.parametrize("size", [1, 2, 3, 4, 5, 6, 9])
+@pytest.mark.parametrize("beta", [0.75, 0.5])
+def test_channels_last_loops_equal_nchw_loops_any_window(size, beta):
+    """The channels-last loops sum blocks of rows as one flat array and sum each row's edge
+    channels again: bit for bit the NCHW loops' numbers for any window, even or odd, wider than
+    the channels or not, rows of 1 to 48 channels, maps that end in a partial block."""
+    last = torch.channels_last
+    for shape in ((2, 48, 5, 5), (2, 7, 13, 13), (2, 4, 6, 6), (3, 3, 4, 5), (2, 1, 3, 3)):
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(13), dtype=torch.float32) * 30
+        g = torch.randn(shape, generator=torch.Generator().manual_seed(14), dtype=torch.float32)
+        for relu_first in (False, True):
+            fn = lambda t: local_response_norm(t, size, 2e-4, beta, 1.5, relu_first=relu_first)  # noqa: E731
+            y, dx = output_and_grad(fn, x, g)
+            y_cl, dx_cl = output_and_grad(fn, x.contiguous(memory_format=last), g.contiguous(memory_format=last))
+            assert torch.equal(y_cl, y) and torch.equal(dx_cl, dx), (shape, relu_first)
+
+
 def test_groups_must_divide_the_channels():
     with pytest.raises(ValueError, match="7 channels do not split into groups=2"):
         local_response_norm(torch.ones(1, 7, 2, 2), 5, groups=2)
