@@ -34,10 +34,12 @@ INJECT = textwrap.dedent('''
     FAULT, STAMP = os.environ["FAULT"], os.environ["FAULT_STAMP"]
 
     def stamp(what):
-        # the time, and this process's children alive at the fault (its loader workers, if it owns
-        # any): a fast run can start and end them between two polls of the watching test
+        # the time, and the loader workers alive at the fault (the children of the process that
+        # owns them: this one, or this worker's parent): a fast run can start and end them between
+        # two polls of the watching test
         import json, psutil
-        children = {c.pid: c.create_time() for c in psutil.Process().children(recursive=True)}
+        owner = psutil.Process().parent() if FAULT == "worker" else psutil.Process()
+        children = {c.pid: c.create_time() for c in owner.children(recursive=True)}
         with open(STAMP, "w") as f:
             json.dump({"time": time.time(), "children": children}, f)
         raise RuntimeError(f"fault injected in {what}")

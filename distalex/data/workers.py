@@ -15,7 +15,10 @@ private of torch):
 
 - ``WorkerPool.close`` ends them and is called on every path out of an epoch (``try/finally`` in
   the loaders). Each worker registers its pid at start and handles SIGUSR1 by ``os._exit(0)``:
-  close sends it, so a worker ends at once even when it is blocked in a network read, and with
+  close sends it to the worker's main thread (``tgkill`` on Linux: a signal sent to the process
+  may land on one of its helper threads, the queue feeder for one, whose handler flag the main
+  thread, blocked in a read, would not see), so a worker ends at once even when it is blocked in
+  a network read, and with
   exit status 0, which the DataLoader's SIGCHLD handler (installed where the loader starts in the
   main thread) does not report as a failure. Only then is the loader's iterator released: its own
   shutdown (queues, the pin-memory thread) finds the workers gone and waits for nothing. A worker
@@ -39,7 +42,9 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
+import errno
 import functools
+import logging
 import multiprocessing
 import os
 import signal
@@ -50,6 +55,8 @@ import weakref
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset
+
+log = logging.getLogger("distalex.data")
 
 PR_SET_PDEATHSIG = 1
 
@@ -141,25 +148,29 @@ class WorkerPool:
         """The workers that have started (their pids)."""
         return [pid for pid in self._pids if pid]
 
-    def close(self) -> None:
-        """End the workers and release the loader; safe to call more than once."""
+    def close(self) -> list[int]:
+        """End the workers and release the loader; safe to call more than once. Returns the pids
+        of the workers that had to be killed (they did not act on EXIT_SIGNAL in time)."""
         it, self._it = self._it, None
         fetch, self._fetch = self._fetch, None  # a first fetch still running fails once its workers are gone
         _open_pools.discard(self)
         if it is None:
-            return
+            return []
         pids = self.pids()
         for pid in pids:
-            _signal(pid, EXIT_SIGNAL)
+            _signal_main_thread(pid, EXIT_SIGNAL)
         alive = _still_running(pids, EXIT_GRACE_S)
         if not alive:
-            return  # `it` goes with this frame: the DataLoader's own shutdown runs now (or when the first fetch ends)
+            return []  # `it` goes with this frame: the DataLoader's own shutdown runs now (or when the first fetch ends)
         with _sigchld_set_aside():
             for pid in alive:
                 _signal(pid, signal.SIGKILL)
             del it
             if fetch is not None:  # it holds the loader until it sees the workers gone (seconds)
                 fetch.join(FETCH_END_S)  # the loader stops watching the killed ones only once released
+        log.warning("loader workers %s did not end within %.0f s of %s; killed them",
+                    ", ".join(map(str, alive)), EXIT_GRACE_S, EXIT_SIGNAL.name)
+        return alive
 
 
 def _still_running(pids: list[int], timeout: float) -> list[int]:
@@ -178,6 +189,27 @@ def _signal(pid: int, signum: int) -> None:
         os.kill(pid, signum)
     except ProcessLookupError:  # gone already (reaped)
         pass
+
+
+def _signal_main_thread(pid: int, signum: int) -> None:
+    """``signum`` to the main thread of process ``pid`` (whose thread id is its pid on Linux)."""
+    if _tgkill is None:
+        _signal(pid, signum)
+        return
+    if _tgkill(pid, pid, signum) != 0 and ctypes.get_errno() != errno.ESRCH:  # ESRCH: gone already
+        _signal(pid, signum)
+
+
+def _find_tgkill():
+    if not sys.platform.startswith("linux"):
+        return None
+    tgkill = getattr(ctypes.CDLL(None, use_errno=True), "tgkill", None)  # glibc >= 2.30, musl
+    if tgkill is not None:
+        tgkill.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    return tgkill
+
+
+_tgkill = _find_tgkill()
 
 
 def _exited(pid: int) -> bool:
