@@ -59,12 +59,12 @@ from torch.utils.data import DataLoader, IterableDataset
 log = logging.getLogger("distalex.data")
 
 PR_SET_PDEATHSIG = 1
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 
 
 def _die_with_parent(parent: int) -> None:
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if _LIBC is not None:
+        _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     else:
         def watch() -> None:
             while os.getppid() == parent:
@@ -201,9 +201,7 @@ def _signal_main_thread(pid: int, signum: int) -> None:
 
 
 def _find_tgkill():
-    if not sys.platform.startswith("linux"):
-        return None
-    tgkill = getattr(ctypes.CDLL(None, use_errno=True), "tgkill", None)  # glibc >= 2.30, musl
+    tgkill = getattr(_LIBC, "tgkill", None)  # glibc >= 2.30, musl
     if tgkill is not None:
         tgkill.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
     return tgkill
