@@ -50,7 +50,7 @@ def gone(pid: int) -> bool:
         return True
 
 
-def close_and_check(pool: WorkerPool, limit_s: float, capfd, killed: int) -> float:
+def close_and_check(pool: WorkerPool, limit_s: float, capfd, killed: int) -> None:
     pids = pool.pids()
     assert len(pids) == 2, pids
     t0 = time.monotonic()
@@ -64,7 +64,6 @@ def close_and_check(pool: WorkerPool, limit_s: float, capfd, killed: int) -> flo
     # twice is fine
     assert pool.close() == []
     assert "DataLoader worker" not in capfd.readouterr().err
-    return took
 
 
 def started(pool: WorkerPool) -> WorkerPool:
@@ -76,8 +75,8 @@ def started(pool: WorkerPool) -> WorkerPool:
 
 
 def test_workers_blocked_in_a_read_end_at_once_with_status_0(capfd):
-    # they act on the signal (no kill is needed), in far less than the grace the kill waits out
-    close_and_check(started(WorkerPool(BlockedRead(), 2, torch.device("cpu"))), workers.EXIT_GRACE_S, capfd, killed=0)
+    # they act on the signal: no kill is needed, and close takes far less than the grace a kill waits out
+    close_and_check(started(WorkerPool(BlockedRead(), 2, torch.device("cpu"))), 1.5, capfd, killed=0)
 
 
 def test_workers_that_ignore_the_signal_are_killed_without_a_crash_report(capfd):
@@ -93,4 +92,4 @@ def test_workers_ignore_sigterm(capfd):
         time.sleep(0.5)
         assert not any(gone(pid) for pid in pool.pids())
     finally:
-        close_and_check(pool, workers.EXIT_GRACE_S, capfd, killed=0)
+        close_and_check(pool, 1.5, capfd, killed=0)

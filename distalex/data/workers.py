@@ -191,23 +191,16 @@ def _signal(pid: int, signum: int) -> None:
         pass
 
 
+_tgkill = getattr(_LIBC, "tgkill", None)  # glibc >= 2.30, musl
+if _tgkill is not None:
+    _tgkill.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
+
+
 def _signal_main_thread(pid: int, signum: int) -> None:
-    """``signum`` to the main thread of process ``pid`` (whose thread id is its pid on Linux)."""
-    if _tgkill is None:
+    """``signum`` to the main thread of process ``pid`` (whose thread id is its pid on Linux);
+    to the process where tgkill is missing or fails for another reason than the worker being gone."""
+    if _tgkill is None or (_tgkill(pid, pid, signum) != 0 and ctypes.get_errno() != errno.ESRCH):
         _signal(pid, signum)
-        return
-    if _tgkill(pid, pid, signum) != 0 and ctypes.get_errno() != errno.ESRCH:  # ESRCH: gone already
-        _signal(pid, signum)
-
-
-def _find_tgkill():
-    tgkill = getattr(_LIBC, "tgkill", None)  # glibc >= 2.30, musl
-    if tgkill is not None:
-        tgkill.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
-    return tgkill
-
-
-_tgkill = _find_tgkill()
 
 
 def _exited(pid: int) -> bool:
