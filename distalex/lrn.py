@@ -54,13 +54,18 @@ def local_response_norm(
     channels-last (N, C, H, W) input gives a channels-last output and gradient, computed with
     the channels innermost: no layout copy, the same numbers as for the NCHW tensor.
     """
+    check_arguments(x, size, groups)
+    return _LocalResponseNorm.apply(x, size, alpha, beta, k, relu_first, groups)
+
+
+def check_arguments(x: Tensor, size: int, groups: int) -> None:
+    """What ``local_response_norm`` refuses, with the reason."""
     if x.dim() < 3:
         raise ValueError(f"local_response_norm: expected an (N, C, L, ...) tensor, got shape {tuple(x.shape)}")
     if size < 1:
         raise ValueError(f"local_response_norm: size must be >= 1, got {size}")
     if groups < 1 or x.shape[1] % groups:
         raise ValueError(f"local_response_norm: {x.shape[1]} channels do not split into groups={groups}")
-    return _LocalResponseNorm.apply(x, size, alpha, beta, k, relu_first, groups)
 
 
 class _LocalResponseNorm(torch.autograd.Function):
@@ -295,18 +300,32 @@ def _row_window_sums(s, size, front, channels, rows, out):
 
 @cpu_loops.jit
 def _cpu_forward_last(x, y, n0, n1, size, alpha_n, coef, beta, k, three_quarters, relu_first):
-    length, channels, front = x.shape[1] * x.shape[2], x.shape[2], size // 2
-    block = max(1, _BLOCK // channels) * channels
-    a, d = np.empty(block, np.float32), np.empty(block, np.float32)
-    sq = np.zeros(block + size - 1, np.float32)  # zeros either side of the block's squares
+    length, channels = x.shape[1] * x.shape[2], x.shape[2]
+    a, d, sq, _, _ = pixel_rows_buffers(size, channels)
     for n in range(n0, n1):
-        xn, yn = x[n].reshape(length), y[n].reshape(length)
-        for o in range(0, length, block):
-            m = min(block, length - o)
-            _relu_squares(xn[o:o + m], relu_first, a, sq, front)
-            sq[front + m:] = 0
-            _row_window_sums(sq, size, front, channels, m // channels, d)
-            _forward_block(a, d, yn[o:o + m], alpha_n, beta, k, three_quarters)
+        forward_pixel_rows(x[n].reshape(length), y[n].reshape(length), channels, size, alpha_n, beta, k, three_quarters, relu_first, a, d, sq)
+
+
+@cpu_loops.jit
+def pixel_rows_buffers(size, channels):
+    """Scratch for ``forward_pixel_rows`` / ``backward_pixel_rows``: a block's a, d, squares and
+    inverse powers and r (the squares and r with zeros either side of the block)."""
+    block = max(1, _BLOCK // channels) * channels
+    return (np.empty(block, np.float32), np.empty(block, np.float32), np.zeros(block + size - 1, np.float32),
+            np.empty(block, np.float32), np.zeros(block + size - 1, np.float32))
+
+
+@cpu_loops.jit
+def forward_pixel_rows(x, y, channels, size, alpha_n, beta, k, three_quarters, relu_first, a, d, sq):
+    """The LRN of a run of pixels laid out channels last (flat ``x``, rows of ``channels``), into ``y``,
+    in blocks of rows; ``a``, ``d`` and ``sq`` from ``pixel_rows_buffers``."""
+    front, block = size // 2, a.shape[0]
+    for o in range(0, x.shape[0], block):
+        m = min(block, x.shape[0] - o)
+        _relu_squares(x[o:o + m], relu_first, a, sq, front)
+        sq[front + m:] = 0
+        _row_window_sums(sq, size, front, channels, m // channels, d)
+        _forward_block(a, d, y[o:o + m], alpha_n, beta, k, three_quarters)
 
 
 @cpu_loops.jit
@@ -323,21 +342,27 @@ def _forward_block(a, d, y, alpha_n, beta, k, three_quarters):
 @cpu_loops.jit
 def _cpu_backward_last(x, g, dx, n0, n1, size, alpha_n, coef, beta, k, three_quarters, relu_first):
     length, channels = x.shape[1] * x.shape[2], x.shape[2]
-    front, lead = size // 2, (size - 1) // 2  # the mirrored window starts (size - 1) // 2 before c
-    block = max(1, _BLOCK // channels) * channels
-    a, d, inv_power = np.empty(block, np.float32), np.empty(block, np.float32), np.empty(block, np.float32)
-    sq, r = np.zeros(block + size - 1, np.float32), np.zeros(block + size - 1, np.float32)
+    a, d, sq, inv_power, r = pixel_rows_buffers(size, channels)
     for n in range(n0, n1):
-        xn, gn, dxn = x[n].reshape(length), g[n].reshape(length), dx[n].reshape(length)
-        for o in range(0, length, block):
-            m, rows = min(block, length - o), min(block, length - o) // channels
-            _relu_squares(xn[o:o + m], relu_first, a, sq, front)
-            sq[front + m:] = 0
-            _row_window_sums(sq, size, front, channels, rows, d)
-            _backward_terms(a, d, gn[o:o + m], inv_power, r[lead:lead + m], alpha_n, beta, k, three_quarters)
-            r[lead + m:] = 0
-            _row_window_sums(r, size, lead, channels, rows, d)  # the mirrored window
-            _backward_block(xn[o:o + m], gn[o:o + m], a, d, inv_power, dxn[o:o + m], coef, relu_first)
+        backward_pixel_rows(x[n].reshape(length), g[n].reshape(length), dx[n].reshape(length), channels,
+                            size, alpha_n, coef, beta, k, three_quarters, relu_first, a, d, sq, inv_power, r)
+
+
+@cpu_loops.jit
+def backward_pixel_rows(x, g, dx, channels, size, alpha_n, coef, beta, k, three_quarters, relu_first, a, d, sq, inv_power, r):
+    """``forward_pixel_rows``'s input gradient ``dx`` for the output gradient ``g``."""
+    front, lead = size // 2, (size - 1) // 2  # the mirrored window starts (size - 1) // 2 before c
+    block = a.shape[0]
+    for o in range(0, x.shape[0], block):
+        m = min(block, x.shape[0] - o)
+        rows = m // channels
+        _relu_squares(x[o:o + m], relu_first, a, sq, front)
+        sq[front + m:] = 0
+        _row_window_sums(sq, size, front, channels, rows, d)
+        _backward_terms(a, d, g[o:o + m], inv_power, r[lead:lead + m], alpha_n, beta, k, three_quarters)
+        r[lead + m:] = 0
+        _row_window_sums(r, size, lead, channels, rows, d)  # the mirrored window
+        _backward_block(x[o:o + m], g[o:o + m], a, d, inv_power, dx[o:o + m], coef, relu_first)
 
 
 @cpu_loops.jit

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distalex.lrn import local_response_norm
+from distalex.lrn_pool import local_response_norm_max_pool
 from distalex.memory_format import flatten_channel_major
 from distalex.pool import MaxPool2d
 from distalex.rng import RandomStream
@@ -40,6 +41,7 @@ from distalex.rng import RandomStream
 # Kernels (or fc units) per tower at width 1.0: the paper's numbers.
 PER_TOWER = {"conv1": 48, "conv2": 128, "conv3": 192, "conv4": 192, "conv5": 128, "fc": 2048}
 LRN_SIZE, LRN_ALPHA, LRN_BETA, LRN_K = 5, 1e-4, 0.75, 2.0
+POOL = (3, 2)  # every max pool: 3x3 windows at stride 2, overlapping (docs/paper.md)
 BIAS_ONE_LAYERS = ("conv2", "conv4", "conv5", "fc6", "fc7")
 
 
@@ -60,23 +62,26 @@ class TowerLRN(nn.Module):
     """Local response normalisation across channels, with the window inside each tower.
 
     b = a / (k + alpha/n * sum_{j in window} a_j^2)^beta over n=5 neighbouring channels; with
-    ``relu_first``, of a = ReLU(input), computed in the same pass.
+    ``relu_first``, of a = ReLU(input), and with ``pool`` = (kernel, stride), followed by that max
+    pooling, each computed in the same pass (``distalex.lrn_pool``).
 
     Towers are counted from the input: every ``channels_per_tower`` consecutive channels are one
     tower, so a rank holding some of the towers (tensor parallelism) needs no other setting.
     """
 
-    def __init__(self, channels_per_tower: int, relu_first: bool = False):
+    def __init__(self, channels_per_tower: int, relu_first: bool = False, pool: tuple[int, int] | None = None):
         super().__init__()
-        self.channels_per_tower, self.relu_first = channels_per_tower, relu_first
+        self.channels_per_tower, self.relu_first, self.pool = channels_per_tower, relu_first, pool
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         towers = x.shape[1] // self.channels_per_tower  # each normalised on its own
-        return local_response_norm(x, LRN_SIZE, LRN_ALPHA, LRN_BETA, LRN_K, relu_first=self.relu_first, groups=towers)
+        lrn = (LRN_SIZE, LRN_ALPHA, LRN_BETA, LRN_K, self.relu_first, towers)
+        return local_response_norm(x, *lrn) if self.pool is None else local_response_norm_max_pool(x, *lrn, *self.pool)
 
     def extra_repr(self) -> str:
         relu = "relu_first=True, " if self.relu_first else ""
-        return f"{relu}channels_per_tower={self.channels_per_tower}, size={LRN_SIZE}, alpha={LRN_ALPHA}, beta={LRN_BETA}, k={LRN_K}"
+        pool = f", then max pool {self.pool[0]}/{self.pool[1]}" if self.pool else ""
+        return f"{relu}channels_per_tower={self.channels_per_tower}, size={LRN_SIZE}, alpha={LRN_ALPHA}, beta={LRN_BETA}, k={LRN_K}{pool}"
 
 
 class SharedDropout(nn.Module):
@@ -147,14 +152,14 @@ class AlexNet(nn.Module):
             raise ValueError(f"image_size={image_size} is too small: pool5 would be empty (need >= 63)")
 
         self.conv1 = nn.Conv2d(3, ch["conv1"], 11, stride=4, padding=2)
-        # ReLU then LRN after conv1 and conv2, one op (one pass over the map); a plain ReLU without LRN
-        self.relu_lrn1 = TowerLRN(ch["conv1"] // towers, relu_first=True) if lrn else nn.ReLU(inplace=True)
+        # ReLU, LRN and max pool after conv1 and conv2, one op (on the CPU one pass over the map)
+        self.relu_lrn_pool1 = TowerLRN(ch["conv1"] // towers, relu_first=True, pool=POOL) if lrn else relu_pool()
         self.conv2 = nn.Conv2d(ch["conv1"], ch["conv2"], 5, padding=2, groups=towers)
-        self.relu_lrn2 = TowerLRN(ch["conv2"] // towers, relu_first=True) if lrn else nn.ReLU(inplace=True)
+        self.relu_lrn_pool2 = TowerLRN(ch["conv2"] // towers, relu_first=True, pool=POOL) if lrn else relu_pool()
         self.conv3 = nn.Conv2d(ch["conv2"], ch["conv3"], 3, padding=1)  # reads both towers
         self.conv4 = nn.Conv2d(ch["conv3"], ch["conv4"], 3, padding=1, groups=towers)
         self.conv5 = nn.Conv2d(ch["conv4"], ch["conv5"], 3, padding=1, groups=towers)
-        self.pool = MaxPool2d(3, stride=2)  # nn.MaxPool2d's function, faster on the CPU
+        self.pool = MaxPool2d(*POOL)  # after conv5; nn.MaxPool2d's function, faster on the CPU
         self.fc6 = nn.Linear(ch["conv5"] * side * side, ch["fc"])
         self.drop6 = SharedDropout(dropout, ch["fc"], seed=6)
         self.fc7 = nn.Linear(ch["fc"], ch["fc"])
@@ -193,8 +198,8 @@ class AlexNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch = x.shape[0]
         # ReLU in place after conv3-5 (their backward does not need the outputs): no new map to allocate.
-        x = self.pool(self.relu_lrn1(self.conv1(x)))  # (B, 96, 27, 27) at 224
-        x = self.pool(self.relu_lrn2(self.conv2(x)))  # (B, 256, 13, 13)
+        x = self.relu_lrn_pool1(self.conv1(x))  # (B, 96, 27, 27) at 224
+        x = self.relu_lrn_pool2(self.conv2(x))  # (B, 256, 13, 13)
         x = F.relu_(self.conv3(x))  # (B, 384, 13, 13)
         x = F.relu_(self.conv4(x))
         x = self.pool(F.relu_(self.conv5(x)))  # (B, 256, 6, 6)
@@ -207,6 +212,11 @@ class AlexNet(nn.Module):
         x = self.drop6(F.relu(x))
         x = self.drop7(F.relu(self.fc7(x)))
         return self.fc8(x)  # (B, classes) logits
+
+
+def relu_pool() -> nn.Sequential:
+    """What follows conv1 and conv2 without the LRN (``model.lrn: false``)."""
+    return nn.Sequential(nn.ReLU(inplace=True), MaxPool2d(*POOL))
 
 
 def build_model(model_cfg) -> AlexNet:

@@ -25,7 +25,7 @@ from distalex.train import build_parallel_model
 from tests.distributed import run_workers
 
 BATCH, SIZE, WIDTH, CLASSES = 5, 127, 1 / 16, 10  # 127 px: pool5 is 3 x 3, so its flatten is a real layout change
-CONV_STACK = ("conv1", "relu_lrn1", "conv2", "relu_lrn2", "conv3", "conv4", "conv5")
+CONV_STACK = ("conv1", "relu_lrn_pool1", "conv2", "relu_lrn_pool2", "conv3", "conv4", "conv5")
 
 
 def tiny_model() -> AlexNet:
@@ -42,7 +42,7 @@ def data(device):
 
 def record_layouts(model) -> tuple[list, list]:
     """Hooks that note each conv-stack layer's output layout, and its gradient's, in call order
-    (``pool`` three times)."""
+    (``pool`` once, after conv5: the other two are inside ``relu_lrn_pool1`` and ``relu_lrn_pool2``)."""
     forward, backward = [], []
 
     def hook(module, args, out, name):
@@ -99,7 +99,7 @@ def serial():
 def test_every_layer_keeps_channels_last_forward_and_backward(serial):
     run = serial[True]
     names = [n for n, _ in run["forward"]]
-    assert names == ["conv1", "relu_lrn1", "pool", "conv2", "relu_lrn2", "pool", "conv3", "conv4", "conv5", "pool"]
+    assert names == ["conv1", "relu_lrn_pool1", "conv2", "relu_lrn_pool2", "conv3", "conv4", "conv5", "pool"]
     assert all(cl for _, cl in run["forward"]), run["forward"]
     assert sorted(run["backward"]) == sorted(run["forward"]), run["backward"]  # every gradient channels-last too
     assert all(run["grad_layouts"].values()), run["grad_layouts"]  # and the conv weights' gradients

@@ -18,7 +18,8 @@ def test_paper_layer_shapes():
     shapes = {}
     for name in ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8"):
         getattr(model, name).register_forward_hook(lambda m, i, o, name=name: shapes.__setitem__(name, tuple(o.shape[1:])))
-    model.pool.register_forward_hook(lambda m, i, o: shapes.setdefault("pools", []).append(tuple(o.shape[1:])))
+    for name in ("relu_lrn_pool1", "relu_lrn_pool2", "pool"):
+        getattr(model, name).register_forward_hook(lambda m, i, o: shapes.setdefault("pools", []).append(tuple(o.shape[1:])))
     with torch.no_grad():
         model(torch.zeros(1, 3, 224, 224))
     assert shapes["conv1"] == (96, 55, 55)

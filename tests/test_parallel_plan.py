@@ -26,7 +26,7 @@ def repr_worker():
             "keys": list(model.state_dict()),
             "shapes": {k: tuple(v.shape) for k, v in model.state_dict().items()},
             "towers": model.towers,
-            "lrn": (model.relu_lrn1.channels_per_tower, model.relu_lrn2.channels_per_tower),
+            "lrn": (model.relu_lrn_pool1.channels_per_tower, model.relu_lrn_pool2.channels_per_tower),
             # a checkpoint resumed at another tp is cut as parallelize cuts the serial model
             "recut": all(t.equal(p) for t, p in zip(
                 local_state_dict(full_state_dict(model, dims.tp_group), model, dims.tp_group).values(), model.parameters())),
@@ -62,7 +62,7 @@ def test_print_of_a_tp_rank_names_each_exchange(ranks):
         # the serial model's names; model.towers and each LRN's tower width mean what they mean serially
         assert run["keys"] == list(serial.state_dict())
         assert run["towers"] == serial.towers == 2
-        assert run["lrn"] == (serial.relu_lrn1.channels_per_tower, serial.relu_lrn2.channels_per_tower)
+        assert run["lrn"] == (serial.relu_lrn_pool1.channels_per_tower, serial.relu_lrn_pool2.channels_per_tower)
         assert run["recut"]
 
 
@@ -87,7 +87,7 @@ def test_print_of_a_hybrid_rank_names_each_exchange(ranks):
         for name in ("fc7", "fc8", "drop6", "drop7"):
             assert lines[name] == ranks[tp_rank]["towers"]["lines"][name]
         # LRN sees every tower's channels, one tower at a time, as serially
-        assert lines["relu_lrn1"] == f"TowerLRN(relu_first=True, channels_per_tower={serial.relu_lrn1.channels_per_tower}, size=5, alpha=0.0001, beta=0.75, k=2.0)"
+        assert lines["relu_lrn_pool1"] == f"TowerLRN(relu_first=True, channels_per_tower={serial.relu_lrn_pool1.channels_per_tower}, size=5, alpha=0.0001, beta=0.75, k=2.0, then max pool 3/2)"
         # serial names; the convs' shapes are the serial ones (replicated), the fc layers' are slices
         assert run["keys"] == list(serial.state_dict())
         assert all(run["shapes"][k] == shapes[k] for k in shapes if k.startswith("conv"))
