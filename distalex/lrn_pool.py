@@ -131,20 +131,14 @@ def _cpu_backward(x, g, positions, dx, n0, n1, size, alpha_n, coef, beta, k, thr
                 ring[begun % kernel, :] = 0
                 begun += 1
             _scatter_row(g[n, i], positions[n, i], ring, i * stride, kernel, stride, channels)
-            complete = (i + 1) * stride if i + 1 < rows_out else begun  # rows the next windows no longer reach
+            complete = (i + 1) * stride if i + 1 < rows_out else height  # rows no later window reaches
             while done < complete:
-                if done >= begun:  # a row between windows (stride > kernel): no gradient reaches it
+                if done >= begun:  # in no window (between windows, stride > kernel, or below the last)
                     ring[done % kernel, :] = 0
                     begun = done + 1
                 backward_pixel_rows(x[n, done], ring[done % kernel], dx[n, done], group, size, alpha_n, coef, beta, k,
                                     three_quarters, relu_first, a, d, sq, inv_power, r)
                 done += 1
-        while done < height:  # rows below the last window: no gradient reaches them
-            row = ring[done % kernel]
-            row[:] = 0
-            backward_pixel_rows(x[n, done], row, dx[n, done], group, size, alpha_n, coef, beta, k, three_quarters, relu_first,
-                                a, d, sq, inv_power, r)
-            done += 1
 
 
 @cpu_loops.jit

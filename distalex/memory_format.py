@@ -1,11 +1,11 @@
 """Channels-last maps through the model: the one test for the layout, and the one place it ends.
 
 With ``train.channels_last`` every 4-d activation from conv1 to pool5 is laid out (N, H, W, C) in
-memory, and each layer (convolutions, ``distalex.lrn``, ``distalex.pool``) returns its result and
-its input gradient in that layout. The fully connected layers read the features channel-major
-(fc6's weight and the tensor-parallel split of its input depend on that order), so the map is
-copied once into that order by ``flatten_channel_major``, and the gradient goes back through the
-inverse copy, channels last, so that the layers below see no other layout.
+memory, and each layer (convolutions, ``distalex.lrn``, ``distalex.pool``, ``distalex.lrn_pool``)
+returns its result and its input gradient in that layout. The fully connected layers read the
+features channel-major (fc6's weight and the tensor-parallel split of its input depend on that
+order), so the map is copied once into that order by ``flatten_channel_major``, and the gradient
+goes back through the inverse copy, channels last, so that the layers below see no other layout.
 """
 
 from __future__ import annotations
