@@ -77,7 +77,7 @@ class _LocalResponseNorm(torch.autograd.Function):
         if cpu_loops.usable(a):
             a = a.contiguous()
             y = torch.empty_like(a)
-            _over_samples(_cpu_forward_last if last else _cpu_forward, a.shape[0], (a, y), ctx.lrn)
+            over_samples(_cpu_forward_last if last else _cpu_forward, a.shape[0], (a, y), ctx.lrn)
             ctx.save_for_backward(a)
         else:
             y, power, r = _tensor_forward(a.relu() if relu_first else a, size, alpha, beta, k, 2 if last else 1)
@@ -92,7 +92,7 @@ class _LocalResponseNorm(torch.autograd.Function):
             dx = _tensor_backward(a, g3, *saved, *ctx.lrn, 2 if ctx.last else 1)
         else:
             dx = torch.empty_like(a)
-            _over_samples(_cpu_backward_last if ctx.last else _cpu_backward, a.shape[0], (a, g3.contiguous(), dx), ctx.lrn)
+            over_samples(_cpu_backward_last if ctx.last else _cpu_backward, a.shape[0], (a, g3.contiguous(), dx), ctx.lrn)
         return _unrows(dx.to(g.dtype), g.shape, ctx.last), None, None, None, None, None, None
 
 
@@ -167,11 +167,14 @@ def _window_sum(padded: Tensor, size: int, dim: int) -> Tensor:
 # --- one fused loop per sample on the CPU --------------------------------------------------------
 
 
-def _over_samples(loop, n: int, tensors: tuple[Tensor, ...], lrn: tuple) -> None:
-    """The constants go in as float32, so that the loop computes in float32."""
+def over_samples(loop, n: int, tensors: tuple[Tensor, ...], lrn: tuple, *more) -> None:
+    """``cpu_loops.over_samples`` for an LRN loop: the LRN's constants (``lrn``: size, alpha, beta,
+    k, relu_first) as the loops take them, in float32 so that they compute in float32; then
+    ``more`` (what a loop takes besides, as ``distalex.lrn_pool``'s)."""
     size, alpha, beta, k, relu_first = lrn
     f32 = np.float32
-    cpu_loops.over_samples(loop, n, tensors, size, f32(alpha / size), f32(-2 * alpha * beta / size), f32(beta), f32(k), beta == 0.75, relu_first)
+    cpu_loops.over_samples(loop, n, tensors, size, f32(alpha / size), f32(-2 * alpha * beta / size), f32(beta), f32(k), beta == 0.75,
+                           relu_first, *more)
 
 
 @cpu_loops.jit

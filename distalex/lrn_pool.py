@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from distalex import cpu_loops
-from distalex.lrn import backward_pixel_rows, check_arguments, forward_pixel_rows, local_response_norm, pixel_rows_buffers
+from distalex.lrn import backward_pixel_rows, check_arguments, forward_pixel_rows, local_response_norm, over_samples, pixel_rows_buffers
 from distalex.memory_format import is_channels_last
 from distalex.pool import max_pool2d
 
@@ -41,9 +41,8 @@ def local_response_norm_max_pool(
     """``max_pool2d(local_response_norm(x, size, alpha, beta, k, relu_first, groups), kernel_size,
     stride)`` of an (N, C, H, W) tensor (no padding), in one pass where it can."""
     check_arguments(x, size, groups)
-    n, c, h, w = x.shape if x.dim() == 4 else (0, 0, 0, 0)
-    fused = (cpu_loops.usable(x) and is_channels_last(x) and kernel_size * kernel_size <= _MAX_WINDOW and stride >= 1
-             and min(h, w) >= kernel_size)
+    fused = (cpu_loops.usable(x) and is_channels_last(x) and min(x.shape[2:]) >= kernel_size and stride >= 1
+             and kernel_size * kernel_size <= _MAX_WINDOW)
     if not fused:
         return max_pool2d(local_response_norm(x, size, alpha, beta, k, relu_first, groups), kernel_size, stride)
     return _LocalResponseNormMaxPool.apply(x, (size, alpha, beta, k, relu_first), groups, kernel_size, stride)
@@ -56,7 +55,8 @@ class _LocalResponseNormMaxPool(torch.autograd.Function):
         ho, wo = (h - kernel_size) // stride + 1, (w - kernel_size) // stride + 1
         y = x.new_empty((n, ho, wo, c))
         positions = torch.empty((n, ho, wo, c), dtype=torch.uint8)  # where in its window each max lies
-        _over_samples(_cpu_forward, (_pixel_rows(x), y.view(n, ho, wo * c), positions.view(n, ho, wo * c)), lrn, c // groups, c, kernel_size, stride)
+        tensors = (_pixel_rows(x), y.view(n, ho, wo * c), positions.view(n, ho, wo * c))
+        over_samples(_cpu_forward, n, tensors, lrn, c // groups, c, kernel_size, stride)
         ctx.save_for_backward(x, positions)
         ctx.lrn, ctx.groups, ctx.kernel_size, ctx.stride = lrn, groups, kernel_size, stride
         return y.permute(0, 3, 1, 2)  # (N, C, Ho, Wo), channels last
@@ -68,7 +68,7 @@ class _LocalResponseNormMaxPool(torch.autograd.Function):
         g = g.contiguous(memory_format=torch.channels_last)
         dx = x.new_empty((n, h, w, c))
         tensors = (_pixel_rows(x), _pixel_rows(g), positions.view(n, g.shape[2], -1), dx.view(n, h, w * c))
-        _over_samples(_cpu_backward, tensors, ctx.lrn, c // ctx.groups, c, ctx.kernel_size, ctx.stride)
+        over_samples(_cpu_backward, n, tensors, ctx.lrn, c // ctx.groups, c, ctx.kernel_size, ctx.stride)
         return dx.permute(0, 3, 1, 2), None, None, None, None
 
 
@@ -76,13 +76,6 @@ def _pixel_rows(t: Tensor) -> Tensor:
     """A channels-last (N, C, H, W) tensor as its (N, H, W * C) rows of pixels: a view."""
     n, c, h, w = t.shape
     return t.permute(0, 2, 3, 1).view(n, h, w * c)
-
-
-def _over_samples(loop, tensors: tuple[Tensor, ...], lrn: tuple, channels_per_group: int, channels: int, kernel_size: int, stride: int) -> None:
-    size, alpha, beta, k, relu_first = lrn
-    f32 = np.float32
-    cpu_loops.over_samples(loop, tensors[0].shape[0], tensors, size, f32(alpha / size), f32(-2 * alpha * beta / size), f32(beta),
-                           f32(k), beta == 0.75, relu_first, channels_per_group, channels, kernel_size, stride)
 
 
 @cpu_loops.jit
