@@ -41,8 +41,10 @@ class ModelConfig(Section):
     """Dropout on fc6 and fc7 outputs (the paper: 0.5)."""
     lrn: bool = True
     """Local response normalisation after conv1 and conv2 (the paper: on)."""
-    init: Literal["paper", "kaiming"] = "paper"
-    """paper: N(0, 0.01) weights, biases 1 in conv2/4/5 and fc6/7. kaiming: for narrow variants."""
+    init: Literal["paper", "caffe", "kaiming"] = "paper"
+    """paper: N(0, 0.01) weights, biases 1 in conv2/4/5 and fc6/7 (section 5). caffe: Caffe's
+    bvlc_alexnet, N(0, 0.01) weights but N(0, 0.005) in fc6/7, biases 0.1 where the paper has 1.
+    kaiming: N(0, 2/fan_in) weights, biases 0, for narrow variants. docs/paper.md, "Conventions"."""
 
 
 class ParallelConfig(Section):
@@ -78,12 +80,20 @@ class DataConfig(Section):
     """Raw samples held in each worker's shuffle buffer (0: no sample shuffle; ~110 KB each on ImageNet)."""
     resize: int = Field(256, ge=1)
     """Shorter side rescaled to this, then the central square is kept (the paper: 256)."""
+    input_scale: Literal["standardized", "raw"] = "standardized"
+    """What the net sees. raw: the paper's "centred raw RGB values" (section 2), as the authors' code
+    fed them: pixels 0-255 minus the training mean, nothing divided; PCA lighting in pixel units, the
+    authors' form (alpha x the square root of each eigenvalue x 255). standardized: pixels / 255 minus
+    the mean, divided by the per-channel training std (about 60 times smaller than raw); lighting
+    alpha x eigenvalue in [0, 1] units, the form of public ImageNet code. docs/paper.md, "Conventions"."""
     lighting_std: float = Field(0.1, ge=0)
-    """PCA lighting: alpha ~ N(0, lighting_std) per image per presentation (0 turns it off)."""
+    """PCA lighting: alpha ~ N(0, lighting_std) per image per presentation (0 turns it off); what alpha
+    multiplies depends on data.input_scale."""
     mean: Literal["pixel", "channel"] = "channel"
     """Subtract the training mean per channel or per pixel (the paper: per pixel). Both come from
-    make_shards' statistics; per channel is the default because the random crop's own patch of the
-    mean image is not known on the device (pixel uses the centre patch for training crops)."""
+    make_shards' statistics. Random training crops get the mean image's centre patch, as in the
+    authors' code (the device sees only the crop's pixels, not where it was cut); the centre crop
+    and the ten test crops get their own patches."""
     flip: bool = True
     """Random horizontal flip on training crops."""
     train_samples: int | None = Field(None, ge=1)
@@ -117,6 +127,12 @@ class OptimConfig(Section):
     lr_patience: int = Field(5, ge=0)
     """Epochs without a new best validation top-1 error before the LR drops."""
     min_lr: float = Field(1e-5, ge=0)
+    bias_lr_mult: float = Field(1.0, gt=0)
+    """Biases learn at this multiple of the LR, also after it drops (the paper's text: 1, one rate for
+    every layer; the authors' code and Caffe: 2)."""
+    bias_decay_mult: float = Field(1.0, ge=0)
+    """Weight decay on biases = this x optim.weight_decay (the paper's update rule: 1; the authors'
+    code and Caffe: 0, biases are not decayed)."""
 
 
 class TrainConfig(Section):
@@ -143,6 +159,13 @@ class TrainConfig(Section):
     (``parallel.device: auto`` on a CPU machine) it is ignored with a warning."""
     log_every: int = Field(10, ge=1)
     """Steps between logged metrics (reading the loss is a device sync)."""
+    plateau_steps: int = Field(2000, ge=0)
+    """Warn once (a line, and the MLflow tag distalex.plateau) when the logged training loss has stayed
+    within train.plateau_margin of ln(model.num_classes) for this many steps: the net gives every
+    image the same prediction (docs/training.md, "A loss stuck at chance"). 0: no check."""
+    plateau_margin: float = Field(0.02, gt=0, lt=1)
+    """How close to ln(model.num_classes) a loss counts as on the plateau, as a fraction of it
+    (0.02: 0.046 for 10 classes, 0.138 for 1000)."""
     eval_ten_crop: bool = False
     """Validate with 10-crop (slower) instead of the centre crop."""
     deterministic: bool = False

@@ -42,7 +42,12 @@ from distalex.rng import RandomStream
 PER_TOWER = {"conv1": 48, "conv2": 128, "conv3": 192, "conv4": 192, "conv5": 128, "fc": 2048}
 LRN_SIZE, LRN_ALPHA, LRN_BETA, LRN_K = 5, 1e-4, 0.75, 2.0
 POOL = (3, 2)  # every max pool: 3x3 windows at stride 2, overlapping (docs/paper.md)
-BIAS_ONE_LAYERS = ("conv2", "conv4", "conv5", "fc6", "fc7")
+BIAS_ONE_LAYERS = ("conv2", "conv4", "conv5", "fc6", "fc7")  # the layers whose biases the paper sets to 1
+INITS = {  # model.init -> (the bias of BIAS_ONE_LAYERS, weight std per layer where not 0.01); kaiming: its own
+    "paper": (1.0, {}),
+    "caffe": (0.1, {"fc6": 0.005, "fc7": 0.005}),
+    "kaiming": None,
+}
 
 
 def conv_out(size: int, kernel: int, stride: int = 1, pad: int = 0) -> int:
@@ -170,21 +175,26 @@ class AlexNet(nn.Module):
     def reset_parameters(self) -> None:
         """``paper``: weights N(0, 0.01); biases 1 in conv2, conv4, conv5, fc6, fc7, else 0.
 
+        ``caffe`` (Caffe's bvlc_alexnet): as ``paper`` but fc6 and fc7 weights N(0, 0.005) and the
+        biases 0.1 where the paper has 1. Caffe's maintainers changed the paper's 1 because the loss
+        stayed flat at ln(classes); bench/learnability.py measures the three inits (docs/paper.md).
+
         ``kaiming``: weights N(0, 2 / fan_in), biases 0. For narrow variants (width < 1), where a
         fixed std of 0.01 shrinks the signal layer after layer until the constant biases decide
         every output and the loss sits at ln(classes).
         """
-        if self.init not in ("paper", "kaiming"):
-            raise ValueError(f"init must be 'paper' or 'kaiming', got {self.init!r}")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
         for name, m in self.named_children():
             if not isinstance(m, (nn.Conv2d, nn.Linear)):
                 continue
-            if self.init == "paper":
-                nn.init.normal_(m.weight, mean=0.0, std=0.01)
-                nn.init.constant_(m.bias, 1.0 if name in BIAS_ONE_LAYERS else 0.0)
-            else:
+            if self.init == "kaiming":
                 nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
                 nn.init.zeros_(m.bias)
+                continue
+            bias, std = INITS[self.init]
+            nn.init.normal_(m.weight, mean=0.0, std=std.get(name, 0.01))
+            nn.init.constant_(m.bias, bias if name in BIAS_ONE_LAYERS else 0.0)
 
     def dropouts(self) -> list[SharedDropout]:
         """The dropout layers, in forward order (their random streams are part of a checkpoint)."""

@@ -5,8 +5,9 @@ On CPU workers, per image, from the JPEG bytes to uint8:
   crop -> horizontal flip (train), or the centre crop / the ten crops (eval).
   (``data.decode: gpu`` does the training crop on the device instead, from the same ``crop_box``:
   ``distalex/data/decode.py``.)
-On the device, per batch (``normalize``): to float in [0, 1], PCA lighting (train), mean
-subtraction and division by the per-channel std.
+On the device, per batch (``normalize``): to float, PCA lighting (train), mean subtraction, in
+the units ``data.input_scale`` names: ``raw`` pixels 0-255 and nothing divided (the paper's
+"centred raw RGB values"), or ``standardized`` pixels in [0, 1] divided by the per-channel std.
 
 The resize happens at load time (``data.resize``), not at shard time: the shards keep the original
 JPEG bytes, so one set of shards serves the paper (256) and the small demo runs (e.g. 72).
@@ -33,6 +34,8 @@ from distalex.data.read import CorruptImage, read_bytes
 
 # PCA of ImageNet RGB pixels in [0, 1] (docs/paper.md, "Data"): rows R, G, B; columns are eigenvectors.
 PCA_EIGVAL = (0.2175, 0.0188, 0.0045)
+PIXEL_MAX = 255.0
+"""A uint8 pixel's largest value: the unit of ``data.input_scale: raw``, and what standardized divides by."""
 PCA_EIGVEC = (
     (-0.5675, 0.7192, 0.4009),
     (-0.5808, -0.0045, -0.8140),
@@ -143,18 +146,35 @@ def hwc_to_chw(arr: np.ndarray) -> torch.Tensor:
 # ------------------------------------------------------------------ device side: per batch
 
 
-def lighting_shift(n: int, std: float, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
-    """PCA lighting, (n, 3): per image the RGB offset  sum_j alpha_j * lambda_j * p_j,  alpha_j ~ N(0, std^2).
+def lighting_scales(input_scale: str) -> tuple[float, float, float]:
+    """What the lighting's alpha_j multiplies, per principal component, in the units of ``input_scale``.
 
-    Its covariance is  P diag(std^2 lambda^2) P^T  (P = PCA_EIGVEC, lambda = PCA_EIGVAL), in
-    units of pixels in [0, 1]. alpha is drawn on the generator's device, so tp peers holding the
-    same generator state get the same offsets.
+    standardized: the eigenvalue lambda_j, pixels in [0, 1] (the form public ImageNet code uses).
+    raw: the component's standard deviation in pixel units, sqrt(lambda_j) x 255, as the authors'
+    cuda-convnet2 drew it (N(0, 1) x stdevs x 0.1): about (118.9, 35.0, 17.1) from these
+    eigenvalues, against the authors' own (121.8, 37.1, 19.7). Measured in pixels, that is a shift
+    1 / sqrt(lambda_j) times the standardized form's: 2.1, 7.3 and 14.9 times (docs/paper.md, "Conventions").
+    """
+    if input_scale == "raw":
+        return tuple(math.sqrt(v) * PIXEL_MAX for v in PCA_EIGVAL)
+    return PCA_EIGVAL
+
+
+def lighting_shift(
+    n: int, std: float, generator: torch.Generator | None, device: torch.device, input_scale: str = "standardized"
+) -> torch.Tensor:
+    """PCA lighting, (n, 3): per image the RGB offset  sum_j alpha_j * s_j * p_j,  alpha_j ~ N(0, std^2),
+    with s = ``lighting_scales(input_scale)``.
+
+    Its covariance is  P diag(std^2 s^2) P^T  (P = PCA_EIGVEC), in the units of ``input_scale``
+    (pixels in [0, 1], or 0-255 for raw). alpha is drawn on the generator's device, so tp peers
+    holding the same generator state get the same offsets; both scales draw the same alpha.
     """
     gen_device = generator.device if generator is not None else torch.device(device)
     alpha = torch.randn(n, 3, generator=generator, device=gen_device).to(device) * std  # (n, 3)
-    eigval = torch.tensor(PCA_EIGVAL, device=device)
+    scales = torch.tensor(lighting_scales(input_scale), device=device)
     eigvec = torch.tensor(PCA_EIGVEC, device=device)
-    return (alpha * eigval) @ eigvec.T  # (n, 3): row i = eigvec @ (alpha_i * eigval)
+    return (alpha * scales) @ eigvec.T  # (n, 3): row i = eigvec @ (alpha_i * s)
 
 
 def training_stats(
@@ -189,54 +209,70 @@ def training_stats(
 
 
 def mean_and_std(
-    mean_rgb, std_rgb, mean_image: np.ndarray | None, resize: int, size: int, ten: bool
+    mean_rgb, std_rgb, mean_image: np.ndarray | None, resize: int, size: int, ten: bool,
+    input_scale: str = "standardized",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, std) to subtract and divide by, broadcastable to (3, S, S) or (10, 3, S, S).
+    """(mean, std) to subtract and divide by, broadcastable to (3, S, S) or (10, 3, S, S), in the
+    units of ``input_scale``: [0, 1] for standardized; for raw, pixel units and a std of ones
+    (nothing is divided, and dividing by one changes no bit).
 
     Per channel when ``mean_image`` is None, else per pixel: the mean image at ``resize``, cropped
     like the images.
     """
-    std = torch.tensor(std_rgb, dtype=torch.float32).view(3, 1, 1)
+    raw = input_scale == "raw"
+    std = torch.ones(3, 1, 1) if raw else torch.tensor(std_rgb, dtype=torch.float32).view(3, 1, 1)
     if mean_image is None:
-        return torch.tensor(mean_rgb, dtype=torch.float32).view(3, 1, 1), std
-    # For random training crops the centre patch stands in for the crop's own patch: the ImageNet
-    # mean image is smooth, so this moves the mean by far less than the lighting noise does.
+        mean = torch.tensor(mean_rgb, dtype=torch.float32).view(3, 1, 1)
+        return (mean * PIXEL_MAX if raw else mean), std
+    # For random training crops the centre patch stands in for the crop's own patch, as in the
+    # authors' code: the device sees only the crop, and the ImageNet mean image is smooth, so this
+    # moves the mean by far less than the lighting noise does.
     sq = torch.nn.functional.interpolate(
         torch.from_numpy(mean_image).permute(2, 0, 1)[None], size=(resize, resize), mode="bilinear",
         antialias=True, align_corners=False,
     )[0].permute(1, 2, 0).numpy()
-    crops = ten_crop(sq, size) if ten else centre_crop(sq, size)
-    return hwc_to_chw(crops), std
+    mean = hwc_to_chw(ten_crop(sq, size) if ten else centre_crop(sq, size))
+    return (mean * PIXEL_MAX if raw else mean), std
 
 
 @functools.lru_cache(maxsize=16)
-def _stats(train_shards: str, info_at: str | None, mean_mode: str, resize: int, size: int, ten: bool, device: str):
+def _stats(train_shards: str, info_at: str | None, mean_mode: str, resize: int, size: int, ten: bool, device: str,
+           input_scale: str):
     mean_rgb, std_rgb, mean_image = training_stats(train_shards, mean_mode == "pixel", info_at)
-    mean, std = mean_and_std(mean_rgb, std_rgb, mean_image, resize, size, ten)
+    mean, std = mean_and_std(mean_rgb, std_rgb, mean_image, resize, size, ten, input_scale)
     return mean.to(device), std.to(device)
+
+
+def to_input_units(images: torch.Tensor, input_scale: str) -> torch.Tensor:
+    """uint8 -> float32 in the units of ``input_scale``: 0-255 (raw) or [0, 1] (standardized)."""
+    x = images.float()
+    return x if input_scale == "raw" else x.div_(PIXEL_MAX)
 
 
 def normalize(
     images: torch.Tensor, train: bool, data_cfg, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """uint8 (B, 3, S, S) or (B, 10, 3, S, S) -> float32 ((x / 255 + lighting) - mean) / std.
+    """uint8 (B, 3, S, S) or (B, 10, 3, S, S) -> float32 ((x + lighting) - mean) / std, with x the
+    pixels in the units of ``data.input_scale`` (raw: 0-255, std 1; standardized: x / 255).
 
     Lighting (train only, ``data.lighting_std`` > 0) draws alpha from ``generator``: pass a
     generator with the same state on every tp peer, or the towers see different pixels. Mean is
     per channel or per pixel (``data.mean``); std is per channel. Statistics come from the training
     shards' ``_info.json`` (measured by make_shards or ``distalex.data.index --stats``), else ImageNet's.
+    The same call serves ``data.decode: gpu``, whose decoded batch is the same uint8 crops.
     """
     if images.dtype != torch.uint8:
         raise TypeError(f"normalize expects uint8 images, got {images.dtype}")
     if images.dim() not in (4, 5) or images.shape[-3] != 3:
         raise ValueError(f"normalize expects (B, 3, S, S) or (B, 10, 3, S, S), got {tuple(images.shape)}")
-    x = images.float().div_(255)
+    scale = data_cfg.input_scale
+    x = to_input_units(images, scale)
     b = x.shape[0]
     if train and data_cfg.lighting_std > 0:
-        shift = lighting_shift(b, data_cfg.lighting_std, generator, x.device)  # (B, 3)
+        shift = lighting_shift(b, data_cfg.lighting_std, generator, x.device, scale)  # (B, 3)
         x.add_(shift.view(b, *([1] * (x.dim() - 4)), 3, 1, 1))
     ten = x.dim() == 5
     mean, std = _stats(
-        data_cfg.train_shards, data_cfg.info, data_cfg.mean, data_cfg.resize, x.shape[-1], ten, str(x.device)
+        data_cfg.train_shards, data_cfg.info, data_cfg.mean, data_cfg.resize, x.shape[-1], ten, str(x.device), scale
     )
     return x.sub_(mean).div_(std)

@@ -1,6 +1,6 @@
 """A small real dataset in the ImageNet layout, with no download.
 
-    python -m distalex.data.demo OUT [--train-per-class 150] [--val-per-class 30] [--size 96]
+    python -m distalex.data.demo OUT [--train-per-class 150] [--val-per-class 30] [--size 96] [--pairs]
 
 The images are scikit-learn's handwritten digits (``load_digits``: 1797 real 8x8 scans of the
 digits 0-9, shipped inside the scikit-learn package), drawn as colour JPEGs: each digit is upscaled
@@ -12,6 +12,9 @@ AlexNet in minutes but not trivial: colour carries no information, position and 
 
 The default (1500 train, 300 val images of about 96 px) takes a few seconds, and so does
 ``make_shards`` on it; the demo run uses ``data.resize=72`` and ``model.image_size=64``.
+
+``--pairs`` draws two scans side by side instead: 100 classes ``n00000000`` .. ``n00000099``, the
+two-digit numbers 00 to 99 (a task with many classes, for bench/learnability.py).
 """
 
 from __future__ import annotations
@@ -31,10 +34,12 @@ def class_name(digit: int) -> str:
 
 
 def render(digit_img: np.ndarray, size: int, rng: np.random.Generator) -> Image.Image:
-    """One 8x8 digit scan (values 0..16) as an RGB image whose shorter side is about ``size``."""
+    """One 8x8 digit scan (values 0..16), or two side by side (8x16), as an RGB image whose shorter
+    side is about ``size``."""
+    wide = digit_img.shape[1] > digit_img.shape[0]
     short = int(round(size * rng.uniform(0.9, 1.1)))
-    long = int(round(short * rng.uniform(1.0, 1.33)))
-    w, h = (long, short) if rng.random() < 0.75 else (short, long)
+    long = int(round(short * rng.uniform(*((1.2, 1.5) if wide else (1.0, 1.33)))))
+    w, h = (long, short) if wide or rng.random() < 0.75 else (short, long)
     # background: a random linear gradient between two colours, plus noise
     c0, c1 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
     angle = rng.uniform(0, 2 * np.pi)
@@ -47,20 +52,33 @@ def render(digit_img: np.ndarray, size: int, rng: np.random.Generator) -> Image.
         fg = rng.uniform(0, 255, 3)
         if np.abs(fg - bg.mean(axis=(0, 1))).sum() > 200:
             break
-    d = int(round(short * rng.uniform(0.5, 0.75)))
-    glyph = Image.fromarray((digit_img * (255 / 16)).astype(np.uint8)).resize((d, d), Image.BICUBIC)
+    # the glyph's height; a pair is kept small and near the centre, inside the central square
+    d = int(round(short * rng.uniform(*((0.3, 0.4) if wide else (0.5, 0.75)))))
+    dw = d * digit_img.shape[1] // digit_img.shape[0]
+    glyph = Image.fromarray((digit_img * (255 / 16)).astype(np.uint8)).resize((dw, d), Image.BICUBIC)
     mask = np.zeros((h, w))
-    cx = int(round((w - d) / 2 + rng.uniform(-0.1, 0.1) * w))
-    cy = int(round((h - d) / 2 + rng.uniform(-0.1, 0.1) * h))
-    cx, cy = min(max(cx, 0), w - d), min(max(cy, 0), h - d)
-    mask[cy : cy + d, cx : cx + d] = np.asarray(glyph, dtype=np.float64) / 255
+    shift = 0.5 if wide else 1.0
+    cx = int(round((w - dw) / 2 + shift * rng.uniform(-0.1, 0.1) * w))
+    cy = int(round((h - d) / 2 + shift * rng.uniform(-0.1, 0.1) * h))
+    cx, cy = min(max(cx, 0), w - dw), min(max(cy, 0), h - d)
+    mask[cy : cy + d, cx : cx + dw] = np.asarray(glyph, dtype=np.float64) / 255
     img = bg * (1 - mask[..., None]) + fg * mask[..., None]
     return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
 
 
+PAIR_VAL_SCANS = 30
+"""Scans of each digit held out for the validation images of ``--pairs``."""
+
+
+def _save(img: Image.Image, path: Path, quality: int) -> None:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=quality)
+    path.write_bytes(buf.getvalue())
+
+
 def write_demo(
     out: str | Path, train_per_class: int = 150, val_per_class: int = 30, size: int = 96, seed: int = 0,
-    quality: int = 90,
+    quality: int = 90, pairs: bool = False,
 ) -> dict[str, int]:
     """Write OUT/train/<wnid>/*.JPEG, OUT/val/<wnid>/*.JPEG and the class names; returns image counts per split."""
     from sklearn.datasets import load_digits
@@ -70,6 +88,8 @@ def write_demo(
     out = Path(out)
     counts = {"train": 0, "val": 0}
     out.mkdir(parents=True, exist_ok=True)
+    if pairs:
+        return _write_pairs(out, digits, rng, train_per_class, val_per_class, size, quality)
     (out / "LOC_synset_mapping.txt").write_text("".join(f"{class_name(d)} digit {d}\n" for d in range(10)))
     for digit in range(10):
         scans = rng.permutation(np.flatnonzero(digits.target == digit))
@@ -81,10 +101,31 @@ def write_demo(
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(n):
                 scan = pool[i % len(pool)]  # more images than scans: the same scan drawn anew
-                img = render(digits.images[scan], size, rng)
-                buf = io.BytesIO()
-                img.save(buf, "JPEG", quality=quality)
-                (folder / f"{class_name(digit)}_{split}_{i:05d}.JPEG").write_bytes(buf.getvalue())
+                _save(render(digits.images[scan], size, rng), folder / f"{class_name(digit)}_{split}_{i:05d}.JPEG", quality)
+                counts[split] += 1
+    return counts
+
+
+def _write_pairs(out: Path, digits, rng: np.random.Generator, train_per_class: int, val_per_class: int, size: int,
+                 quality: int) -> dict[str, int]:
+    """``write_demo`` for 100 classes: class 10 a + b shows a scan of digit a left of one of digit b;
+    validation images take their scans from ``PAIR_VAL_SCANS`` per digit that training never shows."""
+    pools = {}
+    for digit in range(10):
+        scans = rng.permutation(np.flatnonzero(digits.target == digit))
+        pools[digit] = {"val": scans[:PAIR_VAL_SCANS], "train": scans[PAIR_VAL_SCANS:]}
+    (out / "LOC_synset_mapping.txt").write_text("".join(f"{class_name(c)} number {c:02d}\n" for c in range(100)))
+    counts = {"train": 0, "val": 0}
+    for c in range(100):
+        a, b = divmod(c, 10)
+        for split, n in (("train", train_per_class), ("val", val_per_class)):
+            folder = out / split / class_name(c)
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                left, right = (digits.images[rng.choice(pools[d][split])] for d in (a, b))
+                gap = np.zeros((8, 1))
+                _save(render(np.hstack([left, gap, right]), size, rng), folder / f"{class_name(c)}_{split}_{i:05d}.JPEG",
+                      quality)
                 counts[split] += 1
     return counts
 
@@ -96,14 +137,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--val-per-class", type=int, default=30)
     p.add_argument("--size", type=int, default=96, help="shorter side of the images, about")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pairs", action="store_true", help="100 classes: two scans side by side, the numbers 00-99")
     a = p.parse_args(argv)
     out = Path(a.out)
     if out.exists() and any(out.iterdir()):
         print(f"demo: error: {out} exists and is not empty", file=sys.stderr)
         sys.exit(2)
     t0 = time.perf_counter()
-    counts = write_demo(out, a.train_per_class, a.val_per_class, a.size, a.seed)
-    print(f"wrote {counts['train']} train and {counts['val']} val images of 10 classes to {out} "
+    counts = write_demo(out, a.train_per_class, a.val_per_class, a.size, a.seed, pairs=a.pairs)
+    print(f"wrote {counts['train']} train and {counts['val']} val images of {100 if a.pairs else 10} classes to {out} "
           f"in {time.perf_counter() - t0:.1f} s")
 
 

@@ -3,6 +3,10 @@ the autocast choice.
 
 The optimizer is the paper's SGD (momentum 0.9, weight decay 0.0005). PyTorch's SGD keeps
 v <- m v + (g + wd w) and w <- w - lr v, which equals the paper's update while the LR is constant.
+Biases may learn faster and go undecayed, as in the authors' code (``optim.bias_lr_mult``,
+``optim.bias_decay_mult``): they are then a parameter group of their own, whose ``lr_mult`` the LR
+setter keeps. Momentum is saved and loaded per parameter (by name), so the groups change nothing
+in a checkpoint.
 """
 
 from __future__ import annotations
@@ -29,12 +33,14 @@ class Engine:
 
     @property
     def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
+        """The base LR (the weights'; a group with an ``lr_mult`` steps at that multiple of it)."""
+        group = self.optimizer.param_groups[0]
+        return group["lr"] / group.get(LR_MULT, 1.0)
 
     @lr.setter
     def lr(self, value: float) -> None:
         for group in self.optimizer.param_groups:  # with ZeRO too: it steps with these groups
-            group["lr"] = value
+            group["lr"] = value * group.get(LR_MULT, 1.0)
 
     def shard_state(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor | None]]:
         """(weights, SGD momentum) of this rank's tensor-parallel shard, by parameter name, whole over
@@ -52,8 +58,32 @@ class Engine:
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
 
-def build_optimizer(params, cfg: Config) -> torch.optim.SGD:
-    return torch.optim.SGD(params, lr=cfg.optim.lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
+LR_MULT = "lr_mult"
+"""A parameter group's LR as a multiple of the base LR (``Engine.lr``)."""
+
+
+def parameter_groups(module: nn.Module, optim) -> list[dict]:
+    """The weights, then the biases when ``optim.bias_lr_mult`` or ``optim.bias_decay_mult`` sets them apart.
+
+    One group when both are 1: the plain SGD of the paper's text. Weights first, so that group 0
+    carries the base LR.
+    """
+    named = list(module.named_parameters())
+    weights = [p for name, p in named if not name.endswith("bias")]
+    biases = [p for name, p in named if name.endswith("bias")]
+    if optim.bias_lr_mult == 1 and optim.bias_decay_mult == 1:
+        return [{"params": weights + biases}]
+    return [
+        {"params": weights, LR_MULT: 1.0},
+        {"params": biases, LR_MULT: optim.bias_lr_mult, "lr": optim.lr * optim.bias_lr_mult,
+         "weight_decay": optim.weight_decay * optim.bias_decay_mult},
+    ]
+
+
+def build_optimizer(module: nn.Module, cfg: Config) -> torch.optim.SGD:
+    """The paper's SGD over ``module``'s parameters, grouped by ``parameter_groups``."""
+    o = cfg.optim
+    return torch.optim.SGD(parameter_groups(module, o), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
 
 
 def autocast_dtype_for(cfg: Config, device: torch.device) -> torch.dtype | None:

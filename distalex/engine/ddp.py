@@ -22,7 +22,7 @@ class DDPEngine(Engine):
             if dims.dp_enabled
             else module
         )
-        self.optimizer = build_optimizer(module.parameters(), cfg)
+        self.optimizer = build_optimizer(module, cfg)
         self.device = dims.device
         self.autocast_dtype = autocast_dtype_for(cfg, dims.device)
 

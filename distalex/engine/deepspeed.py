@@ -161,7 +161,7 @@ class DeepSpeedEngine(Engine):
         _ensure_process_group(dims)
         self.module = module
         self.mpu = ParallelDimsMPU(dims)
-        self.optimizer = build_optimizer(module.parameters(), cfg)
+        self.optimizer = build_optimizer(module, cfg)
         self.device = dims.device
         self.autocast_dtype = autocast_dtype_for(cfg, dims.device)
         self.model, self.ds_optimizer, _, _ = deepspeed.initialize(
