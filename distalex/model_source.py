@@ -35,10 +35,10 @@ import torch
 
 from distalex.checkpoint import SERVING, CheckpointError, load_serial_state, read_meta, resolve_checkpoint
 from distalex.config import Config, ModelConfig
-from distalex.data.augment import mean_and_std, normalize
+from distalex.data.augment import normalize, to_input_units
 from distalex.data.info import DataError
 from distalex.model import AlexNet, build_model
-from distalex.serving import Preprocessing, training_settings
+from distalex.serving import DEFAULT_INPUT_SCALE, Preprocessing, training_settings
 from distalex.tracking import sqlite_path  # importing distalex.tracking also sets MLflow's environment
 
 # These tools talk to a store once: a dead server should fail in seconds, not after MLflow's minutes
@@ -113,10 +113,10 @@ class ModelSource:
         prep = self.preprocessing
         if prep is None:
             return partial(normalize, train=False, data_cfg=data_cfg)
-        mean, std = mean_and_std(prep.mean_rgb, prep.std_rgb, prep.mean_image, data_cfg.resize, prep.image_size, ten)
+        mean, std = prep.mean_and_std(data_cfg.resize, ten)
 
         def apply(images: torch.Tensor) -> torch.Tensor:  # augment.normalize's arithmetic, same order
-            return images.float().div_(255).sub_(mean.to(images.device)).div_(std.to(images.device))
+            return to_input_units(images, prep.input_scale).sub_(mean.to(images.device)).div_(std.to(images.device))
 
         return apply
 
@@ -307,7 +307,7 @@ def _from_mlflow_model(uri: str, store: str | None) -> ModelSource:
         src.why["preprocessing"] = "its metadata holds no mean image (data.mean=pixel): use the run's model.pt"
     else:
         src.preprocessing = Preprocessing(int(prep["resize"]), int(prep["image_size"]), list(prep["mean_rgb"]),
-                                          list(prep["std_rgb"]))
+                                          list(prep["std_rgb"]), input_scale=prep.get("input_scale", DEFAULT_INPUT_SCALE))
     if meta.get("model_config"):
         src.model_config = meta["model_config"]
         src.state = {k.removeprefix("model."): v for k, v in graph.state_dict().items() if k.startswith("model.")}

@@ -11,7 +11,12 @@ A warning, not an error: the paper's own runs sat there for a while before they 
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from distalex.tracking import NullTracker, Tracker
 
 PLATEAU_TAG = "distalex.plateau"
 """MLflow tag of a run whose loss stayed at chance: the steps and the loss, in words."""
@@ -86,3 +91,15 @@ class PlateauWatch:
     def tag(self, step: int, mean_loss: float) -> str:
         """The MLflow tag's value."""
         return f"loss {mean_loss:.4f} within {100 * self.margin:g}% of ln({self.num_classes}) from step {self.since} to {step}"
+
+
+def check_plateau(watch: PlateauWatch, step: int, window_steps: int, mean_loss: float,
+                  tracker: Tracker | NullTracker, is_main: bool) -> None:
+    """At a log point (every rank: the loss is the same mean over dp): the warning on stderr from
+    rank 0, and the MLflow tag, the first time the plateau has lasted ``train.plateau_steps``."""
+    message = watch.update(step, window_steps, mean_loss)
+    if message is None:
+        return
+    tracker.set_tag(PLATEAU_TAG, watch.tag(step, mean_loss))
+    if is_main:
+        print(message, file=sys.stderr, flush=True)

@@ -2,9 +2,10 @@
 
 An image file reaches the net exactly as in ``distalex.evaluate``. On the CPU (``Preprocessing``):
 decode, shorter side to ``data.resize``, the central square, then its central ``image_size`` crop
-or the paper's ten crops, as uint8. Inside ``Classifier``: pixels to [0, 1], minus the training
-mean, divided by the training std (the statistics make_shards measured for the training shards,
-as ``augment.normalize`` uses them), the net, the softmax (averaged over the ten crops).
+or the paper's ten crops, as uint8. Inside ``Classifier``: the pixels in the units the run trained
+with (``data.input_scale``: 0-255 for raw, [0, 1] for standardized), minus the training mean,
+divided by the training std for standardized (the statistics make_shards measured for the training
+shards, as ``augment.normalize`` uses them), the net, the softmax (averaged over the ten crops).
 
 The settings travel with the model: an exported model file holds ``Preprocessing.to_dict()``, and
 the MLflow model a training run logs (``log_mlflow_model``) holds the normalisation inside its graph
@@ -24,7 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distalex.data.augment import centre_crop, centre_square, hwc_to_chw, mean_and_std, ten_crop, training_stats
+from distalex.data.augment import (
+    PIXEL_MAX, centre_crop, centre_square, hwc_to_chw, mean_and_std, ten_crop, to_input_units, training_stats,
+)
+from distalex.config import DataConfig
 from distalex.data.info import read_info
 from distalex.tracking import TrackingWarning
 
@@ -32,6 +36,8 @@ if TYPE_CHECKING:
     from distalex.config import Config
     from distalex.tracking import NullTracker, Tracker
 
+DEFAULT_INPUT_SCALE = DataConfig.model_fields["input_scale"].default
+"""The scale of a model that does not say: the only one distalex had before ``data.input_scale``."""
 MLFLOW_MODEL_NAME = "model"
 """A run's MLflow model: ``runs:/<run_id>/model``."""
 
@@ -53,21 +59,26 @@ class Classifier(nn.Module):
 
     Input: uint8 RGB (B, 3, S, S), or float in [0, 1] (uint8 / 255); or (B, 10, 3, S, S), the ten
     crops of each image, whose softmax is averaged. Output: (B, classes) float32 probabilities.
-    ``mean`` is (3, 1, 1) per channel, or per pixel (3, S, S) for centre crops, (10, 3, S, S) for ten.
+    ``mean`` and ``std`` are in the units of ``input_scale`` (``augment.mean_and_std``): (3, 1, 1)
+    per channel, or per pixel (3, S, S) for centre crops, (10, 3, S, S) for ten.
     """
 
-    def __init__(self, model: nn.Module, mean: torch.Tensor, std: torch.Tensor):
+    def __init__(self, model: nn.Module, mean: torch.Tensor, std: torch.Tensor, input_scale: str = "standardized"):
         super().__init__()
         self.model = model.eval()
+        self.input_scale = input_scale
         self.register_buffer("mean", mean)
         self.register_buffer("std", std)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.float().div(255) if images.dtype == torch.uint8 else images.float()
+        if images.dtype == torch.uint8:
+            x = to_input_units(images, self.input_scale)
+        else:  # [0, 1]; x 255 gives back every uint8 value exactly
+            x = images.float().mul(PIXEL_MAX) if self.input_scale == "raw" else images.float()
         return class_probabilities(self.model, (x - self.mean) / self.std)
 
     def extra_repr(self) -> str:
-        return f"mean={tuple(self.mean.shape)}, std={tuple(self.std.shape)}"
+        return f"input_scale={self.input_scale}, mean={tuple(self.mean.shape)}, std={tuple(self.std.shape)}"
 
 
 def eval_crops(data: bytes, resize: int, size: int, ten: bool) -> torch.Tensor:
@@ -81,7 +92,8 @@ def eval_crops(data: bytes, resize: int, size: int, ten: bool) -> torch.Tensor:
 
 @dataclass
 class Preprocessing:
-    """What evaluation does to an image before the net: crop sizes and the training statistics."""
+    """What evaluation does to an image before the net: crop sizes, the training statistics and the
+    units the net saw them in."""
 
     resize: int
     """Shorter side scaled to this, then the central square is kept (``data.resize``)."""
@@ -92,6 +104,9 @@ class Preprocessing:
     """Training mean and std per channel, pixels in [0, 1]."""
     mean_image: np.ndarray | None = None
     """(H, W, 3) training mean image for ``data.mean: pixel``; None: the per-channel mean."""
+    input_scale: str = DEFAULT_INPUT_SCALE
+    """``data.input_scale`` of the run. Models and checkpoints saved before it was recorded trained
+    with the only scale there was then, standardized: that is what ``from_dict`` assumes without it."""
 
     def to_dict(self) -> dict:
         """Plain types and at most one tensor: ``torch.load(weights_only=True)`` reads it."""
@@ -99,26 +114,33 @@ class Preprocessing:
             "resize": self.resize, "image_size": self.image_size, "mean_rgb": list(self.mean_rgb),
             "std_rgb": list(self.std_rgb),
             "mean_image": None if self.mean_image is None else torch.from_numpy(self.mean_image),
+            "input_scale": self.input_scale,
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> Preprocessing:
         img = d.get("mean_image")
         return cls(int(d["resize"]), int(d["image_size"]), [float(v) for v in d["mean_rgb"]],
-                   [float(v) for v in d["std_rgb"]], None if img is None else np.asarray(img, dtype=np.float32))
+                   [float(v) for v in d["std_rgb"]], None if img is None else np.asarray(img, dtype=np.float32),
+                   d.get("input_scale", DEFAULT_INPUT_SCALE))
 
     def describe(self) -> dict:
         """The settings without the mean image, for metadata."""
         return {"resize": self.resize, "image_size": self.image_size, "mean_rgb": list(self.mean_rgb),
-                "std_rgb": list(self.std_rgb), "mean": "channel" if self.mean_image is None else "pixel"}
+                "std_rgb": list(self.std_rgb), "mean": "channel" if self.mean_image is None else "pixel",
+                "input_scale": self.input_scale}
 
     def crops(self, data: bytes, ten: bool) -> torch.Tensor:
         return eval_crops(data, self.resize, self.image_size, ten)
 
     def classifier(self, model: nn.Module, ten: bool = False) -> Classifier:
         """``model`` with this normalisation and the softmax, for centre crops or (``ten``) ten crops."""
-        mean, std = mean_and_std(self.mean_rgb, self.std_rgb, self.mean_image, self.resize, self.image_size, ten)
-        return Classifier(model, mean, std)
+        mean, std = self.mean_and_std(self.resize, ten)
+        return Classifier(model, mean, std, self.input_scale)
+
+    def mean_and_std(self, resize: int, ten: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """What to subtract and divide by (``augment.mean_and_std``), for images squared at ``resize``."""
+        return mean_and_std(self.mean_rgb, self.std_rgb, self.mean_image, resize, self.image_size, ten, self.input_scale)
 
 
 def training_settings(cfg: Config) -> tuple[Preprocessing, list[str]]:
@@ -129,7 +151,8 @@ def training_settings(cfg: Config) -> tuple[Preprocessing, list[str]]:
     """
     info = read_info(cfg.data.train_shards, cfg.data.info)
     mean_rgb, std_rgb, mean_image = training_stats(cfg.data.train_shards, cfg.data.mean == "pixel", cfg.data.info)
-    return Preprocessing(cfg.data.resize, cfg.model.image_size, mean_rgb, std_rgb, mean_image), info.class_names
+    prep = Preprocessing(cfg.data.resize, cfg.model.image_size, mean_rgb, std_rgb, mean_image, cfg.data.input_scale)
+    return prep, info.class_names
 
 
 # ------------------------------------------------------------------ the MLflow model

@@ -36,6 +36,7 @@ from distalex.model import build_model
 from distalex.parallel.dims import ParallelConfigError, ParallelDims, destroy_parallel, init_parallel
 from distalex.parallel.liveness import ON_END_S
 from distalex.parallel.plan import full_state_dict, gather_full, is_sharded, parallelize
+from distalex.plateau import PlateauWatch, check_plateau
 from distalex.serving import training_settings
 from distalex.stopping import StopAgreement, StopRequested
 from distalex.tracking import (
@@ -71,6 +72,7 @@ class Run:
     run_dir: Path
     classes: list[str]
     agree: StopAgreement
+    plateau: PlateauWatch
     saved: tuple | None = None
     """The train state this process last saved (a stop right after a save does not save it again)."""
 
@@ -148,7 +150,8 @@ def setup(cfg: Config, dims: ParallelDims, stop: StopRequested) -> Run:
             tracker.log_text(to_yaml(cfg), "config.yaml")
             tracker.log_datasets(cfg.data)
     run = Run(cfg, dims, engine, train_loader, val_loader, checkpoints, state, streams, lighting, tracker, run_dir,
-              info.classes, StopAgreement(stop, dims))
+              info.classes, StopAgreement(stop, dims),
+              PlateauWatch(cfg.model.num_classes, cfg.train.plateau_steps, cfg.train.plateau_margin))
     if resumed is not None:
         continue_at_this_layout(run, resumed)
     return run
@@ -207,6 +210,7 @@ def train_epoch(run: Run, progress) -> str | None:
             # A save closes the loss window too, so the epoch's loss holds every step after a resume.
             if window_n == cfg.train.log_every or last or saving:
                 mean = checked_loss(window_sum, window_n, run)  # sync point; a checkpoint only follows finite losses
+                check_plateau(run.plateau, state.step, window_n, mean, run.tracker, dims.is_main)
                 ips = window_n * cfg.train.batch_size / max(time.perf_counter() - window_t, 1e-9)
                 skipped = float(batch.skipped)  # a device tensor: read at log points only
                 run.tracker.log_metrics(

@@ -19,6 +19,8 @@ from distalex.data.augment import (
     CorruptImage,
     centre_crop,
     centre_square,
+    hwc_to_chw,
+    lighting_scales,
     lighting_shift,
     normalize,
     ten_crop,
@@ -84,12 +86,13 @@ def test_corrupt_bytes_raise_corrupt_image():
             train_crop(bad, 32, 24, 0.1, 0.1, False)
 
 
-def test_lighting_noise_has_the_covariance_of_the_eigen_decomposition():
+@pytest.mark.parametrize("scale", ["standardized", "raw"])
+def test_lighting_noise_has_the_covariance_of_the_eigen_decomposition(scale):
     n, std = 200_000, 0.1
     g = torch.Generator().manual_seed(1234)
-    shift = lighting_shift(n, std, g, torch.device("cpu")).double()  # (n, 3)
+    shift = lighting_shift(n, std, g, torch.device("cpu"), scale).double()  # (n, 3)
     p = torch.tensor(PCA_EIGVEC, dtype=torch.float64)
-    lam = torch.tensor(PCA_EIGVAL, dtype=torch.float64)
+    lam = torch.tensor(lighting_scales(scale), dtype=torch.float64)
     want = p @ torch.diag((std * lam) ** 2) @ p.T
     sd = want.diagonal().sqrt()
     # mean: 0 within 5 standard errors per channel
@@ -97,13 +100,30 @@ def test_lighting_noise_has_the_covariance_of_the_eigen_decomposition():
     cov = torch.cov(shift.T)
     # each entry within 3% of the largest variance (sampling error is ~0.5% at this n)
     assert (cov - want).abs().max() < 0.03 * want.max(), (cov, want)
-    # in the eigenbasis the noise is uncorrelated with variances (std * lambda)^2
+    # in the eigenbasis the noise is uncorrelated with variances (std * scale)^2
     eig = p.T @ cov @ p
     np.testing.assert_allclose(eig.diagonal(), (std * lam) ** 2, rtol=0.03)
     assert eig.triu(1).abs().max() < 0.03 * eig.diagonal().min() ** 0.5 * eig.diagonal().max() ** 0.5
     # and it is not a degenerate draw: std 0 gives no noise, the wrong std shows
-    assert lighting_shift(10, 0.0, g, torch.device("cpu")).abs().max() == 0
-    assert (torch.cov(lighting_shift(n, 0.2, g, torch.device("cpu")).double().T) - want).abs().max() > 0.5 * want.max()
+    assert lighting_shift(10, 0.0, g, torch.device("cpu"), scale).abs().max() == 0
+    assert (torch.cov(lighting_shift(n, 0.2, g, torch.device("cpu"), scale).double().T) - want).abs().max() > 0.5 * want.max()
+
+
+def test_lighting_magnitudes_are_the_documented_ones():
+    """docs/paper.md, "Conventions": raw draws alpha x sqrt(eigenvalue) in pixels, the authors' form
+    (their own stdevs were 121.78, 37.09, 19.72); standardized alpha x eigenvalue in [0, 1] units."""
+    g = torch.Generator().manual_seed(7)
+    to_components = torch.linalg.inv(torch.tensor(PCA_EIGVEC, dtype=torch.float64).T)  # RGB -> alpha_j s_j
+    raw = lighting_shift(100_000, 0.1, g, "cpu", "raw").double() @ to_components  # (n, 3)
+    g.manual_seed(7)  # the same alpha
+    unit = lighting_shift(100_000, 0.1, g, "cpu", "standardized").double() @ to_components
+    np.testing.assert_allclose(raw.std(0), [11.89, 3.496, 1.711], rtol=0.02)  # pixels
+    np.testing.assert_allclose(unit.std(0) * 255, [5.546, 0.4794, 0.1148], rtol=0.02)  # pixels
+    # from the same alpha, the raw shift is the standardized one x 255 / sqrt(eigenvalue): 2.1, 7.3, 14.9 x
+    ratio = raw.std(0) / (unit.std(0) * 255)
+    np.testing.assert_allclose(ratio, 1 / torch.tensor(PCA_EIGVAL).double().sqrt(), rtol=1e-4)
+    authors = torch.tensor([121.78, 37.09, 19.72], dtype=torch.float64)
+    assert ((torch.tensor(lighting_scales("raw")) / authors - 1).abs() < 0.14).all()
 
 
 def no_stats_cfg(**kw) -> DataConfig:
@@ -159,3 +179,68 @@ def test_normalize_uses_the_shards_statistics_per_pixel(tmp_path):
     assert torch.allclose(right[:, 1], torch.full_like(right[:, 1], 1.0), atol=1e-3)
     assert torch.allclose(left[:, 6], torch.full_like(left[:, 6], 1.0), atol=1e-3)  # mirror of crop 1
     assert torch.equal(ten[:, 6], ten[:, 1].flip(-1))
+
+
+# ------------------------------------------------------------------ data.input_scale: raw
+
+
+def jpeg_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def halves_stats(folder, left, right) -> str:
+    """Shard statistics whose mean image is ``left`` (RGB in [0, 1]) on its left half and ``right``
+    on its right, and whose std (0.25) must not divide a raw batch."""
+    mean_img = np.zeros((256, 256, 3), np.float32)
+    mean_img[:, :128], mean_img[:, 128:] = left, right
+    np.save(folder / "_mean_image.npy", mean_img)
+    info = {"classes": ["a"], "splits": {"train": {"count": 1, "shards": []}},
+            "stats": {"mean_rgb": [0.4] * 3, "std_rgb": [0.25] * 3, "mean_image": "_mean_image.npy"}}
+    (folder / "_info.json").write_text(json.dumps(info))
+    return str(folder)
+
+
+@pytest.mark.parametrize("decode", ["cpu", "gpu"])
+def test_raw_batch_is_pixels_minus_the_mean_images_centre_patch(tmp_path, decode):
+    """The paper's input: 0-255 pixels, the lighting in pixels, minus the mean image x 255, nothing
+    divided; the same from the CPU workers' crops and from data.decode=gpu's (on the CPU here)."""
+    from distalex.data.decode import EncodedBatch, decode_batch
+
+    left, right = np.array([0.2, 0.3, 0.4]), np.array([0.6, 0.5, 0.1])
+    cfg = DataConfig(train_shards=halves_stats(tmp_path, left, right), resize=64, mean="pixel", input_scale="raw")
+    sources = [jpeg_bytes(np.random.default_rng(i).integers(0, 256, (64, 80 + 8 * i, 3), dtype=np.uint8)) for i in range(4)]
+    crops = [(0.0, 0.0, False), (0.99, 0.99, True), (0.5, 0.2, False), (0.1, 0.7, True)]  # corners, too
+    if decode == "cpu":
+        images = torch.stack([hwc_to_chw(train_crop(b, 64, 48, *c)) for b, c in zip(sources, crops)])
+    else:
+        encoded = EncodedBatch()
+        for b, c in zip(sources, crops):
+            encoded.add(b, 0, *c)
+        images, _, skipped = decode_batch(encoded.take(0), 64, 48, torch.device("cpu"))
+        assert skipped == 0
+        # sources under twice data.resize (no DCT downscale): the device path's crops are the CPU path's bytes
+        assert torch.equal(images, torch.stack([hwc_to_chw(train_crop(b, 64, 48, *c)) for b, c in zip(sources, crops)]))
+    g = torch.Generator().manual_seed(3)
+    x = normalize(images, True, cfg, g)
+    shift = lighting_shift(4, 0.1, torch.Generator().manual_seed(3), "cpu", "raw")  # (4, 3) pixels
+    pixels = images.double() + shift.double()[:, :, None, None]
+    # every crop, wherever it was cut, gets the centre 48 of the 64 square: columns 8..55 of the mean
+    # image, left half up to column 31; the columns next to the middle are blended by its resize
+    got, want_left, want_right = x.double(), torch.tensor(left * 255), torch.tensor(right * 255)
+    torch.testing.assert_close(got[..., :20], pixels[..., :20] - want_left[:, None, None], atol=2e-3, rtol=0)
+    torch.testing.assert_close(got[..., 28:], pixels[..., 28:] - want_right[:, None, None], atol=2e-3, rtol=0)
+    assert x.abs().max() > 50, "pixel units, not [0, 1]"
+    # without lighting, the standardized batch is the raw one / 255 / std
+    plain_raw = normalize(images, False, cfg)
+    plain_std = normalize(images, False, DataConfig(train_shards=cfg.train_shards, resize=64, mean="pixel"))
+    torch.testing.assert_close(plain_std, plain_raw / 255 / 0.25, atol=1e-5, rtol=1e-5)
+
+
+def test_raw_scale_with_the_channel_mean(tmp_path):
+    cfg = DataConfig(train_shards=halves_stats(tmp_path, 0.0, 0.0), resize=32, mean="channel", input_scale="raw")
+    imgs = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)
+    assert torch.equal(normalize(imgs, False, cfg), imgs.float() - 0.4 * 255)
+    ten = imgs[:, None].expand(2, 10, 3, 16, 16).contiguous()
+    assert torch.equal(normalize(ten, False, cfg), ten.float() - 0.4 * 255)

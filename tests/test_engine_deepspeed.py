@@ -4,7 +4,9 @@ One worker run per layout (dp=2 on 2 processes; dp=2 x tp=2 on 4, towers and hyb
 DeepSpeed's start-up is the slow part: the ``ddp`` engine, then for each ZeRO stage a
 ``deepspeed`` engine that trains, takes its shard state (weights, momentum gathered over dp) half
 way and trains on, and a freshly built one that loads that state and trains the second half. Same seed, dropout off, the paper's SGD (momentum,
-weight decay) with an LR drop half way, set through ``engine.lr`` as the training loop does.
+weight decay) with an LR drop half way, set through ``engine.lr`` as the training loop does, and the
+authors' bias conventions (biases at twice the LR, not decayed): two parameter groups, which ZeRO
+flattens one by one.
 At dp=2 a last engine runs the bf16 path CUDA takes (autocast inside DeepSpeed's forward, float32
 gradient averaging) on the CPU.
 
@@ -51,7 +53,7 @@ def make_cfg(engine: str, tp: int, zero_stage: int = 1, layout: str = "towers") 
         {
             "model": {"dropout": 0.0},
             "parallel": {"tp": tp, "device": "cpu", "layout": layout},
-            "optim": {"lr": LR, "momentum": MOMENTUM, "weight_decay": WD},
+            "optim": {"lr": LR, "momentum": MOMENTUM, "weight_decay": WD, "bias_lr_mult": 2.0, "bias_decay_mult": 0.0},
             "train": {"batch_size": BATCH, "engine": engine, "zero_stage": zero_stage},
         }
     )
@@ -156,6 +158,7 @@ def engines_worker(tp: int, folder: str, layout: str = "towers") -> dict:
             "local_losses": losses,
             "losses": dp_mean(losses, dims),
             "grad_norms": norms,
+            "group_lrs": [g["lr"] for g in ds.model.optimizer.optimizer.param_groups],  # what ZeRO steps with
             "weights": full_state_dict(ds.module, dims.tp_group),
             "local_weights": local_state(ds.module),
             "collectives": [(c.kind, c.ranks) for c in spy.calls],
@@ -251,6 +254,7 @@ def test_deepspeed_equals_ddp_and_serial(layout, serial, stage):
     for run in runs:
         ds, ddp = run[f"zero{stage}"], run["ddp"]
         assert ds["zero_stage"] == stage
+        assert ds["group_lrs"] == [LR * LR_DROP, 2 * LR * LR_DROP]  # the bias group kept its ratio
         for a, b in zip(ds["local_losses"], ddp["local_losses"]):
             worst["loss"] = max(worst["loss"], abs(a - b) / abs(b))
         assert worst["loss"] <= ENGINE_RTOL, (name, ds["local_losses"], ddp["local_losses"])

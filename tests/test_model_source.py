@@ -16,6 +16,7 @@ from distalex import evaluate, export, predict
 from distalex.config import absolute_paths, load_config
 from distalex.data.augment import normalize
 from distalex.model_source import SourceError, load_source
+from distalex.serving import class_probabilities
 from distalex.report import cli as report_cli
 from tests.test_predict import CLASSES, MODEL_CFG, jpeg, random_net, run_config, stats_folder
 
@@ -37,12 +38,14 @@ def test_a_run_saves_its_paths_absolute_and_leaves_urls_alone(tmp_path):
     assert absolute_paths(load_config(None, []), tmp_path).checkpoint.resume == "auto"
 
 
+@pytest.mark.parametrize("scale", ["standardized", "raw"])
 @pytest.mark.parametrize("mean", ["channel", "pixel"])
 @pytest.mark.parametrize("ten", [False, True])
-def test_the_statistics_a_source_carries_normalise_as_evaluation_does(tmp_path, mean, ten):
-    """A model file normalises with its own statistics exactly as augment.normalize does with the
-    shards' (so evaluate gives the same numbers after the training shards are gone)."""
-    cfg = run_config(stats_folder(tmp_path / "shards", pixel_mean=mean == "pixel"), mean)
+def test_the_statistics_a_source_carries_normalise_as_evaluation_does(tmp_path, mean, ten, scale):
+    """A model file normalises with its own statistics, in its run's input scale, exactly as
+    augment.normalize does with the shards' (so evaluate gives the same numbers after the training
+    shards are gone)."""
+    cfg = run_config(stats_folder(tmp_path / "shards", pixel_mean=mean == "pixel"), mean, scale)
     from distalex.serving import eval_crops, training_settings
 
     prep, names = training_settings(cfg)
@@ -113,3 +116,29 @@ def test_a_model_file_without_preprocessing_names_what_it_lacks(tmp_path):
         predict.load_predictor(str(bare))
     blob = torch.load(bare, weights_only=True)
     assert blob["data"] is None and blob["mlflow_run"] is None
+
+
+@pytest.mark.parametrize("mean", ["channel", "pixel"])
+def test_a_model_file_from_before_input_scale_loads_with_the_standardized_scale(tmp_path, mean):
+    """Model files and checkpoints written before data.input_scale existed carry no scale: they
+    trained standardized, and keep loading (and normalising) so, whatever distalex's default."""
+    cfg = run_config(stats_folder(tmp_path / "shards", pixel_mean=mean == "pixel"), mean)
+    from distalex.serving import eval_crops, training_settings
+
+    prep, names = training_settings(cfg)
+    path = export.save_serial_model(tmp_path / "m.pt", random_net().state_dict(), MODEL_CFG, CLASSES, names, prep,
+                                    cfg.data.model_dump())
+    blob = torch.load(path, weights_only=True)
+    del blob["preprocessing"]["input_scale"], blob["data"]["input_scale"]  # as an older distalex wrote it
+    torch.save(blob, path)
+    crops = torch.stack([eval_crops(jpeg(i), cfg.data.resize, 64, False) for i in range(3)])
+    want = normalize(crops, train=False, data_cfg=cfg.data)
+    source = load_source(str(path))
+    assert source.preprocessing.input_scale == "standardized" and source.cfg.data.input_scale == "standardized"
+    assert torch.equal(source.normalizer(source.cfg.data, False)(crops), want)
+    with torch.no_grad():
+        probs = predict.predictor_of(source, False).probabilities(crops)
+        assert torch.equal(probs, class_probabilities(random_net(), want))
+    # the same file read as raw would give other inputs: the scale matters
+    raw = run_config(cfg.data.train_shards, mean, "raw").data
+    assert not torch.allclose(normalize(crops, train=False, data_cfg=raw), want)

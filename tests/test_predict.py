@@ -62,9 +62,10 @@ def stats_folder(folder: Path, pixel_mean: bool) -> Path:
     return folder
 
 
-def run_config(shards: Path, mean: str):
+def run_config(shards: Path, mean: str, scale: str = "standardized"):
     return load_config(None, [f"data.train_shards={shards}", f"data.mean={mean}", f"data.resize={RESIZE}",
-                              "model.num_classes=10", "model.width=0.125", "model.image_size=64"])
+                              f"data.input_scale={scale}", "model.num_classes=10", "model.width=0.125",
+                              "model.image_size=64"])
 
 
 @pytest.fixture
@@ -78,10 +79,11 @@ def exported(tmp_path) -> Path:
 # ------------------------------------------------------------------ fast: the preprocessing
 
 
+@pytest.mark.parametrize("scale", ["standardized", "raw"])
 @pytest.mark.parametrize("mean", ["channel", "pixel"])
 @pytest.mark.parametrize("ten", [False, True])
-def test_classifier_normalises_exactly_as_evaluation(tmp_path, mean, ten):
-    cfg = run_config(stats_folder(tmp_path / f"shards-{mean}", pixel_mean=mean == "pixel"), mean)
+def test_classifier_normalises_exactly_as_evaluation(tmp_path, mean, ten, scale):
+    cfg = run_config(stats_folder(tmp_path / f"shards-{mean}", pixel_mean=mean == "pixel"), mean, scale)
     net = random_net()
     crops = torch.stack([eval_crops(jpeg(i), RESIZE, 64, ten) for i in range(3)])  # uint8
     with torch.no_grad():
@@ -91,7 +93,7 @@ def test_classifier_normalises_exactly_as_evaluation(tmp_path, mean, ten):
         as_float = prep.classifier(net, ten)(crops.float() / 255)
     assert torch.equal(got, want)
     assert torch.equal(as_float, want), "float input in [0, 1] must equal the uint8 input"
-    assert names == NAMES and got.shape == (3, 10)
+    assert names == NAMES and got.shape == (3, 10) and prep.input_scale == scale
 
 
 def test_export_carries_preprocessing_and_names_through_weights_only_load(tmp_path):

@@ -244,9 +244,9 @@ def _stats(train_shards: str, info_at: str | None, mean_mode: str, resize: int, 
 
 
 def to_input_units(images: torch.Tensor, input_scale: str) -> torch.Tensor:
-    """uint8 -> float32 in the units of ``input_scale``: 0-255 (raw) or [0, 1] (standardized)."""
+    """uint8 -> a new float32 tensor in the units of ``input_scale``: 0-255 (raw) or [0, 1] (standardized)."""
     x = images.float()
-    return x if input_scale == "raw" else x.div_(PIXEL_MAX)
+    return x if input_scale == "raw" else x.div(PIXEL_MAX)
 
 
 def normalize(

@@ -105,6 +105,9 @@ class NullTracker:
     def log_datasets(self, data: DataConfig) -> None:
         pass
 
+    def set_tag(self, key: str, value: str) -> None:
+        pass
+
     def flush(self, timeout: float = _FLUSH_TIMEOUT_S) -> bool:
         return True
 
@@ -283,6 +286,10 @@ class Tracker:
             self._report(f"MLflow run {self._run_id}: the shards are not logged as its datasets: {type(e).__name__}: {e}")
             return
         self._put(lambda c: c.log_inputs(self._run_id, datasets=inputs), "log the shards as datasets")
+
+    def set_tag(self, key: str, value: str) -> None:
+        """Queue the run tag ``key`` = ``value`` (e.g. ``distalex.plateau``); returns at once."""
+        self._put(lambda c: c.set_tag(self._run_id, key, value), f"set the tag {key}")
 
     def flush(self, timeout: float = _FLUSH_TIMEOUT_S) -> bool:
         """Wait until everything queued so far has been handled (sent, or failed and counted).
