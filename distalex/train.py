@@ -72,9 +72,10 @@ class Run:
     run_dir: Path
     classes: list[str]
     agree: StopAgreement
-    plateau: PlateauWatch
     saved: tuple | None = None
     """The train state this process last saved (a stop right after a save does not save it again)."""
+    plateau: PlateauWatch | None = None
+    """Whether the loss sits at ln(classes) (``distalex.plateau``); set in ``setup``."""
 
 
 def build_parallel_model(cfg: Config, dims: ParallelDims):
@@ -150,8 +151,8 @@ def setup(cfg: Config, dims: ParallelDims, stop: StopRequested) -> Run:
             tracker.log_text(to_yaml(cfg), "config.yaml")
             tracker.log_datasets(cfg.data)
     run = Run(cfg, dims, engine, train_loader, val_loader, checkpoints, state, streams, lighting, tracker, run_dir,
-              info.classes, StopAgreement(stop, dims),
-              PlateauWatch(cfg.model.num_classes, cfg.train.plateau_steps, cfg.train.plateau_margin))
+              info.classes, StopAgreement(stop, dims))
+    run.plateau = PlateauWatch(cfg.model.num_classes, cfg.train.plateau_steps, cfg.train.plateau_margin)
     if resumed is not None:
         continue_at_this_layout(run, resumed)
     return run
@@ -210,7 +211,6 @@ def train_epoch(run: Run, progress) -> str | None:
             # A save closes the loss window too, so the epoch's loss holds every step after a resume.
             if window_n == cfg.train.log_every or last or saving:
                 mean = checked_loss(window_sum, window_n, run)  # sync point; a checkpoint only follows finite losses
-                check_plateau(run.plateau, state.step, window_n, mean, run.tracker, dims.is_main)
                 ips = window_n * cfg.train.batch_size / max(time.perf_counter() - window_t, 1e-9)
                 skipped = float(batch.skipped)  # a device tensor: read at log points only
                 run.tracker.log_metrics(
@@ -221,6 +221,7 @@ def train_epoch(run: Run, progress) -> str | None:
                     progress.set_postfix(loss=f"{mean:.4f}", lr=f"{engine.lr:.2e}", img_s=f"{ips:.0f}", refresh=False)
                 state.epoch_loss_sum += mean * window_n
                 state.epoch_loss_steps += window_n
+                check_plateau(run.plateau, state.step, window_n, mean, run.tracker, dims.is_main)
                 window_sum.zero_()
                 window_n, window_t = 0, time.perf_counter()
             if progress is not None:

@@ -13,6 +13,7 @@ import subprocess
 import mlflow
 import pytest
 
+from distalex.plateau import PLATEAU_TAG
 from tests.runs import REPO, run_env
 
 pytestmark = pytest.mark.e2e
@@ -33,6 +34,9 @@ def test_demo_reaches_the_stated_accuracy_and_is_tracked():
     run = client.search_runs([exp.experiment_id], filter_string="tags.mlflow.runName = 'demo'",
                              order_by=["attributes.start_time DESC"], max_results=1)[0]
     assert run.info.status == "FINISHED"
+    # it leaves the loss of chance in time: no plateau warning (train.plateau_steps), no tag
+    assert "warning: the training loss has stayed" not in proc.stderr
+    assert PLATEAU_TAG not in run.data.tags
     assert run.data.params["parallel.tp"] == "2" and run.data.params["model.num_classes"] == "10"
     assert len(client.get_metric_history(run.info.run_id, "train/loss")) >= 10
     top1_curve = client.get_metric_history(run.info.run_id, "val/top1_error")
