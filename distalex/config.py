@@ -159,6 +159,10 @@ class TrainConfig(Section):
     (``parallel.device: auto`` on a CPU machine) it is ignored with a warning."""
     log_every: int = Field(10, ge=1)
     """Steps between logged metrics (reading the loss is a device sync)."""
+    eval_ten_crop: bool = False
+    """Validate with 10-crop (slower) instead of the centre crop."""
+    deterministic: bool = False
+    """Deterministic kernels (slower; for exact resume checks)."""
     plateau_steps: int = Field(2000, ge=0)
     """Warn once (a line, and the MLflow tag distalex.plateau) when the logged training loss has stayed
     within train.plateau_margin of ln(model.num_classes) for this many steps: the net gives every
@@ -166,10 +170,6 @@ class TrainConfig(Section):
     plateau_margin: float = Field(0.02, gt=0, lt=1)
     """How close to ln(model.num_classes) a loss counts as on the plateau, as a fraction of it
     (0.02: 0.046 for 10 classes, 0.138 for 1000)."""
-    eval_ten_crop: bool = False
-    """Validate with 10-crop (slower) instead of the centre crop."""
-    deterministic: bool = False
-    """Deterministic kernels (slower; for exact resume checks)."""
 
 
 class CheckpointConfig(Section):

@@ -152,9 +152,9 @@ def setup(cfg: Config, dims: ParallelDims, stop: StopRequested) -> Run:
             tracker.log_datasets(cfg.data)
     run = Run(cfg, dims, engine, train_loader, val_loader, checkpoints, state, streams, lighting, tracker, run_dir,
               info.classes, StopAgreement(stop, dims))
-    run.plateau = PlateauWatch(cfg.model.num_classes, cfg.train.plateau_steps, cfg.train.plateau_margin)
     if resumed is not None:
         continue_at_this_layout(run, resumed)
+    run.plateau = PlateauWatch(cfg.model.num_classes, cfg.train.plateau_steps, cfg.train.plateau_margin)
     return run
 
 
