@@ -9,7 +9,7 @@ made into shards by ``make_shards`` (which measures the mean image). The net: th
 at width 1, LRN, dropout 0.5, trained as ``configs/alexnet-paper.yaml`` trains it (SGD lr 0.01,
 momentum 0.9, weight decay 5e-4 with the authors' bias conventions, random crops, flips and PCA
 lighting, the mean image subtracted) in one process, at batch 64 (the paper's 128 would double the
-time), 400 steps (4 epochs of the 6400 training images), 127 x 127 crops of 145 squares:
+time), 250 steps (2.5 epochs of the 6400 training images), 127 x 127 crops of 145 squares:
 the smallest input at which every max pool still has overlapping windows on each side of its
 output (pool5 gives 3 x 3, the paper 6 x 6; fc6 then has 2304 inputs, a quarter of the paper's).
 
@@ -23,8 +23,8 @@ biases 0.1, fc6-7 std 0.005; kaiming) from the same seed and the same batches, i
 - the validation top-1 / top-5 error (1000 images whose scans training never saw) every
   ``--eval-every`` steps and after the budget.
 
-It measures steps and errors, not time; the wall time is reported for planning (about half an hour
-for the six runs on 2 idle cores). Results: docs/paper.md, "Does it learn?".
+It measures steps and errors, not time; the wall time is reported for planning (about 20 minutes
+for the six runs on 2 idle cores, a step taking about 0.5 s there). Results: docs/paper.md, "Does it learn?".
 """
 
 from __future__ import annotations
@@ -60,8 +60,8 @@ SCALES = ("raw", "standardized")
 INITS = ("paper", "caffe", "kaiming")
 WINDOW = 20
 """Steps averaged when deciding that the loss has left the plateau."""
-FULL = dict(width=1.0, image_size=127, resize=145, draw_size=160, train_per_class=64, val_per_class=10, steps=400,
-            batch=64, eval_every=100)
+FULL = dict(width=1.0, image_size=127, resize=145, draw_size=160, train_per_class=64, val_per_class=10, steps=250,
+            batch=64, eval_every=50)
 TINY = dict(width=1 / 16, image_size=63, resize=72, draw_size=80, train_per_class=2, val_per_class=1, steps=4,
             batch=8, eval_every=2)
 

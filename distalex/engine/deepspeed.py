@@ -186,12 +186,24 @@ class DeepSpeedEngine(Engine):
         self.model.step()  # SGD on this dp rank's partition, then all-gather of the weights over dp
         return loss.detach()
 
+    def _link_momentum(self) -> None:
+        """Point each parameter's fragment at its group's momentum. DeepSpeed links every group once,
+        right after the first group's first step, when a later group (the biases, with
+        ``optim.bias_lr_mult``) has no momentum yet: its parameters would stay linked to none."""
+        from deepspeed.utils import lazy_init_hp_params_optimizer_state
+
+        zero = self.ds_optimizer
+        for group, flat in zip(zero.bit16_groups, zero.single_partition_of_fp32_groups):
+            lazy_init_hp_params_optimizer_state(group, flat, zero.optimizer.state)
+
     def shard_state(self):
         from deepspeed.utils import safe_get_full_optimizer_state
 
         # ZeRO's parameters are views into one flat buffer: clone so each tensor is saved on its own.
         model = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
         stepped = any(MOMENTUM in self.optimizer.state.get(flat, {}) for flat in self.ds_optimizer.single_partition_of_fp32_groups)
+        if stepped:
+            self._link_momentum()
         momentum = {
             # an all-reduce over dp per parameter: each dp rank adds its partition's fragment
             name: safe_get_full_optimizer_state(p, MOMENTUM).clone() if stepped else None
@@ -200,7 +212,7 @@ class DeepSpeedEngine(Engine):
         return model, momentum
 
     def load_shard_state(self, model, momentum):
-        from deepspeed.utils import lazy_init_hp_params_optimizer_state, safe_set_full_optimizer_state
+        from deepspeed.utils import safe_set_full_optimizer_state
 
         zero = self.ds_optimizer
         with torch.no_grad():
@@ -211,8 +223,8 @@ class DeepSpeedEngine(Engine):
             return
         # torch SGD creates its buffers at the first step and ZeRO links each parameter to its
         # fragment of them after that step; create and link them now, then fill in this rank's cut.
-        for group, flat in zip(zero.bit16_groups, zero.single_partition_of_fp32_groups):
+        for flat in zero.single_partition_of_fp32_groups:
             zero.optimizer.state[flat].setdefault(MOMENTUM, torch.zeros_like(flat))
-            lazy_init_hp_params_optimizer_state(group, flat, zero.optimizer.state)
+        self._link_momentum()
         for name, p in self.module.named_parameters():
             safe_set_full_optimizer_state(p, momentum[name].to(self.device), MOMENTUM)
