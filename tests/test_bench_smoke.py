@@ -1,4 +1,5 @@
-"""bench/bench.py --tiny and bench/gpu_check.sh run end to end (smoke tests: no timing thresholds)."""
+"""bench/bench.py --tiny, bench/learnability.py --tiny and bench/gpu_check.sh run end to end (smoke
+tests: no timing thresholds)."""
 
 from __future__ import annotations
 
@@ -43,6 +44,28 @@ def test_bench_tiny_writes_every_row(tmp_path):
     # Rows that may not run here say why instead of vanishing.
     assert all(r["status"] == "ok" or r["status"].startswith(("skipped", "unsupported")) for r in rows.values())
     assert result["config"]["tiny"] is True and result["provenance"]["commit"]
+
+
+@pytest.mark.slow
+def test_learnability_tiny_runs_every_scale_and_init(tmp_path):
+    out = tmp_path / "learnability.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "learnability.py"), "--tiny", "--data", str(tmp_path / "data"),
+         "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    runs = {(r["scale"], r["init"]): r for r in result["runs"]}
+    assert sorted(runs) == sorted((s, i) for s in ("raw", "standardized") for i in ("paper", "caffe", "kaiming"))
+    steps = result["settings"]["steps"]
+    for key, r in runs.items():
+        assert r["diverged_at"] is not None or len(r["losses"]) == steps, key
+        assert [e["step"] for e in r["evals"]][-1:] in ([steps], []), key
+        assert r["signal_at_init"] > 0 and r["optim"]["bias_lr_mult"] == 2 and r["optim"]["bias_decay_mult"] == 0
+    # the paper's init hardly depends on the image at all, Kaiming's does; raw pixels give the paper's init more
+    assert runs["raw", "paper"]["signal_at_init"] > 3 * runs["standardized", "paper"]["signal_at_init"]
+    assert runs["standardized", "kaiming"]["signal_at_init"] > 100 * runs["standardized", "paper"]["signal_at_init"]
+    assert "| input scale | init |" in proc.stdout and (tmp_path / "data" / "shards" / "_info.json").is_file()
 
 
 @pytest.mark.slow
