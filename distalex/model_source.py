@@ -38,7 +38,7 @@ from distalex.config import Config, ModelConfig
 from distalex.data.augment import normalize, to_input_units
 from distalex.data.info import DataError
 from distalex.model import AlexNet, build_model
-from distalex.serving import DEFAULT_INPUT_SCALE, Preprocessing, training_settings
+from distalex.serving import UNRECORDED_INPUT_SCALE, Preprocessing, training_settings
 from distalex.tracking import sqlite_path  # importing distalex.tracking also sets MLflow's environment
 
 # These tools talk to a store once: a dead server should fail in seconds, not after MLflow's minutes
@@ -307,7 +307,7 @@ def _from_mlflow_model(uri: str, store: str | None) -> ModelSource:
         src.why["preprocessing"] = "its metadata holds no mean image (data.mean=pixel): use the run's model.pt"
     else:
         src.preprocessing = Preprocessing(int(prep["resize"]), int(prep["image_size"]), list(prep["mean_rgb"]),
-                                          list(prep["std_rgb"]), input_scale=prep.get("input_scale", DEFAULT_INPUT_SCALE))
+                                          list(prep["std_rgb"]), input_scale=prep.get("input_scale", UNRECORDED_INPUT_SCALE))
     if meta.get("model_config"):
         src.model_config = meta["model_config"]
         src.state = {k.removeprefix("model."): v for k, v in graph.state_dict().items() if k.startswith("model.")}

@@ -28,7 +28,6 @@ from torch import nn
 from distalex.data.augment import (
     PIXEL_MAX, centre_crop, centre_square, hwc_to_chw, mean_and_std, ten_crop, to_input_units, training_stats,
 )
-from distalex.config import DataConfig
 from distalex.data.info import read_info
 from distalex.tracking import TrackingWarning
 
@@ -36,8 +35,9 @@ if TYPE_CHECKING:
     from distalex.config import Config
     from distalex.tracking import NullTracker, Tracker
 
-DEFAULT_INPUT_SCALE = DataConfig.model_fields["input_scale"].default
-"""The scale of a model that does not say: the only one distalex had before ``data.input_scale``."""
+UNRECORDED_INPUT_SCALE = "standardized"
+"""The scale of a model or checkpoint that does not say: the only one distalex had before
+``data.input_scale`` (whatever the default is now)."""
 MLFLOW_MODEL_NAME = "model"
 """A run's MLflow model: ``runs:/<run_id>/model``."""
 
@@ -104,7 +104,7 @@ class Preprocessing:
     """Training mean and std per channel, pixels in [0, 1]."""
     mean_image: np.ndarray | None = None
     """(H, W, 3) training mean image for ``data.mean: pixel``; None: the per-channel mean."""
-    input_scale: str = DEFAULT_INPUT_SCALE
+    input_scale: str = UNRECORDED_INPUT_SCALE
     """``data.input_scale`` of the run. Models and checkpoints saved before it was recorded trained
     with the only scale there was then, standardized: that is what ``from_dict`` assumes without it."""
 
@@ -122,7 +122,7 @@ class Preprocessing:
         img = d.get("mean_image")
         return cls(int(d["resize"]), int(d["image_size"]), [float(v) for v in d["mean_rgb"]],
                    [float(v) for v in d["std_rgb"]], None if img is None else np.asarray(img, dtype=np.float32),
-                   d.get("input_scale", DEFAULT_INPUT_SCALE))
+                   d.get("input_scale", UNRECORDED_INPUT_SCALE))
 
     def describe(self) -> dict:
         """The settings without the mean image, for metadata."""

@@ -97,11 +97,10 @@ def test_checkpoint_model_file_and_mlflow_model_predict_what_validation_measured
     torch.testing.assert_close(rebuilt, graph, atol=1e-5, rtol=0)  # the exported graph against eager kernels
 
 
+@pytest.mark.parametrize("run", ["standardized"], indirect=True)  # the only scale older files can have
 def test_older_checkpoints_and_mlflow_models_without_a_scale_load_standardized(run, tmp_path):
     """A checkpoint and an MLflow model as distalex wrote them before data.input_scale: no scale in
     their preprocessing or config. They trained standardized, and load so."""
-    if run["scale"] != "standardized":
-        pytest.skip("older files were all standardized: the standardized run stands for them")
     old = tmp_path / "checkpoints" / latest_checkpoint(run["run"] / "checkpoints").name
     shutil.copytree(latest_checkpoint(run["run"] / "checkpoints"), old)
     serving = torch.load(old / SERVING, weights_only=True)
