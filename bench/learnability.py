@@ -201,10 +201,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json", default=None, help="write the results here, after every run")
     p.add_argument("--table", nargs="+", metavar="JSON", help="only print the table of results saved by --json")
     args = p.parse_args(argv)
-    if args.table:
+    if args.table:  # one table per budget, the runs of every file with that budget in it
+        by_steps: dict[int, list] = {}
         for path in args.table:
             saved = json.loads(Path(path).read_text())
-            print(table(saved["runs"], saved["settings"]["steps"]))
+            by_steps.setdefault(saved["settings"]["steps"], []).extend(saved["runs"])
+        print("\n\n".join(table(runs, steps) for steps, runs in by_steps.items()))
         return
     s = dict(TINY if args.tiny else FULL)
     s.update({k: v for k, v in (("steps", args.steps), ("batch", args.batch)) if v})
