@@ -177,7 +177,7 @@ class AlexNet(nn.Module):
 
         ``caffe`` (Caffe's bvlc_alexnet): as ``paper`` but fc6 and fc7 weights N(0, 0.005) and the
         biases 0.1 where the paper has 1. Caffe's maintainers changed the paper's 1 because the loss
-        stayed flat at ln(classes); bench/learnability.py measures the three inits (docs/paper.md).
+        stayed flat at ln(classes); bench/learnability.py compares the three inits (docs/paper.md).
 
         ``kaiming``: weights N(0, 2 / fan_in), biases 0. For narrow variants (width < 1), where a
         fixed std of 0.01 shrinks the signal layer after layer until the constant biases decide

@@ -2,8 +2,7 @@
 gives every image the same prediction.
 
 The paper's net can sit there for thousands of steps, or for good (Caffe's maintainers replaced its
-bias 1 for that reason; bench/learnability.py measures which init and input scale leave it, see
-docs/paper.md). A run that stays there for ``train.plateau_steps`` steps gets one warning line that
+bias 1 for that reason; bench/learnability.py measures the inits and input scales, docs/paper.md). A run that stays there for ``train.plateau_steps`` steps gets one warning line that
 names the likely causes and the keys to change, and its MLflow run the tag ``distalex.plateau``.
 A warning, not an error: the paper's own runs sat there for a while before they learned.
 """
@@ -82,10 +81,10 @@ class PlateauWatch:
         return (
             f"warning: the training loss has stayed within {100 * self.margin:g}% of ln({self.num_classes}) = "
             f"{chance:.3f} for {step - self.since + 1} steps (steps {self.since}-{step}, now {mean_loss:.4f}): the net "
-            "gives every image the same prediction. Likely causes: the init (model.init: paper's biases of 1; "
-            "caffe or kaiming leave this plateau in bench/learnability.py), the input scale (data.input_scale: raw "
-            "is the paper's), the learning rate (optim.lr). A warning only: training goes on (docs/training.md, "
-            "\"A loss stuck at chance\")"
+            "gives every image the same prediction. Likely causes: the init (model.init: paper, caffe or kaiming; the "
+            "paper's biases of 1 can hold a net here), the input scale (data.input_scale: raw is the paper's, "
+            "standardized inputs are about 60 times smaller), the learning rate (optim.lr). A warning only: training "
+            "goes on (docs/training.md, \"A loss stuck at chance\")"
         )
 
     def tag(self, step: int, mean_loss: float) -> str:
