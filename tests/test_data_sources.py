@@ -254,25 +254,22 @@ def test_a_stalled_pipe_or_fsspec_read_fails_within_the_stall_timeout_and_is_ret
 
 
 def test_sbatch_preflight_reads_remote_shards_with_data_info(served, tmp_path):
-    """The preflight of launch/slurm/train.sbatch (its Python, run as the script runs it) on remote
-    shards: without data.info the shards cannot be counted (exit status 2), with it they pass."""
+    """The preflight of launch/slurm/train.sbatch (distalex.preflight, run as the script runs it) on
+    remote shards: without data.info the shards cannot be counted (exit status 2), with it they pass."""
     folder, _ = served
-    script = (REPO / "launch" / "slurm" / "train.sbatch").read_text()
-    preflight = script.split("<<'PY' || exit $?\n", 1)[1].split("\nPY\n", 1)[0]
-    (tmp_path / "preflight.py").write_text(preflight)
     spec = f"pipe:cat {folder}/{SPEC}"
     args = ["--config", str(REPO / "configs" / "demo.yaml"), "--set", f"data.train_shards={spec.format(split='train')}",
             "--set", f"data.val_shards={spec.format(split='val')}", "--set", "model.num_classes=3"]
 
     def run(*extra):
-        return subprocess.run([sys.executable, str(tmp_path / "preflight.py"), *args, *extra], env={**os.environ, "WORLD": "2"},
+        return subprocess.run([sys.executable, "-m", "distalex.preflight", "--world", "2", *args, *extra],
                               capture_output=True, text=True, timeout=120)
 
     without = run()
     assert without.returncode == 2 and "remote shards need data.info" in without.stderr, without.stderr
     with_info = run("--set", f"data.info={folder / '_info.json'}")
     assert with_info.returncode == 0, with_info.stderr
-    assert f"preflight ok: run demo, dp=1 x tp=2, {sum(SIZES)} training images in 4 shards" in with_info.stdout
+    assert f"preflight ok: run demo, dp=1 x tp=2, {sum(SIZES)} training images in 4 shards" in with_info.stderr
 
 
 # ------------------------------------------------------------------ foreign layouts
