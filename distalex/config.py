@@ -143,6 +143,9 @@ class TrainConfig(Section):
     (``parallel.device: auto`` on a CPU machine) it is ignored with a warning."""
     log_every: int = Field(10, ge=1)
     """Steps between logged metrics (reading the loss is a device sync)."""
+    progress_interval_s: float = Field(30.0, gt=0)
+    """Where stderr is not a terminal (a SLURM log, ``> file``): seconds between plain progress
+    lines (steps, rate, time left, loss, data wait). On a terminal a progress bar instead."""
     eval_ten_crop: bool = False
     """Validate with 10-crop (slower) instead of the centre crop."""
     deterministic: bool = False

@@ -36,11 +36,13 @@ from distalex.model import build_model
 from distalex.parallel.dims import ParallelConfigError, ParallelDims, destroy_parallel, init_parallel
 from distalex.parallel.liveness import ON_END_S
 from distalex.parallel.plan import full_state_dict, gather_full, is_sharded, parallelize
+from distalex.progress import progress as progress_bar
 from distalex.serving import training_settings
+from distalex.steptime import StepTimes, Times, gather, host_names, stragglers
 from distalex.stopping import StopAgreement, StopRequested
 from distalex.tracking import (
-    METRIC_EPOCH_LOSS, METRIC_IMAGES_PER_S, METRIC_LOSS, METRIC_LR, METRIC_SKIPPED, METRIC_STEPS_SKIPPED,
-    METRIC_TOP1, METRIC_TOP5, METRIC_VAL_LOSS, Tracker,
+    METRIC_COMPUTE_MS, METRIC_DATA_WAIT, METRIC_EPOCH_LOSS, METRIC_IMAGES_PER_S, METRIC_LOSS, METRIC_LR,
+    METRIC_SKIPPED, METRIC_STEPS_SKIPPED, METRIC_TOP1, METRIC_TOP5, METRIC_VAL_LOSS, Tracker, host_metric,
 )
 
 LOADER_POLL_S = 0.2
@@ -71,6 +73,9 @@ class Run:
     run_dir: Path
     classes: list[str]
     agree: StopAgreement
+    times: StepTimes
+    hosts: list[str] | None
+    """Rank 0: each rank's host, for the perf/<host>/ metrics and the straggler line (None elsewhere)."""
     saved: tuple | None = None
     """The train state this process last saved (a stop right after a save does not save it again)."""
 
@@ -148,7 +153,7 @@ def setup(cfg: Config, dims: ParallelDims, stop: StopRequested) -> Run:
             tracker.log_text(to_yaml(cfg), "config.yaml")
             tracker.log_datasets(cfg.data)
     run = Run(cfg, dims, engine, train_loader, val_loader, checkpoints, state, streams, lighting, tracker, run_dir,
-              info.classes, StopAgreement(stop, dims))
+              info.classes, StopAgreement(stop, dims), StepTimes(engine.module, dims.device), host_names(dims))
     if resumed is not None:
         continue_at_this_layout(run, resumed)
     return run
@@ -190,8 +195,13 @@ def train_epoch(run: Run, progress) -> str | None:
             save(run, flush=False)
             return "during loader start-up"
         # The loss stays on the device and is read every log_every steps: reading it is a sync.
-        window_sum, window_n, window_t = torch.zeros((), device=dims.device), 0, time.perf_counter()
-        for batch in batches:
+        window_sum, window_n = torch.zeros((), device=dims.device), 0
+        fetch = iter(batches)
+        while True:
+            try:
+                batch = run.times.fetch(fetch)  # the time it waits for the batch is this rank's data wait
+            except StopIteration:
+                break
             x = normalize(batch.images, train=True, data_cfg=cfg.data, generator=run.lighting)
             if channels_last(cfg, dims.device):
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -207,18 +217,23 @@ def train_epoch(run: Run, progress) -> str | None:
             # A save closes the loss window too, so the epoch's loss holds every step after a resume.
             if window_n == cfg.train.log_every or last or saving:
                 mean = checked_loss(window_sum, window_n, run)  # sync point; a checkpoint only follows finite losses
-                ips = window_n * cfg.train.batch_size / max(time.perf_counter() - window_t, 1e-9)
+                per_rank = gather(run.times.window(), dims)  # every rank's data wait and compute, on rank 0
                 skipped = float(batch.skipped)  # a device tensor: read at log points only
-                run.tracker.log_metrics(
-                    {METRIC_LOSS: mean, METRIC_LR: engine.lr, METRIC_IMAGES_PER_S: ips, METRIC_SKIPPED: skipped},
-                    step=state.step,
-                )
-                if progress is not None:
-                    progress.set_postfix(loss=f"{mean:.4f}", lr=f"{engine.lr:.2e}", img_s=f"{ips:.0f}", refresh=False)
+                if per_rank is not None:
+                    ips = window_n * cfg.train.batch_size / max(per_rank[0].wall, 1e-9)
+                    data = max(t.data_percent for t in per_rank)  # the rank that waits most holds every rank up
+                    run.tracker.log_metrics(
+                        {METRIC_LOSS: mean, METRIC_LR: engine.lr, METRIC_IMAGES_PER_S: ips, METRIC_SKIPPED: skipped,
+                         METRIC_DATA_WAIT: data, METRIC_COMPUTE_MS: 1000 * median_compute(per_rank)},
+                        step=state.step,
+                    )
+                    if progress is not None:
+                        progress.set_postfix(loss=f"{mean:.4f}", lr=f"{engine.lr:.2e}", img_s=f"{ips:.0f}",
+                                             data=f"{data:.0f}%", refresh=False)
                 state.epoch_loss_sum += mean * window_n
                 state.epoch_loss_steps += window_n
                 window_sum.zero_()
-                window_n, window_t = 0, time.perf_counter()
+                window_n = 0
             if progress is not None:
                 progress.update(1)
             if saving:
@@ -241,6 +256,33 @@ def loader_started(batches: EpochBatches, agree: StopAgreement) -> bool:
             return False
         if not busy:
             return True
+
+
+def median_compute(per_rank: list[Times]) -> float:
+    """The median rank's compute per step, in seconds."""
+    per_step = sorted(t.compute / t.steps for t in per_rank if t.steps)
+    return per_step[len(per_step) // 2] if per_step else 0.0
+
+
+def report_step_times(run: Run) -> None:
+    """At an epoch's end: each host's data wait and compute (perf/<host>/...), and a line naming any
+    rank clearly slower than the median rank (steptime.stragglers)."""
+    per_rank = gather(run.times.end_epoch(), run.dims)
+    if per_rank is None:
+        return
+    hosts, epoch, step = run.hosts, run.state.epoch + 1, run.state.step
+    by_host: dict[str, list[Times]] = {}
+    for rank, t in enumerate(per_rank):
+        by_host.setdefault(hosts[rank], []).append(t)
+    metrics = {}
+    for host, times in by_host.items():
+        metrics[host_metric(host, "data_wait_percent")] = max(t.data_percent for t in times)
+        metrics[host_metric(host, "compute_ms")] = 1000 * max(t.compute / max(t.steps, 1) for t in times)
+    run.tracker.log_metrics(metrics, step=step)
+    for rank, what, slow, median in stragglers(per_rank):
+        print(f"warning: epoch {epoch}: rank {rank} ({hosts[rank]}) is slower than the median rank: {what} "
+              f"{1000 * slow:.0f} ms a step against {1000 * median:.0f} ms (perf/ metrics in the MLflow run)",
+              file=sys.stderr, flush=True)
 
 
 def checked_loss(window_sum: torch.Tensor, window_n: int, run: Run) -> float:
@@ -301,6 +343,7 @@ def end_of_epoch(run: Run, result: dict, t0: float) -> None:
         state.epochs_since_best = 0
         engine.lr = state.lr
     log_validation(run, result, {METRIC_EPOCH_LOSS: train_loss, "epoch": float(state.epoch + 1)})
+    report_step_times(run)
     if dims.is_main:
         print(
             f"epoch {state.epoch + 1}/{cfg.train.epochs}: train loss {train_loss:.4f}, {describe(result, cfg)}, "
@@ -417,10 +460,9 @@ def train(cfg: Config, dims: ParallelDims, stop: StopRequested) -> int:
     total = cfg.train.max_steps or cfg.train.epochs * steps
     progress = None
     if dims.is_main:
-        from tqdm import tqdm
-
         print(f"distalex: {dims.describe()}, {steps} steps/epoch of {cfg.train.batch_size} images", flush=True)
-        progress = tqdm(total=total, initial=state.step, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
+        progress = progress_bar(total, "train", "step", initial=state.step, interval_s=cfg.train.progress_interval_s,
+                                dynamic_ncols=True)
     status = "FAILED"
     try:
         where = run_epochs(run, progress)
@@ -449,6 +491,7 @@ def train(cfg: Config, dims: ParallelDims, stop: StopRequested) -> int:
         stop.finishing = True  # a later Ctrl-C must not cut off the end of the MLflow run
         if progress is not None:
             progress.close()
+        run.times.close()
         if stop.aborted:
             status = "KILLED"
         if status == "KILLED":
