@@ -8,12 +8,16 @@ momentum, weight decay and dropout on (each dp group's own masks, drawn by the s
 too) equal the serial net's on the 10 images: the logged loss (``train.mean_over_dp``), every
 gradient of the first step and every weight after the last, to the 1e-5 relative tolerance of
 ``tests/test_tensor_parallel.py``. The split and the warning about a GPU's share are checked
-without processes.
+without processes; a torchrun job at dp=3 with a batch of 32 trains, validates every image and
+resumes mid-epoch to the uninterrupted run's weights.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
+import shutil
 
 import pytest
 import torch
@@ -23,11 +27,17 @@ from distalex.engine import DDPEngine, build_engine
 from distalex.parallel.dims import GPU_IMAGES_FLOOR, ParallelConfigError, ParallelDims, init_parallel, small_batch_warning
 from distalex.parallel.plan import full_grads, full_state_dict
 from distalex.train import build_parallel_model, mean_over_dp
+from distalex.checkpoint import complete_checkpoints
 from tests.distributed import run_workers
+from tests.runs import launch, tiny_overrides, tiny_shards  # noqa: F401 - fixture
+from tests.test_resume import assert_ok, checkpoints, history
 from tests.test_tensor_parallel import CLASSES, LR, MOMENTUM, SIZE, STEPS, WD, WIDTH, DPGroupDropout, assert_close_rel, data
 
 GLOBAL, DP, TP = 10, 3, 2
 LAYOUTS = ("towers", "hybrid")
+RESUME_RTOL = 1e-5
+"""The first loss window after a resume: the same batches, masks and weights; only step 4's gradient
+average is summed in another order (~1e-7 relative). Another batch moves it by 1e-2 or more."""
 
 
 def make_cfg(layout: str = "towers") -> Config:
@@ -80,6 +90,7 @@ def ranks():
     return run_workers(uneven_worker, DP * TP, timeout=300)
 
 
+@pytest.mark.slow  # 6 processes: 20-60 s on 2 shared cores
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_uneven_dp_split_equals_the_serial_step(ranks, layout):
     assert [r["batch"] for r in ranks] == [4, 4, 3, 3, 3, 3]  # dp groups of 4, 3, 3; tp peers share theirs
@@ -116,3 +127,38 @@ def test_a_gpu_with_too_few_images_is_warned_once_with_the_keys():
     assert small_batch_warning(64, dp=1, tp=2, device_type="cuda") is None  # at the floor
     assert small_batch_warning(63, dp=1, tp=2, device_type="cuda") is not None  # 31.5 each
     assert small_batch_warning(8, dp=4, tp=2, device_type="cpu") is None  # a CPU is busy at any batch
+
+
+@pytest.mark.e2e
+def test_dp3_job_at_batch_32_trains_validates_and_resumes(tiny_shards, tmp_path):
+    """torchrun, 3 processes at tp=1: each step's 32 images go 11, 11 and 10 to the dp ranks. The
+    uninterrupted run (2 epochs of 7 steps, a checkpoint every 3) logs finite losses and validates
+    every validation image. A copy of it that holds only the checkpoint of step 3 (mid-epoch)
+    resumes there and trains the same batches: its first loss window (steps 4 and 5) equals the
+    uninterrupted run's to RESUME_RTOL. Not bit for bit: the first DDP step after a start sums each
+    gradient over 3 ranks in another order than the later ones (docs/training.md, "Checkpoints")."""
+    overrides = tiny_overrides(tiny_shards, run_name="tiny", **{"parallel.tp": 1})
+    full = tmp_path / "full"
+    proc = launch(full, overrides, nproc=3, timeout=400)
+    assert_ok(proc)
+    assert "world=3 (dp=3 x tp=1)" in proc.stdout and "7 steps/epoch of 32 images, per dp rank 11 or 10" in proc.stdout
+    val_images = json.loads((tiny_shards / "_info.json").read_text())["splits"]["val"]["count"]
+    assert proc.stdout.count(f"({val_images} images)") == 2, proc.stdout  # each epoch's validation, over dp
+    ref = history(full, "train/loss")
+    assert sorted(ref) == [2, 3, 5, 6, 7, 9, 11, 12, 14], ref  # log_every 2, and at each save and epoch end
+    assert all(math.isfinite(v) and v > 0 for v in ref.values()), ref
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(full / "runs", resumed / "runs")
+    for ckpt in complete_checkpoints(checkpoints(resumed)):
+        if ckpt.name != "step-00000003":
+            shutil.rmtree(ckpt)
+    proc = launch(resumed, overrides, nproc=3, timeout=400)
+    assert_ok(proc)
+    assert f"resumed from {checkpoints(resumed) / 'step-00000003'} (step 3, epoch 0, batch 3)" in proc.stdout
+    assert "data position" not in proc.stdout and "epoch 2/2" in proc.stdout  # the epoch went on from step 3
+    final = json.loads((complete_checkpoints(checkpoints(resumed))[-1] / "meta.json").read_text())
+    assert final["train_state"]["step"] == 14 and final["train_state"]["epoch"] == 2
+    got = history(resumed, "train/loss")  # the copied run's values, then the resume's where it logged again
+    assert abs(got[5] - ref[5]) <= RESUME_RTOL * ref[5], (got[5], ref[5])
+    assert all(math.isfinite(v) for v in got.values())
