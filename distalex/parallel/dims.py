@@ -200,11 +200,9 @@ class ParallelDims:
 
 
 GPU_IMAGES_FLOOR = 32
-"""Images' work per GPU per step below which a GPU idles most of an AlexNet step: the step's fixed
-part (~150 kernel launches at 5-10 us of host time each, ~1 ms; the SGD update over 61M weights,
-gradients and momenta, ~0.4 ms of an H100's memory bandwidth; the 244 MB gradient all-reduce over
-dp) outweighs the images' own 5 GFLOP each (forward and backward: 12-25 us on an H100 at 200-400
-bf16 TFLOPS). An estimate, not a measurement (docs/training.md, "Batch size and scale")."""
+"""Images' work per GPU per step below which less than half of an AlexNet step on an H100 is the
+images' own compute: the rest is fixed per step (1-2 ms of kernel launches, 0.4 ms of SGD update)
+against 12-25 us an image. An estimate, derived in docs/training.md ("Batch size and scale")."""
 
 
 def small_batch_warning(global_batch: int, dp: int, tp: int, device_type: str) -> str | None:
@@ -219,10 +217,10 @@ def small_batch_warning(global_batch: int, dp: int, tp: int, device_type: str) -
         return None
     return (
         f"train.batch_size={global_batch} over dp={dp} x tp={tp} leaves a GPU {per_gpu:g} images' work a step "
-        f"(the smallest dp group's {smallest} over tp={tp}); below {GPU_IMAGES_FLOOR} an AlexNet step on a GPU is "
-        "mostly fixed cost (kernel launches, the SGD update, the gradient all-reduce) and the GPUs idle for most "
-        "of it: raise train.batch_size (and optim.lr with it), start fewer GPUs, or cut the launches with "
-        "train.compile=true and train.cuda_graphs=true"
+        f"(the smallest dp group's {smallest} over tp={tp}); below {GPU_IMAGES_FLOOR}, less than half of an AlexNet "
+        "step on a GPU is the images' own work, the rest fixed cost (kernel launches, the SGD update, the gradient "
+        "all-reduce): raise train.batch_size (and optim.lr with it), start fewer GPUs, or cut the launches with "
+        "train.compile=true and train.cuda_graphs=true (docs/training.md, \"Batch size and scale\")"
     )
 
 
