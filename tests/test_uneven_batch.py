@@ -160,5 +160,7 @@ def test_dp3_job_at_batch_32_trains_validates_and_resumes(tiny_shards, tmp_path)
     final = json.loads((complete_checkpoints(checkpoints(resumed))[-1] / "meta.json").read_text())
     assert final["train_state"]["step"] == 14 and final["train_state"]["epoch"] == 2
     got = history(resumed, "train/loss")  # the copied run's values, then the resume's where it logged again
-    assert abs(got[5] - ref[5]) <= RESUME_RTOL * ref[5], (got[5], ref[5])
+    rel = abs(got[5] - ref[5]) / ref[5]
+    print(f"\ndp=3 resume at step 3: the loss of steps 4-5 within {rel:.1e} (relative) of the uninterrupted run's")
+    assert rel <= RESUME_RTOL, (got[5], ref[5])
     assert all(math.isfinite(v) for v in got.values())
