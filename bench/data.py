@@ -138,7 +138,7 @@ def bench_loader(jpegs: list[bytes], workers: int, resize: int, size: int, batch
             spec, info = _source_spec(shards, source, url)
             cfg = DataConfig(train_shards=spec, info=info, workers=workers, resize=resize, shuffle_buffer=256,
                              decode=decode)
-            loader = TrainLoader(cfg, ParallelDims(device=device), batch_size=batch, image_size=size, seed=0)
+            loader = TrainLoader(cfg, ParallelDims(device=device), global_batch=batch, image_size=size, seed=0)
             t0, c0 = time.perf_counter(), _cpu_seconds()
             n = 0
             for b in loader.epoch(0):

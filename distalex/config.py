@@ -121,7 +121,10 @@ class OptimConfig(Section):
 
 class TrainConfig(Section):
     batch_size: int = Field(128, ge=1)
-    """Global batch: split evenly over the dp groups (the paper: 128)."""
+    """Global batch (the paper: 128), split over the dp groups as evenly as it goes: where dp does
+    not divide it the groups' batches differ by one image (128 at dp=12: eight of 11, four of 10), and
+    each group's loss is weighted by its share, so a step is the serial step on the whole batch at
+    any dp (docs/training.md, "Batch size and scale"). At least one image per dp group."""
     epochs: int = Field(90, ge=1)
     max_steps: int | None = Field(None, ge=1)
     """Stop after this many optimizer steps (for short runs); None: run all epochs."""

@@ -33,7 +33,9 @@ from distalex.engine import Engine, build_engine
 from distalex.evaluate import evaluate
 from distalex.jobs import EXIT_BAD_INPUT, EXIT_DIVERGED, exit_now, report_failure
 from distalex.model import build_model
-from distalex.parallel.dims import ParallelConfigError, ParallelDims, destroy_parallel, init_parallel
+from distalex.parallel.dims import (
+    ParallelConfigError, ParallelDims, destroy_parallel, init_parallel, small_batch_warning,
+)
 from distalex.parallel.liveness import ON_END_S
 from distalex.parallel.plan import full_state_dict, gather_full, is_sharded, parallelize
 from distalex.progress import progress as progress_bar
@@ -122,9 +124,8 @@ def setup(cfg: Config, dims: ParallelDims, stop: StopRequested) -> Run:
         raise DataError(
             f"{cfg.data.train_shards}: the shards hold {info.num_classes} classes but model.num_classes={cfg.model.num_classes}"
         )
-    batch = dims.per_dp_batch(cfg.train.batch_size)
-    train_loader = TrainLoader(cfg.data, dims, batch, cfg.model.image_size, cfg.train.seed)
-    val_loader = ValLoader(cfg.data, dims, batch, cfg.model.image_size, ten_crop=cfg.train.eval_ten_crop)
+    train_loader = TrainLoader(cfg.data, dims, cfg.train.batch_size, cfg.model.image_size, cfg.train.seed)
+    val_loader = ValLoader(cfg.data, dims, train_loader.batch_size, cfg.model.image_size, ten_crop=cfg.train.eval_ten_crop)
     model = build_parallel_model(cfg, dims)
     engine = build_engine(model, cfg, dims)
     lighting = torch.Generator(device=dims.device).manual_seed(cfg.train.seed * 1_000_003 + dims.dp_rank)
@@ -294,7 +295,9 @@ def checked_loss(window_sum: torch.Tensor, window_n: int, run: Run) -> float:
 
 
 def mean_over_dp(value: torch.Tensor, dims: ParallelDims) -> float:
-    """The loss averaged over data-parallel groups (tp peers hold the same value)."""
+    """The loss averaged over data-parallel groups (tp peers hold the same value). Each group's loss
+    is weighted by its share of the global batch (``Engine.loss``), so this is the global batch's
+    mean loss also where the groups' batches differ."""
     if dims.dp_enabled:
         value = value.detach().clone()
         dist.all_reduce(value, group=dims.dp_group)
@@ -460,7 +463,10 @@ def train(cfg: Config, dims: ParallelDims, stop: StopRequested) -> int:
     total = cfg.train.max_steps or cfg.train.epochs * steps
     progress = None
     if dims.is_main:
-        print(f"distalex: {dims.describe()}, {steps} steps/epoch of {cfg.train.batch_size} images", flush=True)
+        print(f"distalex: {dims.describe()}, {steps} steps/epoch of {dims.describe_batch(cfg.train.batch_size)}", flush=True)
+        warning = small_batch_warning(cfg.train.batch_size, dims.dp, dims.tp, dims.device.type)
+        if warning is not None:
+            warnings.warn(warning, stacklevel=2)
         progress = progress_bar(total, "train", "step", initial=state.step, interval_s=cfg.train.progress_interval_s,
                                 dynamic_ncols=True)
     status = "FAILED"

@@ -85,8 +85,8 @@ def test_device_crop_equals_pil_crop(resize, size, draft):
 def test_gpu_decode_loader_gives_the_cpu_loaders_batches(tmp_path, capsys):
     write_shards(tmp_path, [9, 14, 5, 12])
     for dp_rank in (0, 1):
-        cpu = TrainLoader(cfg_for(tmp_path, workers=2), dims(2, dp_rank), 4, SIZE, seed=3)
-        gpu = TrainLoader(cfg_for(tmp_path, workers=2, decode="gpu"), dims(2, dp_rank), 4, SIZE, seed=3)
+        cpu = TrainLoader(cfg_for(tmp_path, workers=2), dims(2, dp_rank), 8, SIZE, seed=3)
+        gpu = TrainLoader(cfg_for(tmp_path, workers=2, decode="gpu"), dims(2, dp_rank), 8, SIZE, seed=3)
         assert gpu.decode_device == CPU and cpu.decode_device is None
         for a, b in zip(cpu.epoch(1), gpu.epoch(1, 0)):
             assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)

@@ -100,9 +100,9 @@ def test_http_and_pipe_shards_train_like_the_local_files(served, tmp_path):
         "pipe": cfg(f"pipe:cat {folder}/{spec}", str(folder / "_info.json")),
     }
     for dp_rank in (0, 1):  # dp=2: the exact per-rank windows hold for streams too
-        local = trained(TrainLoader(cfg(str(folder / spec)), dims(2, dp_rank), 4, SIZE, seed=5))
+        local = trained(TrainLoader(cfg(str(folder / spec)), dims(2, dp_rank), 8, SIZE, seed=5))
         for what, c in sources.items():
-            assert_same_training(local, trained(TrainLoader(c, dims(2, dp_rank), 4, SIZE, seed=5)), what)
+            assert_same_training(local, trained(TrainLoader(c, dims(2, dp_rank), 8, SIZE, seed=5)), what)
     assert server.requests["imagenet-train-000001.tar"] >= 3
 
 

@@ -4,11 +4,14 @@ Who reads what in one training epoch (seed s, epoch e):
 
   1. The shard list is permuted with (s, e) and read as one virtual sequence of N samples
      (per-shard counts from ``_info.json``).
-  2. dp rank r owns positions [r * M, (r + 1) * M) of it, M = steps_per_epoch * batch_size: the
-     shards inside that window plus the parts of the (at most two) shards that straddle its edges.
-     So dp ranks are disjoint and every rank has exactly M samples however uneven the shards are,
-     and no rank waits for another at the epoch's end. Only N mod (dp * batch) samples sit out an
-     epoch, a different few each epoch.
+  2. Each step takes a global batch of B samples (``train.batch_size``), dp rank r b_r of them
+     (``ParallelDims.dp_batches``: equal, or where dp does not divide B the first B mod dp ranks one
+     more), and steps_per_epoch = N // B. dp rank r owns positions [S * o_r, S * (o_r + b_r)) of the
+     sequence, S = steps_per_epoch and o_r = b_0 + ... + b_(r-1): the shards inside that window plus
+     the parts of the (at most two) shards that straddle its edges. So dp ranks are disjoint, every
+     rank has exactly S * b_r samples however uneven the shards are, and every rank runs S steps:
+     no rank waits for another at the epoch's end. Only N mod B samples sit out an epoch, a
+     different few each epoch.
   3. DataLoader worker w of W gets rank batches w, w + W, w + 2W, ... and reads its own contiguous
      slice of the window, so workers are disjoint too; the DataLoader's round robin over workers
      then hands out batches in step order.
@@ -164,10 +167,10 @@ class _PixelBatch:
 class _TrainStream(IterableDataset):
     """One dp rank's training batches; runs inside the DataLoader workers (or inline with 0)."""
 
-    def __init__(self, shards, *, seed, dp_rank, batch_size, steps, image_size, data_cfg, workers, num_classes,
-                 encoded):
+    def __init__(self, shards, *, seed, dp_rank, window_start, batch_size, steps, image_size, data_cfg, workers,
+                 num_classes, encoded):
         super().__init__()
-        self.shards, self.seed, self.dp_rank = shards, seed, dp_rank
+        self.shards, self.seed, self.dp_rank, self.window_start = shards, seed, dp_rank, window_start
         self.batch_size, self.steps, self.image_size, self.workers = batch_size, steps, image_size, workers
         self.resize, self.flip, self.buffer = data_cfg.resize, data_cfg.flip, data_cfg.shuffle_buffer
         self.label_key, self.policy, self.num_classes = data_cfg.label_key, ReadPolicy.of(data_cfg), num_classes
@@ -182,8 +185,7 @@ class _TrainStream(IterableDataset):
         """(segments, batches) of logical worker ``logical``: rank batches logical, logical + W, ..."""
         W, B = self.workers, self.batch_size
         counts = [len(range(w, self.steps, W)) for w in range(W)]
-        rank_start = self.dp_rank * self.steps * B
-        start = rank_start + B * sum(counts[:logical])
+        start = self.window_start + B * sum(counts[:logical])
         return plan_segments(self.epoch_order(epoch), start, counts[logical] * B), counts[logical]
 
     def __iter__(self):
@@ -264,23 +266,26 @@ class TrainLoader:
     Every rank builds one (it checks the shards and knows steps_per_epoch); only tp rank 0 reads.
     """
 
-    def __init__(self, data_cfg, dims, batch_size: int, image_size: int, seed: int):
+    def __init__(self, data_cfg, dims, global_batch: int, image_size: int, seed: int):
         _check_sizes(data_cfg, image_size)
         self.cfg, self.dims = data_cfg, dims
-        self.batch_size, self.image_size, self.seed = batch_size, image_size, seed
+        self.global_batch, self.image_size, self.seed = global_batch, image_size, seed
+        self.batch_size = dims.per_dp_batch(global_batch)
+        """This dp group's images a step (``global_batch`` split over dp)."""
         self.shards = resolve_shards(data_cfg.train_shards, "train", "data.train_shards", data_cfg.info)
         self.num_samples = sum(s.count for s in self.shards)
         samples = data_cfg.train_samples or self.num_samples
-        self.steps_per_epoch = samples // (batch_size * dims.dp)
+        self.steps_per_epoch = samples // global_batch
         if self.steps_per_epoch == 0:
             raise DataError(
-                f"{samples} training samples cannot fill one step of {batch_size} x dp={dims.dp}: "
+                f"{samples} training samples cannot fill one step of train.batch_size={global_batch} (dp={dims.dp}): "
                 "lower train.batch_size or add data"
             )
         self.workers = data_cfg.workers
         self.decode_device = self._decode_device() if data_cfg.decode == "gpu" and dims.tp_rank == 0 else None
         self.stream = _TrainStream(
-            self.shards, seed=seed, dp_rank=dims.dp_rank, batch_size=batch_size, steps=self.steps_per_epoch,
+            self.shards, seed=seed, dp_rank=dims.dp_rank, batch_size=self.batch_size, steps=self.steps_per_epoch,
+            window_start=self.steps_per_epoch * dims.dp_batch_offset(global_batch),
             image_size=image_size, data_cfg=data_cfg, workers=max(1, self.workers),
             num_classes=_num_classes(data_cfg.train_shards, data_cfg), encoded=self.decode_device is not None,
         )
