@@ -42,7 +42,6 @@ momentum the same way; ZeRO re-partitions the momentum over the new dp when it i
 from __future__ import annotations
 
 import sys
-import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -52,10 +51,12 @@ import torch
 from torch import nn
 
 from distalex.checkpoint.folders import (
-    ASIDE_DIR, FORMAT_VERSION, META, SERVING, STEP_DIR, CheckpointError, UnreadableCheckpoint,
-    complete_checkpoints, discard, fsync_dir, join_shards, latest_checkpoint, move_aside_unreadable, publish,
-    read_meta, read_shard, resolve_checkpoint, rng_file, save_durably, shard_file, step_dir, tidy, write_json_atomic,
+    ASIDE_DIR, FORMAT_VERSION, META, RESUMABLE_FORMAT, SERVING, STEP_DIR, CheckpointError, CheckpointReadError,
+    UnreadableCheckpoint, appears, complete_checkpoints, discard, file_records, fsync_dir, join_shards,
+    latest_checkpoint, load_file, move_aside_unreadable, publish, read_meta, read_shard, resolve_checkpoint, rng_file,
+    save_durably, set_aside, shard_file, step_dir, tidy, write_json_atomic,
 )
+from distalex.checkpoint.owners import describe_runs, launch_of, run_of, same_job, torchrun_agent
 from distalex.config import Config
 from distalex.parallel.dims import ParallelDims
 from distalex.parallel.liveness import where_am_i
@@ -65,15 +66,14 @@ if TYPE_CHECKING:
     from distalex.engine.base import Engine
 
 __all__ = [
-    "ASIDE_DIR", "META", "SERVING", "STEP_DIR", "CheckpointError", "CheckpointManager", "RandomStreams", "Resumed",
-    "TrainState", "UnreadableCheckpoint", "complete_checkpoints", "data_position_settings", "latest_checkpoint",
-    "layout_of", "load_serial_state", "partition_map", "read_meta", "resolve_checkpoint", "rng_file",
-    "rng_source_rank", "shard_file", "step_dir",
+    "ASIDE_DIR", "META", "SERVING", "STEP_DIR", "CheckpointError", "CheckpointManager", "CheckpointReadError",
+    "RandomStreams", "ResumePlan", "Resumed", "TrainState", "UnreadableCheckpoint", "complete_checkpoints",
+    "data_position_settings", "file_records", "latest_checkpoint", "layout_of", "load_file", "load_serial_state",
+    "partition_map", "read_meta", "resolve_checkpoint", "rng_file", "rng_source_rank", "set_aside", "shard_file",
+    "step_dir",
 ]
 
 
-SHARED_CHECK_TRIES = 6
-"""Looks (0.5 s apart) for rank 0's file in checkpoint.dir before a rank says it does not see it."""
 REFUSED_CHANGES = ("train.batch_size", "train.seed")
 """Settings a resumed run may not change: every later batch and random stream depends on them."""
 
@@ -93,6 +93,7 @@ class TrainState:
     epoch_loss_sum: float = 0.0  # loss x steps of this epoch so far (the epoch's mean survives a restart)
     epoch_loss_steps: int = 0
     validated_step: int = -1  # the step at which validation last ran (a stop during it runs it again)
+    run_id: str | None = None  # the run's identity: made when it starts at step 0, kept by every resume
 
     def state_dict(self) -> dict:
         d = asdict(self)
@@ -170,12 +171,25 @@ def data_position_settings(cfg: Config, dims: ParallelDims, samples_in_shards: i
     }
 
 
-def _appears(path: Path) -> bool:
-    for _ in range(SHARED_CHECK_TRIES):
-        if path.is_file():
-            return True
-        time.sleep(0.5)
-    return False
+@dataclass
+class ResumePlan:
+    """Where a start resumes from: rank 0's decision, the same on every rank."""
+
+    candidates: list[Path]
+    """Newest first."""
+    fall_back: bool
+    """A candidate with a fault found in it is moved aside and the next one tried (else: an error)."""
+    notes: list[str] = field(default_factory=list)
+    """Lines for the log: checkpoints this start will not resume, or why it resumes the ones it does."""
+
+
+def _meta_or_none(folder: Path) -> dict | None:
+    """A listed checkpoint's meta.json, or None where it does not parse (or is gone). An I/O error
+    reading it is raised (CheckpointReadError): it says nothing about the checkpoint."""
+    try:
+        return read_meta(folder)
+    except CheckpointError:
+        return None
 
 
 class CheckpointManager:
@@ -187,6 +201,13 @@ class CheckpointManager:
         self.data_position = data_position or data_position_settings(cfg, dims, 0, 0)
         self.serving = serving  # {"class_names": [...], "preprocessing": Preprocessing.to_dict()}
         self.root = cfg.checkpoint_dir
+        self._launch: dict | None = None
+
+    def launch(self) -> dict:
+        """This job (``owners.launch_of``): a collective the first time, so every rank calls it."""
+        if self._launch is None:
+            self._launch = launch_of(self.dims.all_objects(torchrun_agent()))
+        return self._launch
 
     def check_shared_dir(self) -> None:
         """Stop before the first step unless every rank sees one ``checkpoint.dir``: rank 0 writes a
@@ -206,7 +227,7 @@ class CheckpointManager:
                 error = f"checkpoint.dir: cannot write to {self.root}: {e}"
         error = dims.first_of(error)
         if error is None:
-            missing = None if _appears(self.root / name) else f"rank {dims.rank} ({where_am_i()})"
+            missing = None if appears(self.root / name) else f"rank {dims.rank} ({where_am_i()})"
             error = dims.first_of(missing)
             if error is not None:  # in rank 0's words: its directory, its host
                 host0, root0 = dims.broadcast_object((where_am_i(), str(self.root)) if dims.is_main else None)
@@ -218,46 +239,112 @@ class CheckpointManager:
         if error is not None:
             raise CheckpointError(error)
 
-    def resume_candidates(self) -> list[Path]:
-        """Where ``checkpoint.resume`` says to resume from, as rank 0 sees it (the same list on every
-        rank): auto = every complete checkpoint, newest first (the next is the fallback when one does
-        not load); none = []; an explicit path = [that one] (no fallback: it was asked for)."""
-        resume = self.cfg.checkpoint.resume
-        found = []
+    def plan_resume(self) -> ResumePlan:
+        """Where to resume from, as rank 0 sees checkpoint.dir (on a network file system two hosts
+        can list different folders for a moment after a fast requeue), on every rank:
+
+        - a restart of this job (``owners.same_job``: a torchrun restart, a Slurm requeue) resumes
+          the checkpoints the job saved, newest first, whatever ``checkpoint.resume`` says: that
+          was for the job's first start;
+        - auto: every complete checkpoint, newest first; refused when they are more than one run's;
+        - none: none; refused when checkpoint.dir holds any checkpoint (it is another run's);
+        - a path: that one, without fallback (it was asked for); refused when checkpoint.dir is
+          another folder that holds another run's checkpoints.
+
+        A refusal is a CheckpointError, before step 1; an I/O error reading the folder is a
+        CheckpointReadError. Each one is raised on every rank."""
+        launch = self.launch()
+        plan, error = None, None
+        if self.dims.is_main:
+            try:
+                plan = self._plan(launch)
+            except (CheckpointError, CheckpointReadError) as e:
+                error = (type(e), str(e))
+        plan, error = self.dims.broadcast_object((plan, error))
+        if error is not None:
+            raise error[0](error[1])
+        return plan
+
+    def _plan(self, launch: dict) -> ResumePlan:
+        resume, root = self.cfg.checkpoint.resume, self.root
+        try:
+            found = {folder: _meta_or_none(folder) for folder in complete_checkpoints(root)}
+            aside = set_aside(root)
+        except OSError as e:
+            raise CheckpointReadError(f"checkpoint.dir {root}: cannot be listed ({e})") from None
+        notes = []
+        if aside:
+            notes.append(f"note: {root} holds {len(aside)} checkpoint(s) moved aside for a fault found in them "
+                         f"({', '.join(p.name for p in aside)}): not resumed, kept for a look; delete them when done")
+        own = [folder for folder, meta in reversed(found.items()) if meta is not None and same_job(meta.get("launch"), launch)]
+        if own and resume != "auto":
+            notes.append(f"a restart of this job: it resumes the checkpoints it saved in {root} "
+                         f"(checkpoint.resume={resume} was for its first start)")
+            return ResumePlan(own, True, notes)
         if resume == "auto":
-            found = [str(p) for p in reversed(complete_checkpoints(self.root))] if self.dims.is_main else []
-        elif resume != "none":
-            found = [str(resolve_checkpoint(resume))] if self.dims.is_main else []
-        return [Path(p) for p in self.dims.broadcast_object(found)]
+            runs = {run_of(meta) for meta in found.values() if meta is not None and run_of(meta)}
+            if len(runs) > 1:
+                raise CheckpointError(
+                    f"checkpoint.dir {root} holds checkpoints of {len(runs)} runs ({describe_runs(found)}): "
+                    "checkpoint.resume=auto cannot tell which to continue; resume one by path (checkpoint.resume=PATH) "
+                    "or move the others away")
+            return ResumePlan(list(reversed(found)), True, notes)
+        if resume == "none":
+            if found:
+                raise CheckpointError(
+                    f"checkpoint.dir {root} holds another run's checkpoints ({describe_runs(found)}); "
+                    "checkpoint.resume=none starts a new run, which would save beside them: continue that run with "
+                    "checkpoint.resume=auto, or give this one another run_name (or checkpoint.dir), or move them away")
+            return ResumePlan([], False, notes)
+        folder = resolve_checkpoint(resume)
+        if folder.parent.resolve() != root.resolve():
+            wanted = run_of(read_meta(folder))
+            others = {f: meta for f, meta in found.items() if meta is None or wanted is None or run_of(meta) != wanted}
+            if others:
+                raise CheckpointError(
+                    f"checkpoint.dir {root} holds another run's checkpoints ({describe_runs(others)}); the run resumed "
+                    f"from {folder} would save beside them: give it another run_name (or checkpoint.dir), or move them away")
+        return ResumePlan([folder], False, notes)
 
     def resume(self, engine: Engine, state: TrainState, streams: RandomStreams) -> tuple[Path, Resumed] | None:
-        """Load the newest candidate that loads, on every rank; None when there is none to resume.
-        A candidate that does not load is named, moved aside (rank 0) and the previous one is tried."""
-        candidates = self.resume_candidates()
-        failures = []
-        for folder in candidates:
+        """Load the newest candidate of ``plan_resume`` that loads, on every rank; None when there is
+        none to resume. A candidate with a fault found in it (``UnreadableCheckpoint``) is named, moved
+        aside (rank 0) and the previous one is tried; any other error ends the start with every
+        checkpoint in place. A run that starts anew (or from a checkpoint saved before runs had ids)
+        gets its id here."""
+        plan = self.plan_resume()
+        if self.dims.is_main:
+            for line in plan.notes:
+                print(line, file=sys.stderr, flush=True)
+        found, failures = None, []
+        for folder in plan.candidates:
             try:
-                return folder, self.load(folder, engine, state, streams)
+                found = folder, self.load(folder, engine, state, streams)
+                break
             except UnreadableCheckpoint as e:
-                if self.cfg.checkpoint.resume != "auto":
+                if not plan.fall_back:
                     raise
                 failures.append(f"{folder.name} ({e})")
                 if self.dims.is_main:
                     aside = move_aside_unreadable(folder)
-                    fallback = "the previous complete one" if folder != candidates[-1] else "no other checkpoint"
-                    print(f"warning: checkpoint {folder} does not load ({e}): moved aside to {aside.name}; trying "
+                    fallback = "the previous complete one" if folder != plan.candidates[-1] else "no other checkpoint"
+                    print(f"warning: checkpoint {folder} has a fault ({e}): moved aside to {aside.name}; trying "
                           f"{fallback}", file=sys.stderr, flush=True)
                 self.dims.barrier()
-        if failures:
+        if found is None and failures:
             raise CheckpointError(f"{self.root}: no complete checkpoint loads: " + "; ".join(failures))
-        return None
+        if state.run_id is None:
+            state.run_id = self.dims.broadcast_object(uuid.uuid4().hex if self.dims.is_main else None)
+        return found
 
     def save(self, engine: Engine, state: TrainState, streams: RandomStreams) -> Path:
         """Every rank: its shard (dp rank 0 of each tp group) and random streams; rank 0: meta.json,
         then the folder is put in place and old checkpoints are pruned."""
         dims = self.dims
+        launch = self.launch()
         final = step_dir(self.root, state.step)
         tmp = self.root / f".{final.name}.tmp"
+        written = {}  # file name -> {"bytes", "crc32"}, taken as the bytes went out
         try:
             if dims.is_main:
                 self.root.mkdir(parents=True, exist_ok=True)
@@ -266,13 +353,15 @@ class CheckpointManager:
             dims.barrier()
             model, momentum = engine.shard_state()  # a collective over dp with ZeRO: every rank calls
             if dims.dp_rank == 0:
-                save_durably({"model": model, "momentum": momentum}, shard_file(tmp, dims.tp_rank))
-            save_durably(streams.state_dict(), rng_file(tmp, dims.rank))
+                shard = shard_file(tmp, dims.tp_rank)
+                written[shard.name] = save_durably({"model": model, "momentum": momentum}, shard)
+            written[rng_file(tmp, dims.rank).name] = save_durably(streams.state_dict(), rng_file(tmp, dims.rank))
             if dims.is_main and self.serving is not None:
-                save_durably(self.serving, tmp / SERVING)
+                written[SERVING] = save_durably(self.serving, tmp / SERVING)
         except OSError as e:  # a full disk, a lost mount: one line, and every rank ends (distalex.jobs)
             raise CheckpointError(f"cannot write checkpoint {tmp} (checkpoint.dir): {e}") from None
-        dims.barrier()  # every shard is on disk before the checkpoint is declared complete
+        # Every file is on disk before the checkpoint is declared complete; rank 0 gets their records.
+        files = {name: record for part in dims.all_objects(written) for name, record in part.items()}
         if dims.is_main:
             fsync_dir(tmp)
             meta = {
@@ -284,13 +373,39 @@ class CheckpointManager:
                 "partition": partition_map(engine.module),
                 "config": self.cfg.model_dump(),
                 "classes": self.classes,
+                "files": dict(sorted(files.items())),
+                "launch": launch,
             }
             write_json_atomic(tmp / META, meta)
+            self._refuse_to_replace_another_runs(final, state.run_id)
             publish(tmp, final)
-            for old in complete_checkpoints(self.root)[: -self.cfg.checkpoint.keep]:
+            for old in [c for c in complete_checkpoints(self.root) if self._prunable(c, state.run_id)][: -self.cfg.checkpoint.keep]:
                 discard(old)
         dims.barrier()
         return final
+
+    @staticmethod
+    def _prunable(folder: Path, run_id: str | None) -> bool:
+        """Whether pruning may delete ``folder``: a checkpoint of this run, or one saved before runs had
+        ids (in a folder where this run started, only one it resumed from can be that). Never one
+        whose meta.json does not read: whose it is cannot be told."""
+        try:
+            return run_of(read_meta(folder)) in (run_id, None)
+        except (CheckpointError, CheckpointReadError):
+            return False
+
+    @staticmethod
+    def _refuse_to_replace_another_runs(final: Path, run_id: str | None) -> None:
+        """A re-save of a step replaces the checkpoint there: never another run's (two jobs saving into
+        one checkpoint.dir, both started when it was empty)."""
+        try:
+            owner = run_of(read_meta(final)) if (final / META).is_file() else None
+        except (CheckpointError, CheckpointReadError):
+            return  # unreadable: replaced, as before run ids
+        if owner is not None and owner != run_id:
+            raise CheckpointError(f"checkpoint.dir: {final} belongs to another run (run {owner[:8]}) that saved into this "
+                                  "folder after this run started: two jobs are saving into one checkpoint.dir; give each "
+                                  "its own run_name")
 
     def load(self, folder: Path, engine: Engine, state: TrainState, streams: RandomStreams) -> Resumed:
         """Weights, momentum, train state and random streams of ``folder``, re-split for this job's
@@ -299,27 +414,28 @@ class CheckpointManager:
         try:
             meta = read_meta(folder)
             self.check_fits(folder, meta)
-            if meta["format"] != FORMAT_VERSION:
+            if meta["format"] < RESUMABLE_FORMAT:
                 raise CheckpointError(
                     f"{folder}: checkpoint format {meta['format']} holds no momentum by name and cannot be resumed "
                     "(python -m distalex.export still reads its weights)"
                 )
             resumed = self._load_files(folder, meta, engine, streams)
             error = None
-        except CheckpointError as e:
-            error = (isinstance(e, UnreadableCheckpoint), str(e))
+        except (CheckpointError, CheckpointReadError) as e:
+            error = (type(e), str(e))
         # Every rank learns of a failure on any (the lowest rank's words), so all take the same path:
-        # the fallback to the previous checkpoint, or exit status 2. It also means every rank has
-        # read the folder before rank 0 may tidy, replace or move it aside.
+        # the fallback to the previous checkpoint (UnreadableCheckpoint), or the end of the job with
+        # every checkpoint in place (exit status 2, or 5 for CheckpointReadError). It also means every
+        # rank has read the folder before rank 0 may tidy, replace or move it aside.
         first = dims.first_of(error)
         if first is not None:
-            unreadable, message = first
-            raise (UnreadableCheckpoint if unreadable else CheckpointError)(message)
+            raise first[0](first[1])
         state.load_state_dict(meta["train_state"])
         return resumed
 
     def _load_files(self, folder: Path, meta: dict, engine: Engine, streams: RandomStreams) -> Resumed:
-        """This rank's shard and random streams of ``folder``; UnreadableCheckpoint if they do not load."""
+        """This rank's shard and random streams of ``folder``, each file checked against its record
+        first (``load_file``, which also says what each error means)."""
         dims = self.dims
         saved_dp, saved_tp = meta["world"]["dp"], meta["world"]["tp"]
         resumed = Resumed([f"{k} {a} -> {b}" for k, a, b in (("dp", saved_dp, dims.dp), ("tp", saved_tp, dims.tp)) if a != b])
@@ -329,17 +445,19 @@ class CheckpointManager:
             f"{key} {saved_position[key]} -> {now}" for key, now in self.data_position.items()
             if key in saved_position and saved_position[key] != now
         ]
+        files = file_records(meta)
         try:
-            model, momentum = read_local_shard(folder, meta["partition"], saved_tp, engine.module, dims)
+            model, momentum = read_local_shard(folder, meta["partition"], saved_tp, engine.module, dims, files)
             engine.load_shard_state(model, momentum)
-        except Exception as e:  # noqa: BLE001 - truncated, corrupt or mismatched shard files alike
-            raise UnreadableCheckpoint(f"{folder}: cannot load rank {dims.rank}'s shard ({type(e).__name__}: {e})") from None
-        source = rng_source_rank(dims, saved_dp, saved_tp)
-        if source is not None:  # None: a new dp rank keeps its fresh streams
-            try:
-                streams.load_state_dict(torch.load(rng_file(folder, source), weights_only=True))
-            except Exception as e:  # noqa: BLE001 - anything but plain tensors is refused here too
-                raise UnreadableCheckpoint(f"{rng_file(folder, source)}: unreadable ({type(e).__name__}: {e})") from None
+            source = rng_source_rank(dims, saved_dp, saved_tp)
+            if source is not None:  # None: a new dp rank keeps its fresh streams
+                streams.load_state_dict(load_file(folder, rng_file(folder, source).name, files))
+        except (CheckpointError, CheckpointReadError):
+            raise
+        except (MemoryError, torch.OutOfMemoryError) as e:
+            raise CheckpointReadError(f"{folder}: rank {dims.rank} ran out of memory loading it ({e})".splitlines()[0]) from None
+        except Exception as e:  # noqa: BLE001 - whole files whose contents do not fit this model or stream
+            raise CheckpointError(f"{folder}: rank {dims.rank} cannot load it ({type(e).__name__}: {e})".splitlines()[0]) from None
         return resumed
 
     def check_fits(self, folder: Path, meta: dict) -> None:
@@ -380,13 +498,13 @@ def rng_source_rank(dims: ParallelDims, saved_dp: int, saved_tp: int) -> int | N
 
 
 def read_local_shard(folder: Path, partition: dict[str, int | None], saved_tp: int, module: nn.Module,
-                     dims: ParallelDims) -> tuple[dict, dict]:
+                     dims: ParallelDims, files: dict[str, dict] | None) -> tuple[dict, dict]:
     """(weights, momentum) of this rank's shard of ``module``: its own file when tp and the split are unchanged,
     else every shard joined into the serial layout and split again for this rank."""
     if saved_tp == dims.tp and partition == partition_map(module):
-        blob = read_shard(folder, dims.tp_rank)
+        blob = read_shard(folder, dims.tp_rank, files)
         return blob["model"], blob["momentum"]
-    blobs = [read_shard(folder, r) for r in range(saved_tp)]
+    blobs = [read_shard(folder, r, files) for r in range(saved_tp)]
     model = join_shards(folder, partition, [b["model"] for b in blobs])
     momentum = join_shards(folder, partition, [b["momentum"] for b in blobs])
     present = {k: v for k, v in momentum.items() if v is not None}
@@ -399,5 +517,5 @@ def load_serial_state(path: str | Path) -> tuple[dict[str, torch.Tensor], Config
     folder = resolve_checkpoint(path)
     meta = read_meta(folder)
     cfg = Config.model_validate(meta["config"])
-    shards = [read_shard(folder, r)["model"] for r in range(meta["layout"]["tp"])]
+    shards = [read_shard(folder, r, file_records(meta))["model"] for r in range(meta["layout"]["tp"])]
     return join_shards(folder, meta["partition"], shards), cfg, meta.get("classes", [])
