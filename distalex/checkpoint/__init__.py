@@ -1,4 +1,5 @@
-"""Sharded checkpoints that a crash never leaves looking complete, resumable at any dp x tp.
+"""Sharded checkpoints that a crash never leaves looking complete, resumable at any dp x tp,
+set aside only for a fault proven in them, and owned by the run that saved them.
 
 A checkpoint is a folder ``<checkpoint.dir>/step-00001234/``:
 
@@ -9,30 +10,51 @@ A checkpoint is a folder ``<checkpoint.dir>/step-00001234/``:
     serving.pt                     what a user of the weights needs besides them: the class names and
                                    the preprocessing (training mean and std, crop sizes; written by rank 0)
     meta.json                      train state (step, epoch, data position, LR schedule, MLflow run
-                                   id and store), the resolved config (absolute paths), layout,
-                                   parameter partitioning and the settings that give the data
-                                   position its meaning
+                                   id and store, the run's id), the resolved config (absolute paths),
+                                   layout, parameter partitioning, the settings that give the data
+                                   position its meaning, every file's size and CRC-32 ("files") and
+                                   the job that saved it ("launch", ``owners``)
 
 Every file is plain tensors in dicts, read back with ``torch.load(weights_only=True)``: loading a
 checkpoint folder from elsewhere runs no code.
 
-Writing: every rank writes into ``.step-00001234.tmp`` and flushes its files to disk (fsync); after
-a barrier rank 0 writes meta.json, renames the folder and flushes the directories, so a checkpoint
+Writing: every rank writes into ``.step-00001234.tmp``, taking each file's size and CRC-32 as its
+bytes go out (no second read), and flushes its files to disk (fsync); the records are gathered to
+rank 0, which writes meta.json, renames the folder and flushes the directories, so a checkpoint
 that counts as complete survives a power cut too. A folder counts as a checkpoint only once it has
-meta.json, and a checkpoint
-that is replaced or pruned loses its meta.json first, so a crash at any point leaves either the old
-or the new checkpoint complete, never a half-deleted one that looks complete:
+meta.json, and a checkpoint that is replaced or pruned loses its meta.json first, so a crash at any
+point leaves either the old or the new checkpoint complete, never a half-deleted one that looks
+complete:
 
 - re-saving a step that exists (after a resume from a checkpoint saved before the epoch's
   validation) renames the old folder aside to ``.step-N.old`` (still found by ``resume: auto``),
-  renames the new one into place, then deletes the old one;
-- pruning to ``checkpoint.keep`` starts only after the new checkpoint is in place.
+  renames the new one into place, then deletes the old one; never another run's;
+- pruning to ``checkpoint.keep`` starts only after the new checkpoint is in place, and counts and
+  deletes only this run's checkpoints.
 
 Resuming: rank 0 chooses the checkpoint (on a network file system two hosts can list different
-folders for a moment after a fast requeue) and every rank loads that one. A checkpoint that does not
-load (an unreadable or truncated file on any rank) is named, moved aside to ``.step-N.unreadable``
-(out of the way of resume and pruning, kept for a look) and the previous complete one is used; one
-that loads but does not fit this run (another model, batch size or seed) is an error.
+folders for a moment after a fast requeue) and every rank loads that one; every rank learns of a
+failure on any, so all take the same path. Each file a rank reads is checked against its size and
+CRC-32 before ``torch.load``. Only a fault proven in the checkpoint moves it aside to
+``.step-N.unreadable`` (out of the way of resume and pruning, kept for a look) and the previous
+complete one is tried (``resume: auto``): a listed file missing, or not the size or checksum
+written, or a meta.json that does not parse or lacks a key. Any other error leaves every
+checkpoint where it is and ends the job in one line: an I/O error (EIO from a storage server
+briefly gone) or no memory (``CheckpointReadError``, exit status 5: a restart may read it); whole
+files that do not load (another torch version, a type ``weights_only`` refuses) or a checkpoint
+that does not fit this run (another model, batch size or seed) (exit status 2).
+
+A checkpoint from before checksums (format 2) resumes and exports as before, its files loaded
+unchecked; nothing can prove a fault in them, so it is never moved aside for one.
+
+Runs own their checkpoints (``plan_resume`` has the rules): a run gets an id when it starts at
+step 0 and keeps it through every resume. ``resume: auto`` continues the run in checkpoint.dir;
+a new run (``resume: none``) in a checkpoint.dir holding another run's checkpoints is refused
+before its first step, naming them and the ways out, because two runs in one folder would prune
+each other's checkpoints by step number and a later ``auto`` could continue the wrong one. A
+restart of the same job (torchrun ``--max-restarts``, a Slurm requeue: ``owners.same_job``)
+resumes the checkpoints that job saved, whatever ``resume`` says. A start that finds checkpoints
+moved aside says so in one line.
 
 Resuming at another layout: the shards are joined into the serial (tp=1) layout along the
 partition map in meta.json and split again for the new tp (``parallel.plan.local_state_dict``),
@@ -54,7 +76,7 @@ from distalex.checkpoint.folders import (
     ASIDE_DIR, FORMAT_VERSION, META, RESUMABLE_FORMAT, SERVING, STEP_DIR, CheckpointError, CheckpointReadError,
     UnreadableCheckpoint, appears, complete_checkpoints, discard, file_records, fsync_dir, join_shards,
     latest_checkpoint, load_file, move_aside_unreadable, publish, read_meta, read_shard, resolve_checkpoint, rng_file,
-    save_durably, set_aside, shard_file, step_dir, tidy, write_json_atomic,
+    save_durably, set_aside, shard_file, step_dir, tidy, why_not_read, write_json_atomic,
 )
 from distalex.checkpoint.owners import describe_runs, launch_of, run_of, same_job, torchrun_agent
 from distalex.config import Config
@@ -260,6 +282,8 @@ class CheckpointManager:
                 plan = self._plan(launch)
             except (CheckpointError, CheckpointReadError) as e:
                 error = (type(e), str(e))
+            except OSError as e:  # listing checkpoint.dir
+                error = (CheckpointReadError, f"checkpoint.dir {self.root}: cannot be read ({why_not_read(e)})")
         plan, error = self.dims.broadcast_object((plan, error))
         if error is not None:
             raise error[0](error[1])
@@ -267,11 +291,8 @@ class CheckpointManager:
 
     def _plan(self, launch: dict) -> ResumePlan:
         resume, root = self.cfg.checkpoint.resume, self.root
-        try:
-            found = {folder: _meta_or_none(folder) for folder in complete_checkpoints(root)}
-            aside = set_aside(root)
-        except OSError as e:
-            raise CheckpointReadError(f"checkpoint.dir {root}: cannot be listed ({e})") from None
+        found = {folder: _meta_or_none(folder) for folder in complete_checkpoints(root)}
+        aside = set_aside(root)
         notes = []
         if aside:
             notes.append(f"note: {root} holds {len(aside)} checkpoint(s) moved aside for a fault found in them "
@@ -454,8 +475,8 @@ class CheckpointManager:
                 streams.load_state_dict(load_file(folder, rng_file(folder, source).name, files))
         except (CheckpointError, CheckpointReadError):
             raise
-        except (MemoryError, torch.OutOfMemoryError) as e:
-            raise CheckpointReadError(f"{folder}: rank {dims.rank} ran out of memory loading it ({e})".splitlines()[0]) from None
+        except (OSError, MemoryError, torch.OutOfMemoryError) as e:
+            raise CheckpointReadError(f"{folder}: rank {dims.rank} cannot load it ({why_not_read(e)})") from None
         except Exception as e:  # noqa: BLE001 - whole files whose contents do not fit this model or stream
             raise CheckpointError(f"{folder}: rank {dims.rank} cannot load it ({type(e).__name__}: {e})".splitlines()[0]) from None
         return resumed
