@@ -78,7 +78,7 @@ from distalex.checkpoint.folders import (
     latest_checkpoint, load_file, move_aside_unreadable, publish, read_meta, read_shard, resolve_checkpoint, rng_file,
     save_durably, set_aside, shard_file, step_dir, tidy, why_not_read, write_json_atomic,
 )
-from distalex.checkpoint.owners import describe_runs, launch_of, run_of, same_job, torchrun_agent
+from distalex.checkpoint.owners import ResumePlan, launch_of, plan_resume, run_of, torchrun_agent
 from distalex.config import Config
 from distalex.parallel.dims import ParallelDims
 from distalex.parallel.liveness import where_am_i
@@ -193,27 +193,6 @@ def data_position_settings(cfg: Config, dims: ParallelDims, samples_in_shards: i
     }
 
 
-@dataclass
-class ResumePlan:
-    """Where a start resumes from: rank 0's decision, the same on every rank."""
-
-    candidates: list[Path]
-    """Newest first."""
-    fall_back: bool
-    """A candidate with a fault found in it is moved aside and the next one tried (else: an error)."""
-    notes: list[str] = field(default_factory=list)
-    """Lines for the log: checkpoints this start will not resume, or why it resumes the ones it does."""
-
-
-def _meta_or_none(folder: Path) -> dict | None:
-    """A listed checkpoint's meta.json, or None where it does not parse (or is gone). An I/O error
-    reading it is raised (CheckpointReadError): it says nothing about the checkpoint."""
-    try:
-        return read_meta(folder)
-    except CheckpointError:
-        return None
-
-
 class CheckpointManager:
     """Saves and finds this run's checkpoints; every rank calls ``save`` and ``load``."""
 
@@ -279,7 +258,7 @@ class CheckpointManager:
         plan, error = None, None
         if self.dims.is_main:
             try:
-                plan = self._plan(launch)
+                plan = plan_resume(self.root, self.cfg.checkpoint.resume, launch)
             except (CheckpointError, CheckpointReadError) as e:
                 error = (type(e), str(e))
             except OSError as e:  # listing checkpoint.dir
@@ -288,44 +267,6 @@ class CheckpointManager:
         if error is not None:
             raise error[0](error[1])
         return plan
-
-    def _plan(self, launch: dict) -> ResumePlan:
-        resume, root = self.cfg.checkpoint.resume, self.root
-        found = {folder: _meta_or_none(folder) for folder in complete_checkpoints(root)}
-        aside = set_aside(root)
-        notes = []
-        if aside:
-            notes.append(f"note: {root} holds {len(aside)} checkpoint(s) moved aside for a fault found in them "
-                         f"({', '.join(p.name for p in aside)}): not resumed, kept for a look; delete them when done")
-        own = [folder for folder, meta in reversed(found.items()) if meta is not None and same_job(meta.get("launch"), launch)]
-        if own and resume != "auto":
-            notes.append(f"a restart of this job: it resumes the checkpoints it saved in {root} "
-                         f"(checkpoint.resume={resume} was for its first start)")
-            return ResumePlan(own, True, notes)
-        if resume == "auto":
-            runs = {run_of(meta) for meta in found.values() if meta is not None and run_of(meta)}
-            if len(runs) > 1:
-                raise CheckpointError(
-                    f"checkpoint.dir {root} holds checkpoints of {len(runs)} runs ({describe_runs(found)}): "
-                    "checkpoint.resume=auto cannot tell which to continue; resume one by path (checkpoint.resume=PATH) "
-                    "or move the others away")
-            return ResumePlan(list(reversed(found)), True, notes)
-        if resume == "none":
-            if found:
-                raise CheckpointError(
-                    f"checkpoint.dir {root} holds another run's checkpoints ({describe_runs(found)}); "
-                    "checkpoint.resume=none starts a new run, which would save beside them: continue that run with "
-                    "checkpoint.resume=auto, or give this one another run_name (or checkpoint.dir), or move them away")
-            return ResumePlan([], False, notes)
-        folder = resolve_checkpoint(resume)
-        if folder.parent.resolve() != root.resolve():
-            wanted = run_of(read_meta(folder))
-            others = {f: meta for f, meta in found.items() if meta is None or wanted is None or run_of(meta) != wanted}
-            if others:
-                raise CheckpointError(
-                    f"checkpoint.dir {root} holds another run's checkpoints ({describe_runs(others)}); the run resumed "
-                    f"from {folder} would save beside them: give it another run_name (or checkpoint.dir), or move them away")
-        return ResumePlan([folder], False, notes)
 
     def resume(self, engine: Engine, state: TrainState, streams: RandomStreams) -> tuple[Path, Resumed] | None:
         """Load the newest candidate of ``plan_resume`` that loads, on every rank; None when there is

@@ -1,4 +1,5 @@
-"""Whose a checkpoint is: the run that saved it, and the job (launch) whose process saved it.
+"""Whose a checkpoint is (the run that saved it, the job whose processes saved it), and so what a
+start may resume (``plan_resume``).
 
 A run starts at step 0 with a new id and keeps it through every resume (``TrainState.run_id``).
 A job is one ``torchrun`` invocation or one Slurm job: its restarts (torchrun ``--max-restarts``,
@@ -17,7 +18,10 @@ from __future__ import annotations
 
 import os
 import socket
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from distalex.checkpoint.folders import CheckpointError, complete_checkpoints, read_meta, resolve_checkpoint, set_aside
 
 AGENT_ENV = "TORCHELASTIC_RUN_ID"
 """Set by torchrun in its workers' environment: the process's parent is a torchrun agent."""
@@ -83,3 +87,64 @@ def describe_runs(found: dict[Path, dict | None]) -> str:
         span = names[0] if len(names) == 1 else f"{names[0]} to {names[-1]}"
         parts.append(f"{span} ({key}" + (f", MLflow run {mlflow[key]}" if key in mlflow else "") + ")")
     return "; ".join(parts)
+
+
+@dataclass
+class ResumePlan:
+    """Where a start resumes from: rank 0's decision, the same on every rank."""
+
+    candidates: list[Path]
+    """Newest first."""
+    fall_back: bool
+    """A candidate with a fault found in it is moved aside and the next one tried (else: an error)."""
+    notes: list[str] = field(default_factory=list)
+    """Lines for the log: checkpoints this start will not resume, or why it resumes the ones it does."""
+
+
+def _meta_or_none(folder: Path) -> dict | None:
+    """A listed checkpoint's meta.json, or None where it does not parse (or is gone). An I/O error
+    reading it is raised (CheckpointReadError): it says nothing about the checkpoint."""
+    try:
+        return read_meta(folder)
+    except CheckpointError:
+        return None
+
+
+def plan_resume(root: Path, resume: str, launch: dict) -> ResumePlan:
+    """Where a start resumes from, as this process sees ``root`` (rank 0's decision;
+    ``CheckpointManager.plan_resume`` states the rules and shares it with every rank)."""
+    found = {folder: _meta_or_none(folder) for folder in complete_checkpoints(root)}
+    aside = set_aside(root)
+    notes = []
+    if aside:
+        notes.append(f"note: {root} holds {len(aside)} checkpoint(s) moved aside for a fault found in them "
+                     f"({', '.join(p.name for p in aside)}): not resumed, kept for a look; delete them when done")
+    own = [folder for folder, meta in reversed(found.items()) if meta is not None and same_job(meta.get("launch"), launch)]
+    if own and resume != "auto":
+        notes.append(f"a restart of this job: it resumes the checkpoints it saved in {root} "
+                     f"(checkpoint.resume={resume} was for its first start)")
+        return ResumePlan(own, True, notes)
+    if resume == "auto":
+        runs = {run_of(meta) for meta in found.values() if meta is not None and run_of(meta)}
+        if len(runs) > 1:
+            raise CheckpointError(
+                f"checkpoint.dir {root} holds checkpoints of {len(runs)} runs ({describe_runs(found)}): "
+                "checkpoint.resume=auto cannot tell which to continue; resume one by path (checkpoint.resume=PATH) "
+                "or move the others away")
+        return ResumePlan(list(reversed(found)), True, notes)
+    if resume == "none":
+        if found:
+            raise CheckpointError(
+                f"checkpoint.dir {root} holds another run's checkpoints ({describe_runs(found)}); "
+                "checkpoint.resume=none starts a new run, which would save beside them: continue that run with "
+                "checkpoint.resume=auto, or give this one another run_name (or checkpoint.dir), or move them away")
+        return ResumePlan([], False, notes)
+    folder = resolve_checkpoint(resume)
+    if folder.parent.resolve() != root.resolve():
+        wanted = run_of(read_meta(folder))
+        others = {f: meta for f, meta in found.items() if meta is None or wanted is None or run_of(meta) != wanted}
+        if others:
+            raise CheckpointError(
+                f"checkpoint.dir {root} holds another run's checkpoints ({describe_runs(others)}); the run resumed "
+                f"from {folder} would save beside them: give it another run_name (or checkpoint.dir), or move them away")
+    return ResumePlan([folder], False, notes)
