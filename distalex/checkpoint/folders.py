@@ -257,7 +257,9 @@ def appears(path: Path) -> bool:
 def load_file(folder: Path, name: str, files: dict[str, dict] | None):
     """``torch.load(weights_only=True)`` of ``folder/name``, its bytes read once and checked against
     their record in meta.json (``files``, from ``file_records``; None: a checkpoint from before
-    checksums, loaded unchecked). Raises
+    checksums, loaded unchecked): what is loaded is exactly what was checked, at the cost of the
+    file's bytes in memory beside its tensors while it loads (~250 MB for a shard of the paper's
+    net). Raises
       UnreadableCheckpoint  the file is missing, or not the size or CRC-32 written, or meta.json
                             lists no such file: a fault in the checkpoint;
       CheckpointReadError   reading failed (OSError such as EIO, MemoryError): no fault is proven;
