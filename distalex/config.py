@@ -160,9 +160,11 @@ class CheckpointConfig(Section):
     every_steps: int = Field(1000, ge=0)
     """Save every N steps (0: only at epoch ends and on SIGTERM)."""
     keep: int = Field(3, ge=1)
-    """Complete checkpoints to keep; older ones are deleted."""
+    """Complete checkpoints of this run to keep; its older ones are deleted (never another run's)."""
     resume: str = "auto"
-    """auto: the latest complete checkpoint in dir, if any; none; or a checkpoint path."""
+    """auto: the latest complete checkpoint in dir, if any; none: a new run (refused when dir holds
+    another run's checkpoints); or a checkpoint path. A restart of the same job (torchrun
+    --max-restarts, a Slurm requeue) resumes the checkpoints it saved, whatever this says."""
 
 
 class TrackingConfig(Section):

@@ -12,6 +12,8 @@ Exit statuses of ``python -m distalex.train`` and ``distalex.evaluate``:
     2  bad config, layout, data or checkpoint (one line, no traceback)
     3  the loss or the weights went NaN or inf (the last good checkpoint is kept)
     4  a peer process, host or link, or the job's store, is gone (torchrun's elastic restart heals it)
+    5  reading a checkpoint failed outside its files (an I/O error such as EIO, out of memory): every
+       checkpoint stays in place and a restart may read it (torchrun's --max-restarts retries it)
   130  aborted by a second Ctrl-C (no checkpoint of that point; the MLflow run is marked KILLED)
     or the status of the rank whose failure ended this one
 """
@@ -24,13 +26,13 @@ import traceback
 
 import torch.distributed as dist
 
-from distalex.checkpoint import CheckpointError
+from distalex.checkpoint import CheckpointError, CheckpointReadError
 from distalex.config import ConfigError
 from distalex.data.info import DataError
 from distalex.parallel.dims import ParallelConfigError, ParallelDims
 from distalex.parallel.liveness import EXIT_PEER_LOST
 
-EXIT_BUG, EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_ABORTED = 1, 2, 3, 130
+EXIT_BUG, EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_READ_FAILED, EXIT_ABORTED = 1, 2, 3, 5, 130
 EXPECTED_ERRORS = (ConfigError, DataError, CheckpointError, ParallelConfigError)
 """Errors of input, not of code: reported in one line, without a traceback."""
 
@@ -39,6 +41,8 @@ def failure_of(e: BaseException) -> tuple[int, str]:
     """(exit status, one-line reason) for an exception that ends a rank."""
     if isinstance(e, EXPECTED_ERRORS):
         return EXIT_BAD_INPUT, str(e).replace("\n", "; ")
+    if isinstance(e, CheckpointReadError):
+        return EXIT_READ_FAILED, f"{e}; every checkpoint is kept, and a restart may read it".replace("\n", "; ")
     if is_peer_loss(e):
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         return EXIT_PEER_LOST, f"a collective failed ({first}): a peer's process, host or link is gone"

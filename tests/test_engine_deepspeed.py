@@ -158,7 +158,8 @@ def engines_worker(tp: int, folder: str, layout: str = "towers") -> dict:
             "grad_norms": norms,
             "weights": full_state_dict(ds.module, dims.tp_group),
             "local_weights": local_state(ds.module),
-            "collectives": [(c.kind, c.ranks) for c in spy.calls],
+            # the checkpoint save's host-side agreements (control group) are distalex's, not DeepSpeed's
+            "collectives": [(c.kind, c.ranks) for c in spy.calls if c.group is not dims.control_group],
             "shard_state": shard,
             "saved_weights": saved["weights"],
             "saved_partition": saved["momentum"],

@@ -185,14 +185,18 @@ class ParallelDims:
         dist.broadcast_object_list(box, src=0, group=self.control_group)
         return box[0]
 
+    def all_objects(self, value) -> list:
+        """Every rank's ``value``, in rank order, on every rank (host-side, over the control group)."""
+        if not self.distributed:
+            return [value]
+        values = [None] * self.world_size
+        dist.all_gather_object(values, value, group=self.control_group)
+        return values
+
     def first_of(self, value):
         """On every rank: the lowest rank's ``value`` that is not None, or None (host-side). Lets all
         ranks act on one rank's error together instead of leaving the others in a collective."""
-        if not self.distributed:
-            return value
-        values = [None] * self.world_size
-        dist.all_gather_object(values, value, group=self.control_group)
-        return next((v for v in values if v is not None), None)
+        return next((v for v in self.all_objects(value) if v is not None), None)
 
     def describe(self) -> str:
         layout = f" layout={self.layout}" if self.tp > 1 else ""
