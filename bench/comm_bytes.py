@@ -78,7 +78,7 @@ def step_worker(global_batch: int, shards: str, tp: int, layout: str) -> dict:
     from distalex.engine import build_engine
     from distalex.parallel.dims import init_parallel
     from distalex.stopping import StopAgreement, StopRequested
-    from distalex.train import build_parallel_model
+    from distalex.build import build_parallel_model
 
     cfg = load_config(None, [
         f"train.batch_size={global_batch}", f"parallel.tp={tp}", f"parallel.layout={layout}", "parallel.device=cpu",

@@ -160,3 +160,27 @@ def stragglers(per_rank: list[Times]) -> list[tuple[int, str, float, float]]:
             if of(t) > SLOWER_BY * median and of(t) - median > SLOWER_SHARE * wall:
                 found.append((rank, what, of(t) / t.steps, median / t.steps))
     return found
+
+
+def median_compute(per_rank: list[Times]) -> float:
+    """The median rank's compute per step, in seconds."""
+    per_step = sorted(t.compute / t.steps for t in per_rank if t.steps)
+    return per_step[len(per_step) // 2] if per_step else 0.0
+
+
+def epoch_report(per_rank: list[Times], hosts: list[str], epoch: int) -> tuple[dict[str, float], list[str]]:
+    """(metrics, warning lines) of an epoch: each host's data wait and compute per step (the worst
+    of its ranks), and a line for each rank clearly slower than the median rank (``stragglers``)."""
+    from distalex.tracking.metrics import host_metric
+
+    by_host: dict[str, list[Times]] = {}
+    for rank, t in enumerate(per_rank):
+        by_host.setdefault(hosts[rank], []).append(t)
+    metrics = {}
+    for host, times in by_host.items():
+        metrics[host_metric(host, "data_wait_percent")] = max(t.data_percent for t in times)
+        metrics[host_metric(host, "compute_ms")] = 1000 * max(t.compute / max(t.steps, 1) for t in times)
+    lines = [f"warning: epoch {epoch}: rank {rank} ({hosts[rank]}) is slower than the median rank: {what} "
+             f"{1000 * slow:.0f} ms a step against {1000 * median:.0f} ms (perf/ metrics in the MLflow run)"
+             for rank, what, slow, median in stragglers(per_rank)]
+    return metrics, lines

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from distalex import allocator, determinism
+from distalex.build import build_parallel_model, channels_last
 from distalex.checkpoint import (
     CheckpointManager, RandomStreams, Resumed, TrainState, data_position_settings, latest_checkpoint,
 )
@@ -37,14 +38,14 @@ from distalex.parallel.dims import (
     ParallelConfigError, ParallelDims, destroy_parallel, init_parallel, small_batch_warning,
 )
 from distalex.parallel.liveness import ON_END_S
-from distalex.parallel.plan import full_state_dict, gather_full, is_sharded, parallelize
+from distalex.parallel.plan import full_state_dict, gather_full, is_sharded
 from distalex.progress import progress as progress_bar
 from distalex.serving import training_settings
-from distalex.steptime import StepTimes, Times, gather, host_names, stragglers
+from distalex.steptime import StepTimes, epoch_report, gather, host_names, median_compute
 from distalex.stopping import StopAgreement, StopRequested
 from distalex.tracking import (
     METRIC_COMPUTE_MS, METRIC_DATA_WAIT, METRIC_EPOCH_LOSS, METRIC_IMAGES_PER_S, METRIC_LOSS, METRIC_LR,
-    METRIC_SKIPPED, METRIC_STEPS_SKIPPED, METRIC_TOP1, METRIC_TOP5, METRIC_VAL_LOSS, Tracker, host_metric,
+    METRIC_SKIPPED, METRIC_STEPS_SKIPPED, METRIC_TOP1, METRIC_TOP5, METRIC_VAL_LOSS, Tracker,
 )
 
 LOADER_POLL_S = 0.2
@@ -80,37 +81,6 @@ class Run:
     """Rank 0: each rank's host, for the perf/<host>/ metrics and the straggler line (None elsewhere)."""
     saved: tuple | None = None
     """The train state this process last saved (a stop right after a save does not save it again)."""
-
-
-def build_parallel_model(cfg: Config, dims: ParallelDims):
-    """The full model from one seed on every rank, then this rank's towers (init independent of tp)."""
-    torch.manual_seed(cfg.train.seed)
-    model = parallelize(build_model(cfg.model), dims.tp_group, cfg.parallel.layout)
-    # Dropout masks: shared by the tp peers of a dp group, different across dp groups.
-    model.reseed_dropout(cfg.train.seed + 7919 * dims.dp_rank)
-    model = model.to(dims.device)
-    if channels_last(cfg, dims.device):
-        model = model.to(memory_format=torch.channels_last)
-    if cfg.train.compile:
-        model.compile(fullgraph=True, **compile_options(cfg, dims))  # one graph, or an error that says where not
-    return model
-
-
-def channels_last(cfg: Config, device: torch.device) -> bool:
-    """``train.channels_last`` on ``device`` (auto: on CUDA only)."""
-    return device.type == "cuda" if cfg.train.channels_last == "auto" else cfg.train.channels_last
-
-
-def compile_options(cfg: Config, dims: ParallelDims) -> dict:
-    """torch.compile's arguments for the model: CUDA graphs (reduce-overhead) where asked and possible."""
-    if not cfg.train.cuda_graphs:
-        return {}
-    if dims.device.type != "cuda":
-        if dims.is_main:
-            warnings.warn(f"train.cuda_graphs=true: no CUDA device (running on {dims.device.type}); compiling without CUDA graphs",
-                          stacklevel=2)
-        return {}
-    return {"mode": "reduce-overhead"}
 
 
 def setup(cfg: Config, dims: ParallelDims, stop: StopRequested) -> Run:
@@ -259,31 +229,15 @@ def loader_started(batches: EpochBatches, agree: StopAgreement) -> bool:
             return True
 
 
-def median_compute(per_rank: list[Times]) -> float:
-    """The median rank's compute per step, in seconds."""
-    per_step = sorted(t.compute / t.steps for t in per_rank if t.steps)
-    return per_step[len(per_step) // 2] if per_step else 0.0
-
-
 def report_step_times(run: Run) -> None:
-    """At an epoch's end: each host's data wait and compute (perf/<host>/...), and a line naming any
-    rank clearly slower than the median rank (steptime.stragglers)."""
+    """At an epoch's end: each host's data wait and compute, and a line naming any rank clearly
+    slower than the median rank (``steptime.epoch_report``)."""
     per_rank = gather(run.times.end_epoch(), run.dims)
-    if per_rank is None:
-        return
-    hosts, epoch, step = run.hosts, run.state.epoch + 1, run.state.step
-    by_host: dict[str, list[Times]] = {}
-    for rank, t in enumerate(per_rank):
-        by_host.setdefault(hosts[rank], []).append(t)
-    metrics = {}
-    for host, times in by_host.items():
-        metrics[host_metric(host, "data_wait_percent")] = max(t.data_percent for t in times)
-        metrics[host_metric(host, "compute_ms")] = 1000 * max(t.compute / max(t.steps, 1) for t in times)
-    run.tracker.log_metrics(metrics, step=step)
-    for rank, what, slow, median in stragglers(per_rank):
-        print(f"warning: epoch {epoch}: rank {rank} ({hosts[rank]}) is slower than the median rank: {what} "
-              f"{1000 * slow:.0f} ms a step against {1000 * median:.0f} ms (perf/ metrics in the MLflow run)",
-              file=sys.stderr, flush=True)
+    if per_rank is not None:
+        metrics, lines = epoch_report(per_rank, run.hosts, run.state.epoch + 1)
+        run.tracker.log_metrics(metrics, step=run.state.step)
+        for line in lines:
+            print(line, file=sys.stderr, flush=True)
 
 
 def checked_loss(window_sum: torch.Tensor, window_n: int, run: Run) -> float:

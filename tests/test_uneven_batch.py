@@ -26,7 +26,8 @@ from distalex.config import Config
 from distalex.engine import DDPEngine, build_engine
 from distalex.parallel.dims import GPU_IMAGES_FLOOR, ParallelConfigError, ParallelDims, init_parallel, small_batch_warning
 from distalex.parallel.plan import full_grads, full_state_dict
-from distalex.train import build_parallel_model, mean_over_dp
+from distalex.build import build_parallel_model
+from distalex.train import mean_over_dp
 from distalex.checkpoint import complete_checkpoints
 from tests.distributed import run_workers
 from tests.runs import launch, tiny_overrides, tiny_shards  # noqa: F401 - fixture
