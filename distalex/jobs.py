@@ -30,7 +30,7 @@ from distalex.checkpoint import CheckpointError, CheckpointReadError
 from distalex.config import ConfigError
 from distalex.data.info import DataError
 from distalex.parallel.dims import ParallelConfigError, ParallelDims
-from distalex.parallel.liveness import EXIT_PEER_LOST
+from distalex.parallel.liveness import EXIT_PEER_LOST, log_line
 
 EXIT_BUG, EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_READ_FAILED, EXIT_ABORTED = 1, 2, 3, 5, 130
 EXPECTED_ERRORS = (ConfigError, DataError, CheckpointError, ParallelConfigError)
@@ -70,7 +70,8 @@ def report_failure(dims: ParallelDims, e: BaseException) -> int:
     code, reason = failure_of(e)
     if code == EXIT_BUG:
         traceback.print_exception(e)
-    print(f"error (rank {dims.rank}): {reason}" if dims.distributed else f"error: {reason}", file=sys.stderr, flush=True)
+    # One write: the ranks share the log, and a line written in two parts interleaves with a peer's.
+    log_line(f"error (rank {dims.rank}): {reason}" if dims.distributed else f"error: {reason}")
     if dims.liveness is not None:
         dims.liveness.fail(code, reason)
     e._distalex_exit_status = code
