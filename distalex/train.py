@@ -29,9 +29,10 @@ from distalex.config import Config, ConfigError, absolute_paths, add_config_args
 from distalex.data.augment import normalize
 from distalex.data.info import DataError, read_info
 from distalex.data.loader import EpochBatches, TrainLoader, ValLoader
+from distalex.data.read import ReadPolicy, is_remote
 from distalex.engine import Engine, build_engine
 from distalex.evaluate import evaluate
-from distalex.jobs import EXIT_BAD_INPUT, EXIT_DIVERGED, exit_now, report_failure
+from distalex.jobs import EXIT_BAD_INPUT, EXIT_DIVERGED, exit_job, exit_now, report_failure
 from distalex.model import build_model
 from distalex.parallel.dims import ParallelConfigError, ParallelDims, destroy_parallel, init_parallel
 from distalex.parallel.liveness import ON_END_S
@@ -191,6 +192,7 @@ def train_epoch(run: Run, progress) -> str | None:
             return "during loader start-up"
         # The loss stays on the device and is read every log_every steps: reading it is a sync.
         window_sum, window_n, window_t = torch.zeros((), device=dims.device), 0, time.perf_counter()
+        dims.progress.watch()  # from here a rank that stops finishing steps stalls the job (parallel.liveness)
         for batch in batches:
             x = normalize(batch.images, train=True, data_cfg=cfg.data, generator=run.lighting)
             if channels_last(cfg, dims.device):
@@ -200,6 +202,7 @@ def train_epoch(run: Run, progress) -> str | None:
             window_n += 1
             state.step += 1
             state.step_in_epoch += 1
+            dims.progress.step_done(state.step)
             stopping = run.agree.after_step()  # no wait: decided by the flags of one step ago, the same on every rank
             last = state.step_in_epoch == steps or state.step == cfg.train.max_steps
             periodic = cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0
@@ -229,6 +232,7 @@ def train_epoch(run: Run, progress) -> str | None:
                 break
         return None
     finally:
+        dims.progress.unwatch()
         batches.close()
 
 
@@ -275,9 +279,10 @@ def save(run: Run, flush: bool = True) -> None:
     # The last checked loss came from before the last update, which can still have overflowed.
     if run.dims.any_rank(not weights_finite(run.engine.module)):
         raise Diverged(f"the weights hold NaN or inf after step {state.step} (epoch {state.epoch + 1})")
-    if flush:
-        run.tracker.flush()
-    path = run.checkpoints.save(run.engine, state, run.streams)
+    with run.dims.progress.paused():  # a slow write is no stall
+        if flush:
+            run.tracker.flush()
+        path = run.checkpoints.save(run.engine, state, run.streams)
     run.saved = key
     if run.dims.is_main:
         print(f"checkpoint: {path}", file=sys.stderr, flush=True)
@@ -422,6 +427,7 @@ def train(cfg: Config, dims: ParallelDims, stop: StopRequested) -> int:
         print(f"distalex: {dims.describe()}, {steps} steps/epoch of {cfg.train.batch_size} images", flush=True)
         progress = tqdm(total=total, initial=state.step, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
     status = "FAILED"
+    stop.started = True  # from here a stop saves where training is
     try:
         where = run_epochs(run, progress)
         if where is not None:
@@ -461,22 +467,34 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m distalex.train", description=__doc__.split("\n\n")[0])
     add_config_args(parser)
     args = parser.parse_args(argv)
-    stop = StopRequested()  # first: a SIGTERM during start-up still ends in a clean save and exit
-    cfg = config_from_args(args)  # exits 2 on a bad config, before any process group exists
+    stop = StopRequested()  # first: a SIGTERM during start-up ends the process at once, a later one saves
+    stop.hear_while_blocked()
+    try:
+        cfg = config_from_args(args)  # exits 2 on a bad config, before any process group exists
+    except SystemExit as e:
+        exit_job(e.code)
     par = cfg.parallel
     try:
         if cfg.train.deterministic:
             determinism.prepare(par.device)  # before the first CUDA call
-        dims = init_parallel(par.tp, cfg.model.towers, par.device, par.timeout_s, par.layout, par.peer_timeout_s)
+        dims = init_parallel(par.tp, cfg.model.towers, par.device, par.timeout_s, par.layout, par.peer_timeout_s,
+                             progress_timeout_s(cfg))
     except (ConfigError, ParallelConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(EXIT_BAD_INPUT)
+        exit_job(EXIT_BAD_INPUT)
     try:
         code = train(cfg, dims, stop)
     except BaseException as e:  # noqa: BLE001 - every failure ends every rank, with one line
         exit_now(report_failure(dims, e))
     destroy_parallel(dims)
-    sys.exit(code)
+    exit_job(code)
+
+
+def progress_timeout_s(cfg: Config) -> float:
+    """``parallel.progress_timeout_s``, raised where remote training shards may make a step wait longer
+    for its batch (a stalled read and its retries)."""
+    limit = cfg.parallel.progress_timeout_s
+    return max(limit, ReadPolicy.of(cfg.data).longest_stall_s()) if is_remote(cfg.data.train_shards) else limit
 
 
 if __name__ == "__main__":

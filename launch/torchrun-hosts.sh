@@ -35,8 +35,6 @@ if [[ -z ${NPROC_PER_NODE:-} ]]; then
     NPROC_PER_NODE=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
     ((NPROC_PER_NODE > 0)) || NPROC_PER_NODE=1
 fi
-# A fresh worker store port per restart attempt: gloo restarts are only reliable so.
-export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
 export PYTHONUNBUFFERED=1
 agent=(--nnodes="${NODES:-1:64}" --nproc_per_node="$NPROC_PER_NODE" --max-restarts="${MAX_RESTARTS:-3}"
        --rdzv-backend=c10d --rdzv-endpoint="$RDZV_HOST:${RDZV_PORT:-29400}" --rdzv-id="${JOB_ID:-distalex}")

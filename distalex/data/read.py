@@ -83,6 +83,11 @@ class ReadPolicy:
     def of(cls, data_cfg) -> "ReadPolicy":
         return cls(data_cfg.retries, data_cfg.retry_wait_s, data_cfg.stall_timeout_s)
 
+    def longest_stall_s(self) -> float:
+        """The longest a remote read may deliver nothing before its segment is given up: every try
+        stalls, with the waits between them."""
+        return (self.retries + 1) * self.stall_s + self.wait_s * (2**self.retries - 1)
+
 
 # ------------------------------------------------------------------ names
 
