@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 import time
 import uuid
 
@@ -49,12 +50,14 @@ def world_store(rank: int, world_size: int, timeout: datetime.timedelta) -> tupl
     while True:
         own_port, nonce = agent.get(WORLD_STORE_KEY).decode().split("/")  # waits for the first world's rank 0
         try:
+            # A plain connection first: TCPStore's own client retries a refused one and logs each try.
+            socket.create_connection((host, int(own_port)), timeout=PROBE_S).close()
             store = dist.TCPStore(host, int(own_port), world_size, is_master=False, wait_for_workers=False,
                                   timeout=datetime.timedelta(seconds=PROBE_S))
             if store.get(NONCE_KEY).decode() == nonce:
                 store.set_timeout(timeout)
                 return store, host, int(own_port)
-        except (RuntimeError, ValueError):  # refused, timed out, or not that store: a previous world's entry
+        except (OSError, RuntimeError, ValueError):  # refused, timed out, or not that store: a previous world's entry
             pass
         if time.monotonic() > deadline:
             raise TimeoutError(f"rank 0's store for this world (named in the agent's store at {host}:{port}) did not "
