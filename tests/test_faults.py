@@ -334,6 +334,15 @@ def test_a_host_frozen_for_50_s_rejoins_the_job(hosts, tiny_shards, tmp_path):
            f"woken, host 2 is back in training at dp=2 {rejoined:.1f} s later")
 
 
+def ends_within(proc: subprocess.Popen, timeout: float, log: Path, since: str) -> int:
+    """The exit status of ``proc`` (a job writing to ``log``); fails after ``timeout`` s ``since`` what."""
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError(f"still running {timeout} s after {since}\n{log.read_text()[-4000:]}") from None
+
+
 def paced_torchrun(nproc: int) -> list[str]:
     """torchrun of tests/paced_train.py on this host, ``nproc`` processes, no restart."""
     cmd = torchrun_cmd(nproc)
@@ -359,11 +368,7 @@ def test_a_data_error_on_the_loading_rank_ends_every_rank(tiny_shards, tmp_path)
     finally:
         server.close()
     failed = wait_for(log, r"error \(rank 0\): .*no readable sample", 120)
-    try:
-        code = proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        raise AssertionError(f"still running 30 s after rank 0's error\n{log.read_text()[-4000:]}") from None
+    code = ends_within(proc, 30, log, "rank 0's error")
     took = time.monotonic() - failed
     text = log.read_text()
     # rank 1 ended on rank 0's failure record, with its status; the one line of the cause is rank 0's
@@ -384,11 +389,7 @@ def test_a_wedged_rank_ends_the_job_naming_it_after_every_rank_wrote_its_stack(t
                                 env=run_env(PACE_STEP_S="0.3", WEDGE="1:6", PYTHONPATH=str(REPO)), stdout=out,
                                 stderr=subprocess.STDOUT)
     wedged = wait_for(log, r"paced_train: rank 1 wedged in step 6", 240)
-    try:
-        code = proc.wait(limit + 60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        raise AssertionError(f"still running {limit + 60} s after the wedge\n{log.read_text()[-4000:]}") from None
+    code = ends_within(proc, limit + 60, log, "the wedge")
     took = time.monotonic() - wedged
     text = log.read_text()
     assert code != 0 and re.search(r"failed \(exitcode: 5\)", text), text[-4000:]
