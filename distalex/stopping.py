@@ -45,7 +45,8 @@ from distalex.parallel.dims import ParallelDims
 
 class StopRequested:
     """Set by SIGTERM (torchrun and Slurm send it) or Ctrl-C (SIGINT). Installed first thing, so a
-    signal during start-up still ends in a clean save and exit.
+    signal during start-up still ends in a clean exit: at once where ``hear_while_blocked`` is on
+    (nothing to save yet), else with a save at the first agreement.
 
     A second Ctrl-C aborts at once: the handler raises ``KeyboardInterrupt`` (``aborted`` is then
     True and the loop marks the MLflow run KILLED on its way out). "Second" means a SIGINT after

@@ -4,8 +4,9 @@ train() -> train_epoch() -> engine.train_step(); validation, checkpoints and MLf
 Every rank runs this file; rank 0 alone prints, shows the progress bar and talks to MLflow.
 
 Exit status: see ``distalex.jobs`` (0 finished, or stopped by SIGTERM or Ctrl-C after saving; 2 bad
-input; 3 diverged; 4 a peer or the job's store lost; 130 aborted by a second Ctrl-C). A failure on
-any rank ends every rank within seconds.
+input; 3 diverged; 4 a peer or the job's store lost; 5 stalled; 130 aborted by a second Ctrl-C; 143
+a stop that could not be carried out within 20 s). A failure on any rank ends every rank within
+seconds; 2, 3 and 130 end the job on every host, whatever torchrun's --max-restarts says.
 """
 
 from __future__ import annotations
