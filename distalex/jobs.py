@@ -82,12 +82,17 @@ def report_failure(dims: ParallelDims, e: BaseException) -> int:
         dims.liveness.end_with_record()  # another rank's failure, which broke this collective, ends this one
     code, reason = failure_of(e)
     signal_watch.ending()  # the process ends within seconds now, whatever signal comes
-    if code == EXIT_BUG:
-        traceback.print_exception(e)
-    print(f"error (rank {dims.rank}): {reason}" if dims.distributed else f"error: {reason}", file=sys.stderr, flush=True)
-    end_without_restart(code)  # before the failure record: the ranks it ends must find the rendezvous closed
+
+    def announce() -> None:
+        if code == EXIT_BUG:
+            traceback.print_exception(e)
+        print(f"error (rank {dims.rank}): {reason}" if dims.distributed else f"error: {reason}", file=sys.stderr, flush=True)
+        end_without_restart(code)  # before the failure record: the ranks it ends must find the rendezvous closed
+
     if dims.liveness is not None:
-        dims.liveness.fail(code, reason)
+        dims.liveness.fail(code, reason, first=announce)
+    else:
+        announce()
     e._distalex_exit_status = code
     return code
 

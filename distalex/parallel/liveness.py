@@ -323,12 +323,18 @@ class Liveness:
 
     # ------------------------------------------------------------------ the main thread's calls
 
-    def fail(self, code: int, reason: str) -> None:
-        """This rank failed with ``reason`` (already printed): tell every rank, within FAIL_WRITE_S.
-        If the store does not take it, the store's host is lost: the agent may be stranded too."""
+    def fail(self, code: int, reason: str, first=None) -> None:
+        """This rank failed with ``reason``: call ``first`` (printing the line, say; from here another
+        rank's failure record no longer ends this rank), then tell every rank, within FAIL_WRITE_S.
+        If the store does not take it, the store's host is lost: the agent may be stranded too. If a
+        thread here is already ending this rank on another rank's record, wait for it to."""
         if self.failure_told:
             return
+        if not self._ending.acquire(blocking=False):
+            threading.Event().wait()  # that thread ends the process
         self.failure_told = True
+        if first is not None:
+            first()
         done = threading.Event()
 
         def write() -> None:
@@ -376,14 +382,14 @@ class Liveness:
 
 
 def dump_stacks(who: str) -> None:
-    """Every thread's Python stack but the caller's on stderr, the main thread's first, each line
-    marked with ``who`` (the ranks of a host share its log, and may write at the same time)."""
+    """Every thread's Python stack on stderr but the calling helper thread's, the main thread's
+    first, each line marked with ``who`` (the ranks of a host share its log, and may write at once)."""
     names = {t.ident: t.name for t in threading.enumerate()}
     main, me = threading.main_thread().ident, threading.get_ident()
     frames = sys._current_frames()
     lines = [f"Python stacks of {who}, pid {os.getpid()}, most recent call last:"]
     for ident in sorted(frames, key=lambda i: i != main):
-        if ident != me:
+        if ident != me or ident == main:
             lines.append(f"thread {names.get(ident, ident)}:")
             lines += [line for entry in traceback.format_stack(frames[ident]) for line in entry.rstrip("\n").split("\n")]
     sys.stderr.write("".join(f"[{who}] {line}\n" for line in lines))
