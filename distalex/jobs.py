@@ -12,7 +12,7 @@ Exit statuses of ``python -m distalex.train`` and ``distalex.evaluate``:
     2  bad config, layout, data or checkpoint (one line, no traceback)
     3  the loss or the weights went NaN or inf (the last good checkpoint is kept)
     4  a peer process, host or link, or the job's store, is gone (torchrun's elastic restart heals it)
-    5  the job stalled: no rank finished a training step for parallel.progress_timeout_s while every
+    6  the job stalled: no rank finished a training step for parallel.progress_timeout_s while every
        process lived; the line names the rank that is behind, every rank's stack is in the log
   130  aborted by a second Ctrl-C (no checkpoint of that point; the MLflow run is marked KILLED)
   143  stopped by SIGTERM or Ctrl-C but not ended within signal_watch.STOP_GRACE_S (20 s): the main

@@ -4,9 +4,8 @@ train() -> train_epoch() -> engine.train_step(); validation, checkpoints and MLf
 Every rank runs this file; rank 0 alone prints, shows the progress bar and talks to MLflow.
 
 Exit status: see ``distalex.jobs`` (0 finished, or stopped by SIGTERM or Ctrl-C after saving; 2 bad
-input; 3 diverged; 4 a peer or the job's store lost; 5 stalled; 130 aborted by a second Ctrl-C; 143
-a stop that could not be carried out within 20 s). A failure on any rank ends every rank within
-seconds; 2, 3 and 130 end the job on every host, whatever torchrun's --max-restarts says.
+input; 3 diverged; 4 a peer or the job's store lost; 6 stalled; 130 aborted; 143 a stop not done in
+20 s). A failure on any rank ends every rank within seconds; 2, 3 and 130 end the job, not retried.
 """
 
 from __future__ import annotations
@@ -30,7 +29,7 @@ from distalex.config import Config, ConfigError, absolute_paths, add_config_args
 from distalex.data.augment import normalize
 from distalex.data.info import DataError, read_info
 from distalex.data.loader import EpochBatches, TrainLoader, ValLoader
-from distalex.data.read import ReadPolicy, is_remote
+from distalex.data.read import longest_stall_s
 from distalex.engine import Engine, build_engine
 from distalex.evaluate import evaluate
 from distalex.jobs import EXIT_BAD_INPUT, EXIT_DIVERGED, exit_job, exit_now, report_failure
@@ -472,31 +471,22 @@ def main(argv: list[str] | None = None) -> None:
     stop.hear_while_blocked()
     try:
         cfg = config_from_args(args)  # exits 2 on a bad config, before any process group exists
-    except SystemExit as e:
-        exit_job(e.code)
-    par = cfg.parallel
-    try:
+        par = cfg.parallel
         if cfg.train.deterministic:
             determinism.prepare(par.device)  # before the first CUDA call
         dims = init_parallel(par.tp, cfg.model.towers, par.device, par.timeout_s, par.layout, par.peer_timeout_s,
-                             progress_timeout_s(cfg))
+                             max(par.progress_timeout_s, longest_stall_s(cfg.data)))
     except (ConfigError, ParallelConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         exit_job(EXIT_BAD_INPUT)
+    except SystemExit as e:  # config_from_args printed the error
+        exit_job(e.code)
     try:
         code = train(cfg, dims, stop)
     except BaseException as e:  # noqa: BLE001 - every failure ends every rank, with one line
         exit_now(report_failure(dims, e))
     destroy_parallel(dims)
     exit_job(code)
-
-
-def progress_timeout_s(cfg: Config) -> float:
-    """``parallel.progress_timeout_s``, raised where remote training shards may make a step wait longer
-    for its batch (a stalled read and its retries)."""
-    limit = cfg.parallel.progress_timeout_s
-    return max(limit, ReadPolicy.of(cfg.data).longest_stall_s()) if is_remote(cfg.data.train_shards) else limit
-
 
 if __name__ == "__main__":
     main()

@@ -386,7 +386,7 @@ def test_a_wedged_rank_ends_the_job_naming_it_after_every_rank_wrote_its_stack(t
     code = ends_within(proc, limit + 60, log, "the wedge")
     took = time.monotonic() - wedged
     text = log.read_text()
-    assert code != 0 and re.search(r"failed \(exitcode: 5\)", text), text[-4000:]
+    assert code != 0 and re.search(r"failed \(exitcode: 6\)", text), text[-4000:]
     line = re.search(r"error \(rank 0, [^)]+\): (rank \d \([^)]+\)) made no progress for (\d+) s "
                      rf"\(parallel\.progress_timeout_s={limit}\): stuck in training step 6 ", text)
     assert line and line[1].startswith("rank 1 ") and int(line[2]) >= limit, text[-4000:]  # rank 1 alone is behind

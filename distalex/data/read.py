@@ -83,11 +83,6 @@ class ReadPolicy:
     def of(cls, data_cfg) -> "ReadPolicy":
         return cls(data_cfg.retries, data_cfg.retry_wait_s, data_cfg.stall_timeout_s)
 
-    def longest_stall_s(self) -> float:
-        """The longest a remote read may deliver nothing before its segment is given up: every try
-        stalls, with the waits between them."""
-        return (self.retries + 1) * self.stall_s + self.wait_s * (2**self.retries - 1)
-
 
 # ------------------------------------------------------------------ names
 
@@ -103,6 +98,15 @@ def split_member(name: str) -> tuple[str, str] | None:
 
 def is_remote(url: str) -> bool:
     return ("://" in url and not url.startswith("file://")) or url.startswith("pipe:")
+
+
+def longest_stall_s(data_cfg) -> float:
+    """The longest a training step may wait for a batch whose read stalls (``data.train_shards``
+    remote: every try stalls, with the waits between them; local: 0, never timed out)."""
+    if not is_remote(data_cfg.train_shards):
+        return 0.0
+    policy = ReadPolicy.of(data_cfg)
+    return (policy.retries + 1) * policy.stall_s + policy.wait_s * (2**policy.retries - 1)
 
 
 def local_path(url: str) -> str | None:

@@ -64,7 +64,7 @@ HEARTBEAT_S = 1.0
 """Seconds between beats; also how soon every rank learns of a failure record."""
 EXIT_PEER_LOST = 4
 """Exit status of a rank that ends because a peer, its host or the store is gone."""
-EXIT_STALLED = 5
+EXIT_STALLED = 6
 """Exit status of a rank that ends because the job stalled: no rank finished a training step for
 ``progress_timeout_s`` while every rank's process lived."""
 WARMUP_STEPS = 2
