@@ -293,7 +293,8 @@ class Liveness:
         ``quiet``: the failing rank printed the cause already; one line per host repeats it. A
         stall writes this rank's stacks first. The process holding the store first waits (up to
         two beats) until the other ranks, but those ``gone``, have read the failure record and
-        said so: its exit takes the store away; so its line comes last."""
+        said so: its exit takes the store away; so its line comes last. After a stall every rank
+        waits so, so that every rank's stacks are written while it still waits where it stuck."""
         if self.failure_told or self._leaving.is_set() or not self._ending.acquire(blocking=False):
             return  # this rank is failing or leaving on its own path
         self.ending.set()
@@ -307,6 +308,8 @@ class Liveness:
         if not self._holds_store and not store_lost:
             with contextlib.suppress(Exception):
                 self._add("ended", 1)
+            if code == EXIT_STALLED:  # an exit would break the collective another rank waits in, before its stacks
+                self._wait_for_the_others(self.world_size - 1)
         if self.on_end is not None:
             last = threading.Thread(target=self.on_end, name="distalex-on-end", daemon=True)
             last.start()
