@@ -66,6 +66,15 @@ class ParallelConfig(Section):
     torchrun's own rendezvous keep-alive allows (3 beats of 5 s), and longer than the pauses a healthy
     host can have (TCP retransmissions over a short link flap, a swap or GC stall), while a dead peer
     costs 30 s instead of the collective timeout (10 to 30 minutes by default)."""
+    progress_timeout_s: float = Field(120.0, gt=0)
+    """A training job in which no rank has finished a step for this long while every rank's process
+    lives (a deadlock, a read that never returns or a stuck kernel on one rank, the others waiting for
+    it in a collective) ends, naming the rank that is behind, after every rank has written its Python
+    stacks to the log (docs/training.md, "Faults at scale"). Not counted: start-up, the first 2 steps
+    of each process (compiles), checkpoint writes, validation, an epoch's loader start. Must exceed
+    the slowest step with the wait for its batch; with remote shards the bound used is at least the
+    longest a read may stall through its retries (data.stall_timeout_s for each of data.retries + 1
+    tries, and the waits between them: 247 s at the defaults)."""
 
 
 class DataConfig(Section):

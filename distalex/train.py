@@ -4,8 +4,8 @@ train() -> train_epoch() -> engine.train_step(); validation, checkpoints and MLf
 Every rank runs this file; rank 0 alone prints, shows the progress bar and talks to MLflow.
 
 Exit status: see ``distalex.jobs`` (0 finished, or stopped by SIGTERM or Ctrl-C after saving; 2 bad
-input; 3 diverged; 4 a peer or the job's store lost; 130 aborted by a second Ctrl-C). A failure on
-any rank ends every rank within seconds.
+input; 3 diverged; 4 a peer or the job's store lost; 6 stalled; 130 aborted; 143 a stop not done in
+20 s). A failure on any rank ends every rank within seconds; 2, 3 and 130 end the job, not retried.
 """
 
 from __future__ import annotations
@@ -30,9 +30,10 @@ from distalex.config import Config, ConfigError, absolute_paths, add_config_args
 from distalex.data.augment import normalize
 from distalex.data.info import DataError, read_info
 from distalex.data.loader import EpochBatches, TrainLoader, ValLoader
+from distalex.data.read import longest_stall_s
 from distalex.engine import Engine, build_engine
 from distalex.evaluate import evaluate
-from distalex.jobs import EXIT_BAD_INPUT, EXIT_DIVERGED, exit_now, report_failure
+from distalex.jobs import EXIT_BAD_INPUT, EXIT_DIVERGED, exit_job, exit_now, report_failure
 from distalex.model import build_model
 from distalex.parallel.dims import (
     ParallelConfigError, ParallelDims, destroy_parallel, init_parallel, small_batch_warning,
@@ -167,6 +168,7 @@ def train_epoch(run: Run, progress) -> str | None:
             return "during loader start-up"
         # The loss stays on the device and is read every log_every steps: reading it is a sync.
         window_sum, window_n = torch.zeros((), device=dims.device), 0
+        dims.progress.watch()  # from here a rank that stops finishing steps stalls the job (parallel.liveness)
         fetch = iter(batches)
         while True:
             try:
@@ -181,6 +183,7 @@ def train_epoch(run: Run, progress) -> str | None:
             window_n += 1
             state.step += 1
             state.step_in_epoch += 1
+            dims.progress.step_done(state.step)
             stopping = run.agree.after_step()  # no wait: decided by the flags of one step ago, the same on every rank
             last = state.step_in_epoch == steps or state.step == cfg.train.max_steps
             periodic = cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0
@@ -215,6 +218,7 @@ def train_epoch(run: Run, progress) -> str | None:
                 break
         return None
     finally:
+        dims.progress.unwatch()
         batches.close()
 
 
@@ -274,9 +278,10 @@ def save(run: Run, flush: bool = True) -> None:
     # The last checked loss came from before the last update, which can still have overflowed.
     if run.dims.any_rank(not weights_finite(run.engine.module)):
         raise Diverged(f"the weights hold NaN or inf after step {state.step} (epoch {state.epoch + 1})")
-    if flush:
-        run.tracker.flush()
-    path = run.checkpoints.save(run.engine, state, run.streams)
+    with run.dims.progress.paused():  # a slow write is no stall
+        if flush:
+            run.tracker.flush()
+        path = run.checkpoints.save(run.engine, state, run.streams)
     run.saved = key
     if run.dims.is_main:
         print(f"checkpoint: {path}", file=sys.stderr, flush=True)
@@ -424,6 +429,7 @@ def train(cfg: Config, dims: ParallelDims, stop: StopRequested) -> int:
         progress = progress_bar(total, "train", "step", initial=state.step, interval_s=cfg.train.progress_interval_s,
                                 dynamic_ncols=True)
     status = "FAILED"
+    stop.started = True  # from here a stop saves where training is
     try:
         where = run_epochs(run, progress)
         if where is not None:
@@ -464,23 +470,26 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m distalex.train", description=__doc__.split("\n\n")[0])
     add_config_args(parser)
     args = parser.parse_args(argv)
-    stop = StopRequested()  # first: a SIGTERM during start-up still ends in a clean save and exit
-    cfg = config_from_args(args)  # exits 2 on a bad config, before any process group exists
-    par = cfg.parallel
+    stop = StopRequested()  # first: a SIGTERM during start-up ends the process at once, a later one saves
+    stop.hear_while_blocked()
     try:
+        cfg = config_from_args(args)  # exits 2 on a bad config, before any process group exists
+        par = cfg.parallel
         if cfg.train.deterministic:
             determinism.prepare(par.device)  # before the first CUDA call
-        dims = init_parallel(par.tp, cfg.model.towers, par.device, par.timeout_s, par.layout, par.peer_timeout_s)
+        dims = init_parallel(par.tp, cfg.model.towers, par.device, par.timeout_s, par.layout, par.peer_timeout_s,
+                             max(par.progress_timeout_s, longest_stall_s(cfg.data)))
     except (ConfigError, ParallelConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(EXIT_BAD_INPUT)
+        exit_job(EXIT_BAD_INPUT)
+    except SystemExit as e:  # config_from_args printed the error
+        exit_job(e.code)
     try:
         code = train(cfg, dims, stop)
     except BaseException as e:  # noqa: BLE001 - every failure ends every rank, with one line
         exit_now(report_failure(dims, e))
     destroy_parallel(dims)
-    sys.exit(code)
-
+    exit_job(code)
 
 if __name__ == "__main__":
     main()

@@ -45,7 +45,7 @@ class Jobs:
         self.cluster, self.ids = cluster, []
         self.env = run_env(PYTHON=sys.executable, SLURM_CONF=str(cluster.conf))
         for key in ("OMP_NUM_THREADS", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"):  # the script's own defaults
-            self.env.pop(key)
+            self.env.pop(key, None)
 
     def sbatch(self, workdir: Path, args: list[str], flags: tuple[str, ...] = (), wait: bool = False,
                **env: str) -> tuple[int, subprocess.CompletedProcess]:

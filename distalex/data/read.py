@@ -100,6 +100,15 @@ def is_remote(url: str) -> bool:
     return ("://" in url and not url.startswith("file://")) or url.startswith("pipe:")
 
 
+def longest_stall_s(data_cfg) -> float:
+    """The longest a training step may wait for a batch whose read stalls (``data.train_shards``
+    remote: every try stalls, with the waits between them; local: 0, never timed out)."""
+    if not is_remote(data_cfg.train_shards):
+        return 0.0
+    policy = ReadPolicy.of(data_cfg)
+    return (policy.retries + 1) * policy.stall_s + policy.wait_s * (2**policy.retries - 1)
+
+
 def local_path(url: str) -> str | None:
     if url.startswith("file://"):
         return url2pathname(urlparse(url).path)

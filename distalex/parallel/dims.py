@@ -17,7 +17,8 @@ import torch
 import torch.distributed as dist
 
 from distalex.config import towers_per_rank
-from distalex.parallel.liveness import Liveness
+from distalex.parallel.liveness import Liveness, Progress
+from distalex.parallel.store import world_store
 
 
 class ParallelConfigError(ValueError):
@@ -103,6 +104,7 @@ class ParallelDims:
     dp_group: object | None = None  # this rank's data-parallel group (same tp rank in every dp group)
     control_group: object | None = None  # gloo over the world: small host-side agreements, no device sync
     liveness: Liveness | None = None  # heartbeats and the job's failure record (parallel.peer_timeout_s)
+    progress: Progress = field(default_factory=Progress)  # the training loop's steps, watched by liveness
 
     @property
     def world_size(self) -> int:
@@ -257,12 +259,14 @@ def pick_device(local_rank: int, requested: str = "auto") -> torch.device:
 
 
 def init_parallel(tp: int, towers: int, device: str = "auto", timeout_s: float = 600.0,
-                  layout: str = "towers", peer_timeout_s: float | None = None) -> ParallelDims:
+                  layout: str = "towers", peer_timeout_s: float | None = None,
+                  progress_timeout_s: float | None = None) -> ParallelDims:
     """Read the launcher's environment, check the layout, and build the dp x tp groups.
 
     All checks run before the first collective, so a bad layout fails on every rank with the same
     message instead of hanging. ``timeout_s`` bounds every collective of every group;
-    ``peer_timeout_s`` (the training and evaluation CLIs pass it) starts ``Liveness``.
+    ``peer_timeout_s`` (the training and evaluation CLIs pass it) starts ``Liveness``, which with
+    ``progress_timeout_s`` (the training CLI's) also watches ``dims.progress`` for a stall.
     """
     launch = read_launch_env()
     dp = check_layout(launch.world_size, tp, towers, layout)
@@ -271,8 +275,11 @@ def init_parallel(tp: int, towers: int, device: str = "auto", timeout_s: float =
         return ParallelDims(dp=1, tp=1, layout=layout, rank=0, local_rank=0, device=dev)
     timeout = datetime.timedelta(seconds=timeout_s)
     backend = backend_for(dev)
+    store_at = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, timeout=timeout, device_id=dev if dev.type == "cuda" else None)
+        store, *store_at = world_store(launch.rank, launch.world_size, timeout)
+        dist.init_process_group(backend=backend, timeout=timeout, device_id=dev if dev.type == "cuda" else None,
+                                store=store, rank=launch.rank if store else -1, world_size=launch.world_size if store else -1)
     tp_group = dp_group = None
     for d in range(dp):  # rank = dp_rank * tp + tp_rank
         ranks = list(range(d * tp, (d + 1) * tp))
@@ -290,7 +297,9 @@ def init_parallel(tp: int, towers: int, device: str = "auto", timeout_s: float =
     if peer_timeout_s is not None:
         token = [uuid.uuid4().hex if dims.is_main else None]  # one key space per world (restarts included)
         dist.broadcast_object_list(token, src=0, group=control)
-        dims.liveness = Liveness.start(dims.rank, dims.world_size, peer_timeout_s, token[0])
+        groups = (dist.group.WORLD, tp_group, dp_group, control)
+        dims.liveness = Liveness.start(dims.rank, dims.world_size, peer_timeout_s, token[0], tuple(store_at),
+                                       dims.progress, progress_timeout_s, groups)
     return dims
 
 
