@@ -261,16 +261,18 @@ def test_one_host_of_three_lost_the_others_heal_in_one_round(make_hosts, tiny_sh
     """--nnodes=2:3, torchrun's defaults (its rendezvous timeouts, its shared agent store: as a user
     who starts torchrun on each host): host 3 killed mid-epoch; hosts 1 and 2 re-form a world of two
     in one rendezvous round and finish at dp=2. Each world meets in a store of its own: in the
-    agent's store the previous world's gloo addresses were read, refused, and the round failed."""
+    agent's store the previous world's gloo addresses were read, refused, and the round failed.
+    The global batch, 35, divides neither 3 nor 2: both worlds split it unevenly (12+12+11, 18+17)."""
     hosts = make_hosts(3)
     job = Job(hosts, tmp_path, tiny_shards, nnodes="2:3", max_restarts=3, agent_env={"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "0"},
-              **{"train.batch_size": 48})
+              **{"train.batch_size": 35})
     killed = fault_after_first_checkpoint(job, lambda: hosts.kill(3))
     resumed = job.wait_for(1, r"resumed from \S+", 240) - killed
     assert job.exit_code(1, 240) == 0 and job.exit_code(2, 60) == 0, job.tail(1) + job.tail(2)
     text = job.text(1)
     worlds = re.findall(r"distalex: world=(\d)", text)
     assert worlds == ["3", "2"], f"one world of 3, then one of 2 (one rendezvous round): {worlds}\n{job.tail(1)}"
+    assert "of 35 images, per dp rank 12 or 11" in text and "of 35 images, per dp rank 18 or 17" in text, job.tail(1)
     assert "resumed at world=2 (dp=2 x tp=1)" in text, job.tail(1)
     before = text.split("resumed from")[0]  # the first world, which the kill ended: rank 0's own line, or rank 1's cause
     assert re.search(r"error \(rank 0[^)]*\): (ending: rank \d \([^)]+\) failed: )?a collective failed \(.*(closed|reset) "
@@ -281,7 +283,7 @@ def test_one_host_of_three_lost_the_others_heal_in_one_round(make_hosts, tiny_sh
     assert resumed < 120, f"resumed {resumed:.1f} s after the kill"
     (run,) = job.mlflow_runs()
     assert run.info.status == "FINISHED"
-    report("one host of three killed, --nnodes=2:3, torchrun's defaults",
+    report("one host of three killed, --nnodes=2:3, torchrun's defaults, batch 35",
            f"hosts 1 and 2 resume at dp=2 {resumed:.1f} s after the kill, in one round, {job.steps_lost()}")
 
 
