@@ -332,7 +332,7 @@ class EpochBatches:
         self.loader, self.start_step, self._pool = loader, start_step, None
         if loader.dims.tp_rank == 0 and start_step < loader.steps_per_epoch:
             loader.stream.epoch, loader.stream.start_step = epoch, start_step
-            self._pool = WorkerPool(loader.stream, loader.workers, loader.dims.device)
+            self._pool = WorkerPool(loader.stream, loader.workers, loader.dims.device, loader.cfg.start_method)
 
     def ready(self, timeout: float = 0.0) -> bool:
         return self._pool is None or self._pool.ready(timeout)
@@ -444,7 +444,7 @@ class ValLoader:
                 self.segments, num=self.num_samples, batch_size=self.batch_size, image_size=self.image_size,
                 data_cfg=self.cfg, ten=self.ten_crop, workers=max(1, self.workers), num_classes=self.num_classes,
             )
-            pool = WorkerPool(stream, self.workers, self.dims.device)
+            pool = WorkerPool(stream, self.workers, self.dims.device, self.cfg.start_method)
         try:
             yield from self._batches(pool)
         finally:
