@@ -14,13 +14,15 @@ with public APIs only (torch's DataLoader and Python's multiprocessing and signa
 private of torch):
 
 - ``WorkerPool.close`` ends them and is called on every path out of an epoch (``try/finally`` in
-  the loaders). Each worker registers its pid at start and handles SIGUSR1 by ``os._exit(0)``:
-  close sends it to the worker's main thread (``tgkill`` on Linux: a signal sent to the process
-  may land on one of its helper threads, the queue feeder for one, whose handler flag the main
-  thread, blocked in a read, would not see), so a worker ends at once even when it is blocked in
-  a network read, and with
-  exit status 0, which the DataLoader's SIGCHLD handler (installed where the loader starts in the
-  main thread) does not report as a failure. Only then is the loader's iterator released: its own
+  the loaders). It knows the workers as the processes that starting the loader added
+  (``multiprocessing.active_children``), at once, even those still starting. Each handles SIGUSR1
+  by ``os._exit(0)`` from its init on, and has it blocked until then, so a SIGUSR1 that comes
+  while it starts ends it as soon as it can act on it. close sends it to the worker's main thread
+  (``tgkill`` on Linux: a signal sent to the process may land on one of its helper threads, the
+  queue feeder for one, whose handler flag the main thread, blocked in a read, would not see), so
+  a worker ends at once even when it is blocked in a network read, and with exit status 0, which
+  the DataLoader's SIGCHLD handler (installed where the loader starts in the main thread) does
+  not report as a failure. Only then is the loader's iterator released: its own
   shutdown (queues, the pin-memory thread) finds the workers gone and waits for nothing. A worker
   still alive after EXIT_GRACE_S (stuck in C code that holds the GIL) is killed (SIGKILL), with
   that SIGCHLD handler set aside meanwhile so that the kill is not reported as a crash. Ending a
@@ -36,10 +38,11 @@ private of torch):
   Linux ties this to the thread that started the workers (under forkserver the server is tied so
   to the thread whose loader started it): start an epoch from a thread that lives as long as the
   loop (the training loop's own thread does).
-- SIGTERM and SIGINT are blocked in the thread that starts the workers while it starts them, so a
-  worker inherits them blocked (across spawn's exec too; a fork-served one from the server, which
-  keeps them so) and acts on neither before its init ignores them (CPython's resource tracker
-  starts its process the same way). A spawned worker's start takes seconds.
+- SIGTERM, SIGINT and SIGUSR1 are blocked in the thread that starts the workers while it starts
+  them, so a worker inherits them blocked (across spawn's exec too; a fork-served one from the
+  server, which keeps them so) and acts on none before its init has set how it takes each
+  (CPython's resource tracker starts its process the same way). A spawned worker's start takes
+  seconds.
 - A spawned worker's normal exit (the DataLoader tells a worker whose data has ended to exit) would
   go through the interpreter's finalization, seconds with torch loaded, during which the exit
   signal's default action, death, is back: it ends with ``os._exit(0)`` as a forked one does.
@@ -103,6 +106,12 @@ from distalex.config import ConfigError
 log = logging.getLogger("distalex.data")
 
 PR_SET_PDEATHSIG = 1
+EXIT_SIGNAL = signal.SIGUSR1
+"""What ``WorkerPool.close`` sends a worker to end it (handled by ``os._exit(0)``)."""
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+_STARTUP_SIGNALS = _STOP_SIGNALS | {EXIT_SIGNAL}
+"""Blocked in a worker from its first moment until its init has set how it takes them (the stop
+signals ignored, EXIT_SIGNAL handled): one that arrives meanwhile waits for that."""
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 
 START_METHODS = ("fork", "forkserver", "spawn")
@@ -150,7 +159,7 @@ def serve_as_fork_server() -> int | None:
     if _LIBC is None or setup.get("parent") != os.getppid():
         return None
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # SIGINT the server ignores by itself
-    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STARTUP_SIGNALS)
     multiprocessing.util.register_after_fork(sys.modules[__name__], _stop_signals_back)
     _die_with_parent(setup["parent"])
     try:
@@ -164,12 +173,12 @@ def serve_as_fork_server() -> int | None:
 
 
 def _stop_signals_back(_module) -> None:
-    """In each process the fork server forks, before it runs: SIGTERM's default action and SIGTERM
-    and SIGINT unblocked, as the server's own children of other code expect, except in a loader
-    worker, which keeps them until its init ignores them."""
+    """In each process the fork server forks, before it runs: SIGTERM's default action and no
+    signal blocked, as the server's children of other code expect; a loader worker keeps them
+    until its init."""
     if not _is_loader_worker:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STARTUP_SIGNALS)
 
 
 def _fork_server_pid() -> int:
@@ -199,8 +208,6 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-EXIT_SIGNAL = signal.SIGUSR1
-"""What ``WorkerPool.close`` sends a worker to end it (handled by ``os._exit(0)``)."""
 EXIT_GRACE_S = 2.0
 """How long close waits for the workers to act on EXIT_SIGNAL before it kills them."""
 FETCH_END_S = 10.0
@@ -211,7 +218,6 @@ def _exit_now(_signum, _frame) -> None:
     os._exit(0)  # status 0: the DataLoader reports a worker that died of a signal as a crash
 
 
-_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 _is_loader_worker = False
 """True in a process that unpickled a _WorkerInit: a spawned or fork-served loader worker."""
 
@@ -219,8 +225,8 @@ _is_loader_worker = False
 class _WorkerInit:
     """The DataLoader's ``worker_init_fn``, the first code of the loader a worker runs."""
 
-    def __init__(self, method: str, pids):
-        self.training_pid, self.method, self.pids = os.getpid(), method, pids  # pids: worker id -> pid
+    def __init__(self, method: str):
+        self.training_pid, self.method = os.getpid(), method
 
     def __setstate__(self, state: dict) -> None:
         # A spawned or fork-served worker unpickles this before it runs anything (_stop_signals_back).
@@ -228,17 +234,19 @@ class _WorkerInit:
         _is_loader_worker = True
         self.__dict__.update(state)
 
-    def __call__(self, worker_id: int) -> None:
+    def __call__(self, _worker_id: int) -> None:
         torch.set_num_threads(1)  # the workers decode with PIL; torch ops here are tiny copies
-        for signum in _STOP_SIGNALS:  # see the module docstring
-            signal.signal(signum, signal.SIG_IGN)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)  # blocked since the worker started
-        signal.signal(EXIT_SIGNAL, _exit_now)
-        # A spawned worker would end through the interpreter's finalization: seconds with torch loaded,
-        # during which EXIT_SIGNAL has its default action (death) back. End it as a forked one ends.
-        atexit.register(os._exit, 0)
-        self.pids[worker_id] = os.getpid()  # after the handler: a registered worker can be ended by close
-        _die_with_parent(_fork_server_pid() if self.method == "forkserver" else self.training_pid)
+        try:
+            for signum in _STOP_SIGNALS:  # see the module docstring
+                signal.signal(signum, signal.SIG_IGN)
+            signal.signal(EXIT_SIGNAL, _exit_now)
+            # A spawned worker would end through the interpreter's finalization: seconds with torch
+            # loaded, during which EXIT_SIGNAL has its default action (death) back. End it as a forked
+            # one ends.
+            atexit.register(os._exit, 0)
+            _die_with_parent(_fork_server_pid() if self.method == "forkserver" else self.training_pid)
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _STARTUP_SIGNALS)  # an EXIT_SIGNAL sent meanwhile acts now
 
 
 _open_pools: weakref.WeakSet = weakref.WeakSet()
@@ -249,14 +257,16 @@ class WorkerPool:
 
     def __init__(self, dataset: IterableDataset, workers: int, device: torch.device, start_method: str = "auto"):
         context = loader_context(start_method) if workers > 0 else None
-        self._pids = multiprocessing.RawArray("q", max(workers, 1))  # worker id -> pid, 0 until that worker has started
         loader = DataLoader(
             dataset, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
-            worker_init_fn=_WorkerInit(context.get_start_method(), self._pids) if workers > 0 else None,
+            worker_init_fn=_WorkerInit(context.get_start_method()) if workers > 0 else None,
             prefetch_factor=4 if workers > 0 else None, multiprocessing_context=context,
         )
-        with _blocked(_STOP_SIGNALS):
+        before = set(multiprocessing.active_children())
+        with _blocked(_STARTUP_SIGNALS):
             self._it = iter(loader)  # the workers start here, in the caller's thread (see _die_with_parent)
+        # The processes that starting the loader added: its workers, known at once (they may still be starting).
+        self._pids = [p.pid for p in multiprocessing.active_children() if p not in before]
         _open_pools.add(self)
         self._first = None
         self._fetch = threading.Thread(target=self._fetch_first, daemon=True, name="distalex-first-batch")
@@ -283,15 +293,15 @@ class WorkerPool:
             raise StopIteration
         if self._fetch is not None:
             self._fetch.join()
-            self._fetch, (status, item) = None, self._first
+            self._fetch, self._first, (status, item) = None, None, self._first
             if status == "error":
                 raise item
             return item
         return next(self._it)
 
     def pids(self) -> list[int]:
-        """The workers that have started (their pids)."""
-        return [pid for pid in self._pids if pid]
+        """The workers' pids."""
+        return list(self._pids)
 
     def close(self) -> list[int]:
         """End the workers and release the loader; safe to call more than once. Returns the pids
