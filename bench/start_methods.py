@@ -68,13 +68,13 @@ def one_method(shards: Path, method: str, workers: int, epochs: int) -> dict:
             "worker_uss_mib": uss}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--methods", default="forkserver,fork,spawn")
     p.add_argument("--child", nargs=2, metavar=("SHARDS", "METHOD"), help=argparse.SUPPRESS)
-    a = p.parse_args()
+    a = p.parse_args(argv)
     if a.child:
         print(json.dumps(one_method(Path(a.child[0]), a.child[1], a.workers, a.epochs)))
         return
