@@ -58,9 +58,11 @@ INJECT = textwrap.dedent('''
 
         loader.parse_sample = parse_sample
     else:  # the training step of step 3 on rank 0 (the rank whose process owns the loader workers)
-        import distalex.train as train
+        # patched where it is defined, before distalex.train imports it by name (python -m runs that
+        # module's code as __main__, a module object of its own)
+        import distalex.data.augment as augment
 
-        real_normalize, steps = train.normalize, [0]
+        real_normalize, steps = augment.normalize, [0]
 
         def normalize(*args, **kw):
             steps[0] += 1
@@ -68,7 +70,7 @@ INJECT = textwrap.dedent('''
                 stamp("the training step")
             return real_normalize(*args, **kw)
 
-        train.normalize = normalize
+        augment.normalize = normalize
 ''')
 
 
