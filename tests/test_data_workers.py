@@ -235,6 +235,33 @@ def test_a_set_start_method_elsewhere_changes_nothing(users, capfd):
 
 
 @pytest.mark.slow
+def test_the_fork_server_starts_when_the_loader_is_built_before_its_first_epoch(tmp_path, shards):
+    """A TrainLoader on the loading rank starts the fork server at once (it imports its modules
+    while the training's set-up goes on), not at the first epoch."""
+    script = textwrap.dedent(f'''
+        import psutil
+        from pathlib import Path
+        from distalex.data.loader import TrainLoader
+        from tests.test_data_loader import cfg_for, dims, SIZE
+        from tests.test_data_workers import started_by
+        TrainLoader(cfg_for(Path({str(shards)!r}), workers=2), dims(), 4, SIZE, 0)
+        print("CHILDREN", *sorted(started_by(c.pid) for c in psutil.Process().children()))
+    ''')
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "forkserver" in proc.stdout.split("CHILDREN", 1)[1].split(), proc.stdout  # beside the resource tracker
+
+
+@pytest.fixture
+def shards(tmp_path):
+    from tests.test_data_loader import write_shards
+
+    write_shards(tmp_path / "shards", [20, 20])
+    return tmp_path / "shards"
+
+
+@pytest.mark.slow
 def test_a_fork_server_the_loader_did_not_prepare_is_refused_with_the_way_out(tmp_path):
     """A fork server started before the loader (here by a forkserver process of the user's) lacks the
     preload that ties it to the training process: its workers would survive a kill. The first batch

@@ -57,7 +57,7 @@ from distalex.data.augment import CorruptImage, centre_crop, centre_square, hwc_
 from distalex.data.decode import Encoded, EncodedBatch, decode_batch, host_to_device, probe
 from distalex.data.info import DataError, Shard, dataset_info, resolve_shards
 from distalex.data.read import ReadPolicy, Segment, parse_sample, read_segment
-from distalex.data.workers import WorkerPool
+from distalex.data.workers import WorkerPool, start_early
 from distalex.parallel.plan import share_images
 
 __all__ = ["Batch", "Segment", "TrainLoader", "ValLoader", "parse_sample", "plan_segments", "read_segment"]
@@ -278,6 +278,8 @@ class TrainLoader:
                 "lower train.batch_size or add data"
             )
         self.workers = data_cfg.workers
+        if self.workers > 0 and dims.tp_rank == 0:
+            start_early(data_cfg.start_method)  # the loading rank's workers start faster on the first epoch
         self.decode_device = self._decode_device() if data_cfg.decode == "gpu" and dims.tp_rank == 0 else None
         self.stream = _TrainStream(
             self.shards, seed=seed, dp_rank=dims.dp_rank, batch_size=batch_size, steps=self.steps_per_epoch,

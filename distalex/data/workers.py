@@ -52,7 +52,7 @@ The start method (``data.start_method``) is passed to the DataLoader as its
 and a ``multiprocessing.set_start_method`` anywhere change nothing:
 
 - ``forkserver`` (``auto`` on Linux): each worker is forked from a single-threaded server process,
-  started once per training process. Its workers are its children, not the training process's,
+  started once per training process, as its loader is built (``start_early``). Its workers are its children, not the training process's,
   and each holds the server's "clients alive" pipe: left as it is, the server outlives a training
   process killed outright and keeps its workers running, and a SIGTERM to the job ends the server
   and, through their parent-death signal, the workers. ``distalex.data.fork_server``, preloaded
@@ -88,6 +88,7 @@ import gc
 import json
 import logging
 import multiprocessing
+import multiprocessing.forkserver
 import multiprocessing.spawn
 import multiprocessing.util
 import os
@@ -139,6 +140,16 @@ def loader_context(start_method: str = "auto") -> multiprocessing.context.BaseCo
     if method == "forkserver":
         _prepare_fork_server(context)
     return context
+
+
+def start_early(start_method: str) -> None:
+    """Under forkserver, start the server now: it imports its modules (seconds) while the caller
+    goes on with its own setup, so that the first epoch's workers start as fast as the next ones'
+    and a stop during that start is acted on as soon. Call it from the thread that will start the
+    workers (the server dies with that thread)."""
+    if loader_context(start_method).get_start_method() == "forkserver":
+        with _blocked(_STARTUP_SIGNALS):
+            multiprocessing.forkserver.ensure_running()
 
 
 def _prepare_fork_server(context) -> None:
