@@ -27,4 +27,5 @@ def normalize(*args, **kwargs):
 
 
 train.normalize = normalize
-train.main()
+if __name__ == "__main__":  # the loader's fork server imports this script too (as multiprocessing's spawn would)
+    train.main()

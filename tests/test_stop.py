@@ -380,8 +380,9 @@ def save(self, *args, **kwargs):
 
 
 CheckpointManager.save = save
-sys.argv[0] = "distalex.train"
-distalex.train.main()
+if __name__ == "__main__":  # the loader's fork server imports this script too (as multiprocessing's spawn would)
+    sys.argv[0] = "distalex.train"
+    distalex.train.main()
 '''
 
 
