@@ -73,9 +73,9 @@ and a ``multiprocessing.set_start_method`` anywhere change nothing:
 
 Measured on this machine (``python bench/start_methods.py``: the demo's training loader, 4 workers,
 in a process that has imported ``distalex.train``; 2 cores shared with other jobs, load average
-about 13): from the start of an epoch to its first batch forkserver 1.2 s (11 s for the first
-epoch, which starts the server), fork 1.0 s, spawn 17 s; each worker's own memory (USS) 16, 15 and
-312 MiB (66 MiB under forkserver before the server froze its objects).
+6-8): from the start of an epoch to its first batch forkserver 0.4 s (2.9 s for the first epoch,
+which starts the server), fork 0.7 s, spawn 17 s; each worker's own memory (USS) 16, 15 and 311 MiB
+(66 MiB under forkserver before the server froze its objects).
 """
 
 from __future__ import annotations
