@@ -83,6 +83,12 @@ class DataConfig(Section):
     val_shards: str = "data/shards/imagenet-val-{000000..000006}.tar"
     workers: int = Field(4, ge=0)
     """DataLoader worker processes per loading rank (tp rank 0 of each dp group)."""
+    start_method: Literal["auto", "forkserver", "spawn", "fork"] = "auto"
+    """How the worker processes start (multiprocessing's start method, passed to the DataLoader, so
+    Python's default does not matter): auto = forkserver on Linux (a single-threaded server, preloaded
+    with the loader, forks them), else spawn; fork copies the training process with its threads
+    (fastest, unsafe while another thread holds a lock); spawn starts each in a fresh interpreter
+    (seconds per epoch). docs/data.md#loader-workers-and-start-methods has the measurements."""
     shuffle_buffer: int = Field(2000, ge=0)
     """Raw samples held in each worker's shuffle buffer (0: no sample shuffle; ~110 KB each on ImageNet)."""
     resize: int = Field(256, ge=1)

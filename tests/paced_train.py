@@ -44,4 +44,5 @@ def save(*args, **kwargs):
 
 train.normalize = normalize
 CheckpointManager.save = save
-train.main()
+if __name__ == "__main__":  # the loader's fork server imports this script too (as multiprocessing's spawn would)
+    train.main()

@@ -49,7 +49,9 @@ CHAIN = ("during validation", "after the epoch-end checkpoint", "during loader s
 
 
 def overrides(shards, **extra) -> list[str]:
-    pairs = tiny_overrides(shards, **{"tracking.enabled": False, "train.log_every": 4, **extra})
+    # fork: the loader workers must carry this process's patches (``slowed``); a fork copies them
+    pairs = tiny_overrides(shards, **{"tracking.enabled": False, "train.log_every": 4, "data.start_method": "fork",
+                                      **extra})
     return pairs[1::2]  # the values of ["--set", "k=v", ...]
 
 
@@ -469,8 +471,9 @@ def save(self, *args, **kwargs):
 
 
 CheckpointManager.save = save
-sys.argv[0] = "distalex.train"
-distalex.train.main()
+if __name__ == "__main__":  # the loader's fork server imports this script too (as multiprocessing's spawn would)
+    sys.argv[0] = "distalex.train"
+    distalex.train.main()
 '''
 
 

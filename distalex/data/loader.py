@@ -60,7 +60,7 @@ from distalex.data.augment import CorruptImage, centre_crop, centre_square, hwc_
 from distalex.data.decode import Encoded, EncodedBatch, decode_batch, host_to_device, probe
 from distalex.data.info import DataError, Shard, dataset_info, resolve_shards
 from distalex.data.read import ReadPolicy, Segment, parse_sample, read_segment
-from distalex.data.workers import WorkerPool
+from distalex.data.workers import WorkerPool, start_early
 from distalex.parallel.plan import share_images
 
 __all__ = ["Batch", "Segment", "TrainLoader", "ValLoader", "parse_sample", "plan_segments", "read_segment"]
@@ -282,6 +282,8 @@ class TrainLoader:
                 "lower train.batch_size or add data"
             )
         self.workers = data_cfg.workers
+        if self.workers > 0 and dims.tp_rank == 0:
+            start_early(data_cfg.start_method)  # the loading rank's workers start faster on the first epoch
         self.decode_device = self._decode_device() if data_cfg.decode == "gpu" and dims.tp_rank == 0 else None
         self.stream = _TrainStream(
             self.shards, seed=seed, dp_rank=dims.dp_rank, batch_size=self.batch_size, steps=self.steps_per_epoch,
@@ -337,7 +339,7 @@ class EpochBatches:
         self.loader, self.start_step, self._pool = loader, start_step, None
         if loader.dims.tp_rank == 0 and start_step < loader.steps_per_epoch:
             loader.stream.epoch, loader.stream.start_step = epoch, start_step
-            self._pool = WorkerPool(loader.stream, loader.workers, loader.dims.device)
+            self._pool = WorkerPool(loader.stream, loader.workers, loader.dims.device, loader.cfg.start_method)
 
     def ready(self, timeout: float = 0.0) -> bool:
         return self._pool is None or self._pool.ready(timeout)
@@ -449,7 +451,7 @@ class ValLoader:
                 self.segments, num=self.num_samples, batch_size=self.batch_size, image_size=self.image_size,
                 data_cfg=self.cfg, ten=self.ten_crop, workers=max(1, self.workers), num_classes=self.num_classes,
             )
-            pool = WorkerPool(stream, self.workers, self.dims.device)
+            pool = WorkerPool(stream, self.workers, self.dims.device, self.cfg.start_method)
         try:
             yield from self._batches(pool)
         finally:
