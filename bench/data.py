@@ -167,9 +167,10 @@ class Form:
 
 
 # ------------------------------------------------------------------ the pipelines
+# Each builds its loader once (as training does) and returns one epoch's run: images seen.
 
 
-def run_distalex(form: Form, a, decode: str = "cpu", source: str = "local", url: str | None = None) -> int:
+def distalex_loader(form: Form, a, decode: str = "cpu", source: str = "local", url: str | None = None):
     import torch
 
     from distalex.config import DataConfig
@@ -181,12 +182,17 @@ def run_distalex(form: Form, a, decode: str = "cpu", source: str = "local", url:
     cfg = DataConfig(train_shards=spec, info=info, workers=a.workers, resize=a.resize, shuffle_buffer=SHUFFLE_BUFFER,
                      decode=decode)
     loader = TrainLoader(cfg, ParallelDims(device=device), batch_size=a.batch, image_size=a.size, seed=0)
-    n = 0
-    for b in loader.epoch(0):
-        n += len(b.labels)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return n
+    epochs = iter(range(1 << 30))
+
+    def epoch() -> int:
+        n = 0
+        for b in loader.epoch(next(epochs)):
+            n += len(b.labels)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return n
+
+    return epoch
 
 
 def _transform(a):
@@ -196,7 +202,11 @@ def _transform(a):
                       T.PILToTensor()])
 
 
-def run_webdataset(form: Form, a) -> int:
+def _epoch_of(batches):
+    return lambda: sum(len(images) for images, _ in batches)
+
+
+def webdataset_loader(form: Form, a):
     import webdataset as wds
 
     from distalex.data.info import read_info
@@ -205,50 +215,51 @@ def run_webdataset(form: Form, a) -> int:
     ds = (wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, empty_check=False)
           .shuffle(SHUFFLE_BUFFER).decode("pil").to_tuple("jpg", "cls").map_tuple(_transform(a), int)
           .batched(a.batch))
-    n = 0
-    for images, _ in wds.WebLoader(ds, batch_size=None, num_workers=a.workers):
-        n += len(images)
-    return n
+    return _epoch_of(wds.WebLoader(ds, batch_size=None, num_workers=a.workers))
 
 
-def run_imagefolder(form: Form, a) -> int:
+def imagefolder_loader(form: Form, a):
     import torch
     from torchvision.datasets import ImageFolder
 
     ds = ImageFolder(str(form.folder), transform=_transform(a))
-    n = 0
-    for images, _ in torch.utils.data.DataLoader(ds, batch_size=a.batch, shuffle=True, num_workers=a.workers):
-        n += len(images)
-    return n
+    return _epoch_of(torch.utils.data.DataLoader(ds, batch_size=a.batch, shuffle=True, num_workers=a.workers))
 
 
-def run_pillow(form: Form, a) -> int:
-    for data in form.jpegs:
-        img = Image.open(io.BytesIO(data))
-        np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
-    return len(form.jpegs)
+def pillow_decode(form: Form, a):
+    def epoch() -> int:
+        for data in form.jpegs:
+            img = Image.open(io.BytesIO(data))
+            np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
+        return len(form.jpegs)
+
+    return epoch
 
 
-def run_torchvision(form: Form, a) -> int:
+def torchvision_decode(form: Form, a):
     import torch
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    for data in form.jpegs:
-        decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-    return len(form.jpegs)
+    def epoch() -> int:
+        for data in form.jpegs:
+            decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        return len(form.jpegs)
+
+    return epoch
 
 
-RUNNERS = {
-    "distalex": run_distalex, "distalex-gpu": lambda form, a: run_distalex(form, a, decode="gpu"),
-    "webdataset": run_webdataset, "imagefolder": run_imagefolder, "pillow": run_pillow, "torchvision": run_torchvision,
+PIPELINE_BUILDERS = {
+    "distalex": distalex_loader, "distalex-gpu": lambda form, a: distalex_loader(form, a, decode="gpu"),
+    "webdataset": webdataset_loader, "imagefolder": imagefolder_loader, "pillow": pillow_decode,
+    "torchvision": torchvision_decode,
 }
 
 
-def measure(run, *args, **kwargs) -> dict:
-    """images, wall s, CPU s of every process, and of the children (the workers) alone."""
+def measure(epoch) -> dict:
+    """One epoch: images, wall s, CPU s of every process, and of the children (the workers) alone."""
     _no_children_left()
     t0, c0, k0 = time.perf_counter(), _cpu_seconds(), _children_cpu_seconds()
-    n = run(*args, **kwargs)
+    n = epoch()
     _no_children_left()
     return dict(images=n, wall_s=time.perf_counter() - t0, cpu_s=_cpu_seconds() - c0,
                 workers_cpu_s=_children_cpu_seconds() - k0)
@@ -299,7 +310,7 @@ def bench_loader(jpegs: list[bytes], workers: int, resize: int, size: int, batch
     with tempfile.TemporaryDirectory() as tmp:
         form = Form("originals", jpegs, Path(tmp), resize, 90, workers)
         with _served(form.shards) if source == "http" else contextlib.nullcontext() as url:
-            m = measure(run_distalex, form, a, decode=decode, source=source, url=url)
+            m = measure(distalex_loader(form, a, decode=decode, source=source, url=url))
     return m["images"], m["wall_s"], m["cpu_s"]
 
 
@@ -308,10 +319,7 @@ def bench_loader(jpegs: list[bytes], workers: int, resize: int, size: int, batch
 
 def stages(form: Form, a) -> list[tuple[str, float]]:
     """(stage, microseconds per image) in this process: what a loader worker does, piece by piece."""
-    import torch
-    from torchvision.io import ImageReadMode, decode_jpeg
-
-    from distalex.data import augment
+    from distalex.data import augment, resample
     from distalex.data.info import resolve_shards
     from distalex.data.loader import Segment, read_segment
 
@@ -320,6 +328,13 @@ def stages(form: Form, a) -> list[tuple[str, float]]:
         c0 = time.process_time()
         fn()
         return (time.process_time() - c0) / n * 1e6
+
+    def distalex_cpu() -> tuple[float, float]:
+        """(workers', main process's) CPU microseconds per image in the second epoch of one TrainLoader."""
+        epoch = distalex_loader(form, a)
+        epoch()
+        m = measure(epoch)
+        return m["workers_cpu_s"] / m["images"] * 1e6, (m["cpu_s"] - m["workers_cpu_s"]) / m["images"] * 1e6
 
     jpegs, n = form.jpegs, len(form.jpegs)
     rng = np.random.default_rng(0)
@@ -331,27 +346,28 @@ def stages(form: Form, a) -> list[tuple[str, float]]:
             for _ in read_segment(Segment(s.url, 0, s.count), lambda *_: None):
                 pass
 
-    out = torch.empty((3, a.size, a.size), dtype=torch.uint8)
-    decoded = [decode_jpeg(torch.frombuffer(bytearray(j), dtype=torch.uint8), mode=ImageReadMode.RGB) for j in jpegs]
+    out = np.empty((3, a.size, a.size), dtype=np.uint8)
+    decoded = [augment.decode_hwc(j, a.resize) for j in jpegs]
+    boxes = [augment.crop_box(d.shape[1], d.shape[0], a.resize, a.size, u, v) for d, (u, v, _) in zip(decoded, crops)]
     rows = [
         ("tar reading (read_segment, per sample)", per_image(read, n)),
-        ("decode, Pillow (to an RGB array)", per_image(lambda: run_pillow(form, a), n)),
-        ("decode, torchvision.io", per_image(lambda: run_torchvision(form, a), n)),
-        ("decode + crop + flip (augment.train_crop)", per_image(
+        ("decode, Pillow (to an RGB array)", per_image(pillow_decode(form, a), n)),
+        ("decode, torchvision.io", per_image(torchvision_decode(form, a), n)),
+        ("decode + crop + flip, Pillow (augment.train_crop)", per_image(
             lambda: [augment.train_crop(j, a.resize, a.size, u, v, f) for j, (u, v, f) in zip(jpegs, crops)], n)),
+        ("  decode (augment.decode_hwc: torchvision.io, or Pillow)", per_image(
+            lambda: [augment.decode_hwc(j, a.resize) for j in jpegs], n)),
+        ("  crop + flip into the batch: resample (resample_into)", per_image(
+            lambda: [resample.resample_into(out, d, b, f) for d, b, (_, _, f) in zip(decoded, boxes, crops)], n)),
+        ("  crop + flip into the batch: slice (slice_into)", per_image(
+            lambda: [resample.slice_into(out, d, 0, 0, f) for d, (_, _, f) in zip(decoded, crops)], n)),
+        ("decode + crop + flip into the batch (augment.decode_crop_into)", per_image(
+            lambda: [augment.decode_crop_into(out, j, a.resize, a.size, u, v, f) for j, (u, v, f) in zip(jpegs, crops)],
+            n)),
     ]
-    if hasattr(augment, "crop_into"):
-        rows.append(("crop + flip + copy into the batch (augment.crop_into, decoded)", per_image(
-            lambda: [augment.crop_into(out, d, a.resize, a.size, u, v, f) for d, (u, v, f) in zip(decoded, crops)], n)))
-        rows.append(("decode + crop + flip into the batch (augment.decode_crop_into)", per_image(
-            lambda: [augment.decode_crop_into(out, j, a.resize, a.size, u, v, f) for j, (u, v, f) in zip(jpegs, crops)], n)))
-    else:
-        rows.append(("copy into the batch (hwc_to_chw + copy_)", per_image(
-            lambda: [out.copy_(augment.hwc_to_chw(np.zeros((a.size, a.size, 3), np.uint8))) for _ in jpegs], n)))
-    loader = measure(run_distalex, form, a)
-    rows.append((f"TrainLoader, {a.workers} workers: the workers' CPU", loader["workers_cpu_s"] / n * 1e6))
-    rows.append(("TrainLoader: the main process's CPU (receiving the batches)",
-                 (loader["cpu_s"] - loader["workers_cpu_s"]) / n * 1e6))
+    workers_us, main_us = distalex_cpu()
+    rows.append((f"TrainLoader, {a.workers} workers: the workers' CPU (2nd epoch)", workers_us))
+    rows.append(("TrainLoader: the training process's CPU (receiving, copying out)", main_us))
     return rows
 
 
@@ -365,7 +381,7 @@ def _summary(values: list[float]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--images", type=int, default=1280)
+    p.add_argument("--images", type=int, default=2560)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--resize", type=int, default=256)
@@ -388,7 +404,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from distalex import allocator
+
     torch.set_num_threads(1)
+    allocator.keep_freed_memory()  # as distalex.train does on the CPU (the loader's copies out reuse memory)
     cores = os.cpu_count() or 1
     cuda = torch.cuda.is_available()
     print(f"{a.images} photos in ImageNet's shapes, JPEG q{a.quality}; {a.workers} workers, batch {a.batch}, "
@@ -417,15 +436,22 @@ def main(argv: list[str] | None = None) -> int:
             print("distalex-gpu: no CUDA device here; data.decode=gpu decodes on the CPU of the training process")
         rates = {(f, pipe, src): [] for f in forms for pipe, src in runs}
         walls = {k: [] for k in rates}
-        for r in range(a.repeats):
+        with contextlib.ExitStack() as servers:
+            epochs = {}  # each loader built once: the repeats are its epochs, as in training
             for name, form in made.items():
                 for pipe, src in runs:
-                    with _served(form.shards) if src == "http" else contextlib.nullcontext() as url:
-                        extra = dict(source=src, url=url) if src != "local" else {}
-                        m = measure(RUNNERS[pipe] if not extra else run_distalex, form, a, **extra)
-                    rates[name, pipe, src].append(m["images"] / m["cpu_s"])
-                    walls[name, pipe, src].append(m["images"] / m["wall_s"])
-                    result["rows"].append(dict(form=name, pipeline=pipe, source=src, repeat=r, **m))
+                    if src == "local":
+                        epochs[name, pipe, src] = PIPELINE_BUILDERS[pipe](form, a)
+                    else:
+                        url = servers.enter_context(_served(form.shards)) if src == "http" else None
+                        epochs[name, pipe, src] = distalex_loader(form, a, decode="gpu" if pipe == "distalex-gpu" else "cpu",
+                                                                  source=src, url=url)
+            for r in range(a.repeats):
+                for key, epoch in epochs.items():
+                    m = measure(epoch)
+                    rates[key].append(m["images"] / m["cpu_s"])
+                    walls[key].append(m["images"] / m["wall_s"])
+                    result["rows"].append(dict(form=key[0], pipeline=key[1], source=key[2], repeat=r, **m))
         print(f"\nimages per CPU-second of all processes (median, min-max of {a.repeats}); images/s by wall clock")
         for name in made:
             best_bare = max((statistics.median(rates[name, p, "local"]) for p in ("pillow", "torchvision")

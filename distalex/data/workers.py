@@ -56,6 +56,8 @@ import weakref
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from distalex import allocator
+
 log = logging.getLogger("distalex.data")
 
 PR_SET_PDEATHSIG = 1
@@ -82,6 +84,8 @@ EXIT_GRACE_S = 2.0
 """How long close waits for the workers to act on EXIT_SIGNAL before it kills them."""
 FETCH_END_S = 10.0
 """After a kill, how long close waits for a first fetch still in progress to give the loader up."""
+PREFETCH_FACTOR = 4
+"""Batches the DataLoader asks each worker for ahead of the one the training process takes."""
 
 
 def _exit_now(_signum, _frame) -> None:
@@ -90,6 +94,7 @@ def _exit_now(_signum, _frame) -> None:
 
 def _worker_init(parent: int, pids, worker_id: int) -> None:
     torch.set_num_threads(1)  # the workers decode with PIL; torch ops here are tiny copies
+    allocator.keep_freed_memory()  # each decoded image is freed before the next: reuse its pages, not fault in fresh ones
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # see the module docstring
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(EXIT_SIGNAL, _exit_now)
@@ -109,7 +114,7 @@ class WorkerPool:
         loader = DataLoader(
             dataset, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
             worker_init_fn=functools.partial(_worker_init, os.getpid(), self._pids) if workers > 0 else None,
-            prefetch_factor=4 if workers > 0 else None, multiprocessing_context=context if workers > 0 else None,
+            prefetch_factor=PREFETCH_FACTOR if workers > 0 else None, multiprocessing_context=context if workers > 0 else None,
         )
         self._it = iter(loader)  # the workers start here, in the caller's thread (see _die_with_parent)
         _open_pools.add(self)
