@@ -60,7 +60,7 @@ from distalex.data.augment import CorruptImage, centre_crop, centre_square, hwc_
 from distalex.data.decode import Encoded, EncodedBatch, decode_batch, host_to_device, probe
 from distalex.data.info import DataError, Shard, dataset_info, resolve_shards
 from distalex.data.read import ReadPolicy, Segment, parse_sample, read_segment
-from distalex.data.workers import PREFETCH_FACTOR, WorkerPool
+from distalex.data.workers import PREFETCH_FACTOR, WorkerPool, worker_context
 from distalex.parallel.plan import share_images
 
 __all__ = ["Batch", "Segment", "TrainLoader", "ValLoader", "parse_sample", "plan_segments", "read_segment"]
@@ -167,38 +167,47 @@ class BatchSlots:
     """Training batches in shared memory, written by the workers, copied out by the training process.
 
     A batch in fresh shared memory costs a page fault per 4 KiB page where the worker first writes
-    it (about 120 us per 224 px image here, a quarter of what decoding a 256 px JPEG costs), and
-    another where the training process first reads it. These buffers are faulted in once, and
-    reused: each worker cycles through its ``per_worker`` slots; the training process copies a
-    slot out as it receives the batch (into pinned memory when the batch goes to a GPU) and
-    marks it free. A worker holds at most the DataLoader's prefetch of undelivered batches plus the
-    one it fills, so ``per_worker`` = prefetch + 1 never makes one wait for more than that copy.
+    it (about 120 us per 224 px image here, half of what decoding a 256 px JPEG costs), and another
+    where the training process first reads it. These buffers are made once per loader and reused:
+    a worker fills the first of its ``per_worker`` slots that is free, the training process copies
+    a slot out as it receives the batch (into pinned memory when the batch goes to a GPU) and frees
+    it. A worker holds at most the DataLoader's prefetch of undelivered batches plus the one it
+    fills, so ``per_worker`` = prefetch + 1 never makes one wait for more than that copy; and when
+    the training process keeps up, a worker cycles through one or two slots, whose pages a new
+    worker process (one per epoch) maps once.
     """
 
     def __init__(self, workers: int, per_worker: int, batch_shape: tuple[int, ...]):
         self.images = _shared_empty((workers, per_worker, *batch_shape))
         self.busy = torch.zeros((workers, per_worker), dtype=torch.uint8).share_memory_()  # 1: not copied out yet
-        self.per_worker = per_worker
+        # Flags change hands under a lock: its release orders the copy out before the worker's next
+        # writes, also where memory ordering is weak (ARM).
+        self.lock = worker_context().Lock()
 
     def reset(self) -> None:
         """All slots free: at the start of an epoch, when no worker of the last one is left."""
         self.busy.zero_()
 
-    def claim(self, worker: int, slot: int) -> torch.Tensor:
-        """Worker side: slot ``slot`` of ``worker`` to fill, once the training process has copied it out."""
+    def claim(self, worker: int) -> tuple[int, torch.Tensor]:
+        """Worker side: (slot, its images) to fill, the first slot the training process has copied out."""
         deadline = time.monotonic() + SLOT_WAIT_S
-        while self.busy[worker, slot]:
+        while True:
+            with self.lock:
+                busy = self.busy[worker].numpy()
+                if not busy.all():
+                    slot = int(busy.argmin())
+                    busy[slot] = 1
+                    return slot, self.images[worker, slot]
             if time.monotonic() > deadline:
-                raise DataError(f"loader worker {worker}: batch slot {slot} not copied out within {SLOT_WAIT_S:g} s")
+                raise DataError(f"loader worker {worker}: no batch slot copied out within {SLOT_WAIT_S:g} s")
             time.sleep(0.0005)
-        self.busy[worker, slot] = 1
-        return self.images[worker, slot]
 
     def take(self, worker: int, slot: int, device: torch.device) -> torch.Tensor:
         """Training-process side: a copy of the batch in that slot (pinned for a CUDA device); frees the slot."""
         images = self.images[worker, slot]
         images = images.pin_memory() if device.type == "cuda" else images.clone()
-        self.busy[worker, slot] = 0
+        with self.lock:
+            self.busy[worker, slot] = 0
         return images
 
 
@@ -208,7 +217,7 @@ class _PixelBatch:
 
     def __init__(self, size: int, image_size: int, resize: int, slots: BatchSlots | None, worker: int):
         self.size, self.resize, self.image_size = size, resize, image_size
-        self.slots, self.worker, self.slot = slots, worker, 0
+        self.slots, self.worker, self.slot = slots, worker, -1
         self.fast = augment.fast_crops()
         self.images = None
         self.labels = np.empty(size, np.int64)
@@ -217,7 +226,7 @@ class _PixelBatch:
     def add(self, data: bytes, label: int, u: float, v: float, flip: bool) -> None:
         if self.images is None:
             if self.slots is not None:
-                self.images = self.slots.claim(self.worker, self.slot)
+                self.slot, self.images = self.slots.claim(self.worker)
             else:
                 self.images = torch.empty((self.size, 3, self.image_size, self.image_size), dtype=torch.uint8)
             self._rows = self.images.numpy()
@@ -234,7 +243,6 @@ class _PixelBatch:
             out = Pixels(self.images, labels, skipped)
         else:
             out = Pixels(None, labels, skipped, self.worker, self.slot)
-            self.slot = (self.slot + 1) % self.slots.per_worker
         self.images, self.fill = None, 0
         return out
 

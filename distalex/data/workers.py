@@ -102,6 +102,12 @@ def _worker_init(parent: int, pids, worker_id: int) -> None:
     _die_with_parent(parent)
 
 
+def worker_context():
+    """The multiprocessing context the workers start in (the DataLoader's default); what they share
+    with the training process (the pid table, the batch slots' lock) is made in it."""
+    return multiprocessing.get_context()
+
+
 _open_pools: weakref.WeakSet = weakref.WeakSet()
 
 
@@ -109,7 +115,7 @@ class WorkerPool:
     """``iter(DataLoader(dataset, ...))`` whose workers end when ``close()`` is called, or at exit."""
 
     def __init__(self, dataset: IterableDataset, workers: int, device: torch.device):
-        context = multiprocessing.get_context()  # the DataLoader's default, named so that the pid table is shared with it
+        context = worker_context()  # named, so that the pid table is shared with the workers
         self._pids = context.RawArray("q", max(workers, 1))  # worker id -> pid, 0 until that worker has started
         loader = DataLoader(
             dataset, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
