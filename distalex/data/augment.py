@@ -213,7 +213,7 @@ def decode_hwc(data: bytes, min_side: int) -> np.ndarray:
     return np.asarray(open_rgb(data, min_side))
 
 
-def _at_scale(width: int, height: int, resize: int, left: float, top: float) -> bool:
+def at_scale(width: int, height: int, resize: int, left: float, top: float) -> bool:
     """Whether a box of the image's own scale at (left, top) is a slice: Pillow's weights are then all 1."""
     return min(width, height) == resize and float(left).is_integer() and float(top).is_integer()
 
@@ -223,7 +223,7 @@ def decode_crop_into(out: np.ndarray, data: bytes, resize: int, size: int, u: fl
     image = decode_hwc(data, resize)
     height, width = image.shape[:2]
     box = crop_box(width, height, resize, size, u, v)
-    if _at_scale(width, height, resize, box[0], box[1]):
+    if at_scale(width, height, resize, box[0], box[1]):
         resample.slice_into(out, image, int(box[0]), int(box[1]), flip)
     else:
         resample.resample_into(out, image, box, flip)
@@ -234,7 +234,7 @@ def eval_crops_into(out: np.ndarray, data: bytes, resize: int, size: int) -> Non
     ``ten_crop``; channel-first."""
     image = decode_hwc(data, resize)
     x0, y0, side = _square(image.shape[1], image.shape[0])
-    if _at_scale(image.shape[1], image.shape[0], resize, x0, y0):
+    if at_scale(image.shape[1], image.shape[0], resize, x0, y0):
         square, x0, y0 = image, int(x0), int(y0)
     else:
         square, x0, y0 = resample.resample_hwc(image, (x0, y0, x0 + side, y0 + side), resize), 0, 0
