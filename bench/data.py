@@ -1,18 +1,18 @@
 """The input pipeline: images per CPU-second of every process, distalex next to the usual loaders.
 
-    python bench/data.py                        # the comparison below, 3 repeats (~2 min on 2 cores)
+    python bench/data.py                        # the comparison below, 3 repeats (~5 min on 2 cores)
     python bench/data.py --stages               # where one image's microseconds go, stage by stage
     python bench/data.py --sources local,pipe,http --forms originals --pipelines distalex
-    python bench/data.py --pipelines distalex,distalex-gpu --workers 8   # a GPU node: can its cores feed it?
+    python bench/data.py --pipelines distalex,distalex-gpu --workers 8 --feeds bench.json   # a GPU node
 
 The images are real photos (scikit-learn's two sample images) cut into ImageNet's usual shapes
 (500x375, 375x500, 500x333, 500x500, 800x600) and saved as JPEGs at ``--quality`` 90 (~57 KiB mean);
 ``paper`` is the same photos as ``make_shards --square 256`` stores them (shorter side 256, the
-central square; ~17 KiB). Each form is written once as an ImageNet-layout folder and as shards
-(make_shards, its time reported), and every pipeline reads the same bytes:
+central square; ~17 KiB). Each form is written once as shards (make_shards, its time reported)
+and as an ImageNet-layout folder of the same files, and every pipeline reads the same bytes:
 
   distalex       ``TrainLoader`` (tar reading, shuffle buffer, decode, the paper's crop and flip,
-                 uint8 batches handed to the main process), ``--workers`` workers
+                 uint8 batches handed to the training process), ``--workers`` workers
   distalex-gpu   the same with ``data.decode=gpu``: the workers only read, the training process
                  decodes and crops each batch on its device (on its CPU where there is no CUDA)
   webdataset     ``webdataset.WebDataset`` over the same shards + torchvision transforms (Resize,
@@ -22,11 +22,14 @@ central square; ~17 KiB). Each form is written once as an ImageNet-layout folder
   torchvision    bare decode in one process: ``torchvision.io.decode_jpeg(..., mode=RGB)``
 
 All loaders: batch ``--batch``, shuffle buffer 256 where there is one, uint8 output (the float
-conversion and normalisation happen on the device in distalex), one epoch over all images, worker
-start-up included. CPU time is that of every process (this one, the workers, what they ran),
-taken with ``getrusage`` once the workers have been joined; on a machine shared with other jobs it
-is fairer than wall time. The pipelines run in turn, ``--repeats`` times; the table gives the
-median and the spread.
+conversion and normalisation happen on the device in distalex). Each loader is built once, as
+training builds it, and the repeats are its epochs, each over all ``--images`` images with its
+worker start-up (workers are started per epoch: ~0.1 CPU-s here, a few percent of a 5,120-image
+epoch, nothing next to an ImageNet one). CPU time is that of every process (this one, the
+workers, what they ran), taken with ``getrusage`` once the workers have been joined; on a machine
+shared with other jobs it is fairer than wall time. The process keeps freed memory as
+``distalex.train`` does on the CPU (``distalex.allocator``), for every pipeline. The pipelines run
+in turn, ``--repeats`` times; the table gives the median and the spread.
 """
 
 from __future__ import annotations
@@ -381,7 +384,7 @@ def _summary(values: list[float]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--images", type=int, default=2560)
+    p.add_argument("--images", type=int, default=5120)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--resize", type=int, default=256)
@@ -394,6 +397,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sources", default="local", help="distalex from local files, pipe:cat or HTTP: comma list")
     p.add_argument("--stages", action="store_true", help="the per-image cost of each stage instead")
     p.add_argument("--json", default=None, help="write the rows here")
+    p.add_argument("--feeds", default=None, metavar="BENCH_JSON",
+                   help="bench/bench.py's JSON: say how many cores it takes to feed the training step it measured")
     a = p.parse_args(argv)
     forms, pipelines = a.forms.split(","), a.pipelines.split(",")
     sources = a.sources.split(",")
@@ -468,7 +473,40 @@ def main(argv: list[str] | None = None) -> int:
                     ratios.append(f"{med / wds:.2f}x webdataset")
                 print(f"  {label:22s} {_summary(rates[name, pipe, src])} img/CPU-s  "
                       f"{statistics.median(walls[name, pipe, src]):6.0f} img/s  {'; '.join(ratios)}")
+        result["summary"] = {f"{f}/{p}/{s}": dict(images_per_cpu_s=statistics.median(v),
+                                                  images_per_s=statistics.median(walls[f, p, s]))
+                             for (f, p, s), v in rates.items()}
+        if a.feeds:
+            result["feeds"] = feeds(a.feeds, result["summary"], cores)
     return _write(result, a.json)
+
+
+def feeds(bench_json: str, summary: dict, cores: int) -> dict | None:
+    """Whether this machine's cores can feed its accelerator: the training step's images/s (the
+    fastest distalex row of bench/bench.py's JSON) against the loader's images per CPU-second."""
+    try:
+        rows = json.loads(Path(bench_json).read_text())["rows"]
+    except (OSError, ValueError, KeyError) as e:
+        print(f"feeds: no training-step numbers ({bench_json}: {e})")
+        return None
+    steps = [r for r in rows if r.get("status") == "ok" and r["name"].startswith("distalex/") and r.get("images_per_s")]
+    if not steps:
+        print(f"feeds: no distalex row ran in {bench_json}")
+        return None
+    step = max(steps, key=lambda r: r["images_per_s"])
+    need = step["images_per_s"]
+    print(f"\nthe training step, {step['name']}: {need:.0f} images/s ({bench_json})")
+    out = {"step": step["name"], "step_images_per_s": need, "cores": cores, "loaders": {}}
+    for key, m in summary.items():
+        form, pipe, _ = key.split("/")
+        if not pipe.startswith("distalex"):
+            continue
+        cores_needed = need / m["images_per_cpu_s"]
+        how = "CPU decode" if pipe == "distalex" else "data.decode=gpu"
+        print(f"  {form:9s} {how:15s}: {m['images_per_cpu_s']:6.0f} img/CPU-s -> {cores_needed:5.1f} cores to feed it "
+              f"({cores} here); one loading process gave {m['images_per_s']:.0f} img/s")
+        out["loaders"][key] = dict(m, cores_needed=cores_needed)
+    return out
 
 
 def _write(result: dict, path: str | None) -> int:
