@@ -137,7 +137,7 @@ class Pixels(NamedTuple):
     or, when the stream runs in the training process itself (no workers), in ``images``."""
 
     images: torch.Tensor | None  # uint8 (B, 3, S, S)
-    labels: torch.Tensor  # int64 (B,)
+    labels: bytes  # int64 (B,), raw: pickled with the message (the DataLoader sends tensors and numpy arrays through shared memory)
     skipped: int  # samples skipped since the worker's previous batch
     worker: int = 0
     slot: int = -1
@@ -238,7 +238,7 @@ class _PixelBatch:
         self.fill += 1
 
     def take(self, skipped: int) -> Pixels:
-        labels = torch.from_numpy(self.labels.copy())
+        labels = self.labels.tobytes()
         if self.slots is None:
             out = Pixels(self.images, labels, skipped)
         else:
@@ -408,9 +408,10 @@ class TrainLoader:
     def decoded(self, item: Pixels | Encoded) -> tuple[torch.Tensor, torch.Tensor, int]:
         """(uint8 images, labels, new skips) of a worker's batch, decoding it here if it is Encoded."""
         if isinstance(item, Pixels):
+            labels = torch.from_numpy(np.frombuffer(item.labels, np.int64).copy())
             if item.images is not None:
-                return item.images, item.labels, item.skipped
-            return self.stream.slots.take(item.worker, item.slot, self.dims.device), item.labels, item.skipped
+                return item.images, labels, item.skipped
+            return self.stream.slots.take(item.worker, item.slot, self.dims.device), labels, item.skipped
         return decode_batch(item, self.cfg.resize, self.image_size, self.decode_device)
 
     def slots_for_epoch(self) -> BatchSlots:
