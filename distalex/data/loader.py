@@ -518,10 +518,9 @@ class _EvalBatch:
         return len(self.labels)
 
     def add(self, data: bytes, label: int) -> None:
-        if self.images is None:
-            self.images = torch.empty((self.size, *self.shape), dtype=torch.uint8)
-            if get_worker_info() is not None:  # sent to the training process as it is
-                self.images.share_memory_()
+        if self.images is None:  # in a worker, in shared memory: sent to the training process as it is
+            shape = (self.size, *self.shape)
+            self.images = _shared_empty(shape) if get_worker_info() is not None else torch.empty(shape, dtype=torch.uint8)
             self._rows = self.images.numpy()
         row = self.fill
         if self.fast:  # raises CorruptImage
