@@ -184,7 +184,7 @@ def distalex_loader(form: Form, a, decode: str = "cpu", source: str = "local", u
     spec, info = _source_spec(form.shards, source, url)
     cfg = DataConfig(train_shards=spec, info=info, workers=a.workers, resize=a.resize, shuffle_buffer=SHUFFLE_BUFFER,
                      decode=decode)
-    loader = TrainLoader(cfg, ParallelDims(device=device), batch_size=a.batch, image_size=a.size, seed=0)
+    loader = TrainLoader(cfg, ParallelDims(device=device), a.batch, a.size, seed=0)
     epochs = iter(range(1 << 30))
 
     def epoch() -> int:

@@ -143,7 +143,7 @@ def test_batches_the_caller_keeps_are_never_overwritten(tmp_path):
     from distalex.data.workers import PREFETCH_FACTOR
 
     write_shards(tmp_path, [30, 26, 40])
-    ld = TrainLoader(cfg_for(tmp_path, workers=2), dims(), batch_size=4, image_size=SIZE, seed=5)
+    ld = TrainLoader(cfg_for(tmp_path, workers=2), dims(), 4, SIZE, seed=5)
     assert ld.steps_per_epoch == 24 > 2 * (PREFETCH_FACTOR + 1)
     ids, kept = epoch_ids(ld, 0)  # checks each batch's images against its labels
     assert sorted(sum(ids, [])) == list(range(96))
