@@ -449,8 +449,8 @@ def main(argv: list[str] | None = None) -> int:
                         epochs[name, pipe, src] = PIPELINE_BUILDERS[pipe](form, a)
                     else:
                         url = servers.enter_context(_served(form.shards)) if src == "http" else None
-                        epochs[name, pipe, src] = distalex_loader(form, a, decode="gpu" if pipe == "distalex-gpu" else "cpu",
-                                                                  source=src, url=url)
+                        decode = "gpu" if pipe == "distalex-gpu" else "cpu"
+                        epochs[name, pipe, src] = distalex_loader(form, a, decode=decode, source=src, url=url)
             for r in range(a.repeats):
                 for key, epoch in epochs.items():
                     m = measure(epoch)
@@ -461,7 +461,8 @@ def main(argv: list[str] | None = None) -> int:
         for name in made:
             best_bare = max((statistics.median(rates[name, p, "local"]) for p in ("pillow", "torchvision")
                              if (name, p, "local") in rates), default=None)
-            wds = statistics.median(rates[name, "webdataset", "local"]) if (name, "webdataset", "local") in rates else None
+            wds = (name, "webdataset", "local")
+            wds = statistics.median(rates[wds]) if wds in rates else None
             print(f"{name}:")
             for pipe, src in runs:
                 label = pipe + (f" ({src})" if src != "local" else "")

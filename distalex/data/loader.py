@@ -137,7 +137,7 @@ class Pixels(NamedTuple):
     or, when the stream runs in the training process itself (no workers), in ``images``."""
 
     images: torch.Tensor | None  # uint8 (B, 3, S, S)
-    labels: bytes  # int64 (B,), raw: pickled with the message (the DataLoader sends tensors and numpy arrays through shared memory)
+    labels: bytes  # int64 (B,), raw: inside the message (the DataLoader passes tensors and arrays by shared memory)
     skipped: int  # samples skipped since the worker's previous batch
     worker: int = 0
     slot: int = -1
@@ -520,7 +520,8 @@ class _EvalBatch:
     def add(self, data: bytes, label: int) -> None:
         if self.images is None:  # in a worker, in shared memory: sent to the training process as it is
             shape = (self.size, *self.shape)
-            self.images = _shared_empty(shape) if get_worker_info() is not None else torch.empty(shape, dtype=torch.uint8)
+            in_worker = get_worker_info() is not None
+            self.images = _shared_empty(shape) if in_worker else torch.empty(shape, dtype=torch.uint8)
             self._rows = self.images.numpy()
         row = self.fill
         if self.fast:  # raises CorruptImage
