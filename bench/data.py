@@ -339,6 +339,7 @@ def stages(form: Form, a) -> list[tuple[str, float]]:
         m = measure(epoch)
         return m["workers_cpu_s"] / m["images"] * 1e6, (m["cpu_s"] - m["workers_cpu_s"]) / m["images"] * 1e6
 
+    workers_us, main_us = distalex_cpu()  # first, while this process is small: forking it costs less
     jpegs, n = form.jpegs, len(form.jpegs)
     rng = np.random.default_rng(0)
     crops = [(*rng.random(2), rng.random() < 0.5) for _ in jpegs]
@@ -350,7 +351,8 @@ def stages(form: Form, a) -> list[tuple[str, float]]:
                 pass
 
     out = np.empty((3, a.size, a.size), dtype=np.uint8)
-    decoded = [augment.decode_hwc(j, a.resize) for j in jpegs]
+    some = min(n, 500)  # decoded images held for the crop rows (all of them would be gigabytes)
+    decoded = [augment.decode_hwc(j, a.resize) for j in jpegs[:some]]
     boxes = [augment.crop_box(d.shape[1], d.shape[0], a.resize, a.size, u, v) for d, (u, v, _) in zip(decoded, crops)]
     rows = [
         ("tar reading (read_segment, per sample)", per_image(read, n)),
@@ -361,14 +363,13 @@ def stages(form: Form, a) -> list[tuple[str, float]]:
         ("  decode (augment.decode_hwc: torchvision.io, or Pillow)", per_image(
             lambda: [augment.decode_hwc(j, a.resize) for j in jpegs], n)),
         ("  crop + flip into the batch: resample (resample_into)", per_image(
-            lambda: [resample.resample_into(out, d, b, f) for d, b, (_, _, f) in zip(decoded, boxes, crops)], n)),
+            lambda: [resample.resample_into(out, d, b, f) for d, b, (_, _, f) in zip(decoded, boxes, crops)], some)),
         ("  crop + flip into the batch: slice (slice_into)", per_image(
-            lambda: [resample.slice_into(out, d, 0, 0, f) for d, (_, _, f) in zip(decoded, crops)], n)),
+            lambda: [resample.slice_into(out, d, 0, 0, f) for d, (_, _, f) in zip(decoded, crops)], some)),
         ("decode + crop + flip into the batch (augment.decode_crop_into)", per_image(
             lambda: [augment.decode_crop_into(out, j, a.resize, a.size, u, v, f) for j, (u, v, f) in zip(jpegs, crops)],
             n)),
     ]
-    workers_us, main_us = distalex_cpu()
     rows.append((f"TrainLoader, {a.workers} workers: the workers' CPU (2nd epoch)", workers_us))
     rows.append(("TrainLoader: the training process's CPU (receiving, copying out)", main_us))
     return rows
