@@ -105,14 +105,19 @@ def _children_cpu_seconds() -> float:
     return kids.ru_utime + kids.ru_stime
 
 
-def _no_children_left(timeout: float = 10.0) -> None:
-    """Wait for every child process to be joined: only then does its CPU time count."""
+def _children() -> set[int]:
     import psutil
 
+    return {c.pid for c in psutil.Process().children(recursive=True)}
+
+
+def _joined(started_after: set[int], timeout: float = 10.0) -> None:
+    """Wait for every child process not in ``started_after`` to be joined: only then does its CPU
+    time count. (Children that were there before, such as torch.compile's workers, are not waited for.)"""
     deadline = time.monotonic() + timeout
-    while psutil.Process().children(recursive=True):
+    while _children() - started_after:
         if time.monotonic() > deadline:
-            raise RuntimeError(f"child processes still running: {psutil.Process().children(recursive=True)}")
+            raise RuntimeError(f"child processes still running: {sorted(_children() - started_after)}")
         mp.active_children()  # joins finished multiprocessing children
         time.sleep(0.01)
 
@@ -260,10 +265,10 @@ PIPELINE_BUILDERS = {
 
 def measure(epoch) -> dict:
     """One epoch: images, wall s, CPU s of every process, and of the children (the workers) alone."""
-    _no_children_left()
+    before = _children()
     t0, c0, k0 = time.perf_counter(), _cpu_seconds(), _children_cpu_seconds()
     n = epoch()
-    _no_children_left()
+    _joined(before)
     return dict(images=n, wall_s=time.perf_counter() - t0, cpu_s=_cpu_seconds() - c0,
                 workers_cpu_s=_children_cpu_seconds() - k0)
 
