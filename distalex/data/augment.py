@@ -167,7 +167,7 @@ def _jpeg_to_rgb():
     try:
         tvio = torchvision_io()
         op, rgb = torch.ops.image.decode_jpeg, tvio.ImageReadMode.RGB.value
-    except (ImportError, AttributeError, RuntimeError):
+    except (ImportError, AttributeError, RuntimeError, OSError):  # no torchvision, or one without its image library
         return None
     return lambda blob: op(blob, rgb, False)  # (data, mode, apply_exif_orientation): Pillow ignores EXIF too
 

@@ -93,7 +93,7 @@ def _exit_now(_signum, _frame) -> None:
 
 
 def _worker_init(parent: int, pids, worker_id: int) -> None:
-    torch.set_num_threads(1)  # the workers decode with PIL; torch ops here are tiny copies
+    torch.set_num_threads(1)  # a worker decodes and crops one image at a time; its torch ops are small
     allocator.keep_freed_memory()  # each decoded image is freed before the next: reuse its pages
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # see the module docstring
     signal.signal(signal.SIGINT, signal.SIG_IGN)
