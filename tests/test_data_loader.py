@@ -153,6 +153,27 @@ def test_batches_the_caller_keeps_are_never_overwritten(tmp_path):
     assert all(torch.equal(b.images, a.images) for b, a in zip(kept, ld.epoch(0))), "epoch 0 replays otherwise"
 
 
+@pytest.mark.parametrize("resize", [RESIZE, RESIZE - 2])  # the images' own scale (a slice), or resampled
+def test_workers_fast_crops_give_pillows_batches(tmp_path, monkeypatch, resize):
+    """The training and validation batches of the workers' road (torchvision's decoder, the compiled
+    resample or a slice, straight into the batch) equal those of Pillow's (train_crop, centre_square)."""
+    from distalex.data import augment
+
+    write_shards(tmp_path, [9, 14, 5, 12])
+    write_shards(tmp_path, [7, 6], split="val")
+
+    def batches(fast: bool):
+        monkeypatch.setattr(augment, "fast_crops", lambda: fast)
+        cfg = cfg_for(tmp_path).model_copy(update={"resize": resize})
+        train = [b.images for b in TrainLoader(cfg, dims(), 4, SIZE, seed=2).epoch(1)]
+        val = [b.images for ten in (False, True) for b in ValLoader(cfg, dims(), 4, SIZE, ten)]
+        return train + val
+
+    fast, pillow = batches(True), batches(False)
+    assert len(fast) == len(pillow) == 10 + 4 + 4
+    assert all(torch.equal(a, b) for a, b in zip(fast, pillow))
+
+
 def test_batch_slot_claims_take_the_first_free_slot_and_give_up_when_none_frees(monkeypatch):
     from distalex.data import loader
     from distalex.data.loader import BatchSlots
