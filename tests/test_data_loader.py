@@ -166,6 +166,62 @@ def test_resume_mid_epoch_replays_the_same_batches(tmp_path):
     assert list(ld.epoch(2, 10)) == []
 
 
+def test_batches_the_caller_keeps_are_never_overwritten(tmp_path):
+    """Workers fill reused shared-memory slots; what the training process receives is a copy: all
+    the batches of an epoch kept at once (far more than the slots) hold their own samples, and
+    another epoch, refilling the same slots, leaves them as they were."""
+    from distalex.data.workers import PREFETCH_FACTOR
+
+    write_shards(tmp_path, [30, 26, 40])
+    ld = TrainLoader(cfg_for(tmp_path, workers=2), dims(), 4, SIZE, seed=5)
+    assert ld.steps_per_epoch == 24 > 2 * (PREFETCH_FACTOR + 1)
+    ids, kept = epoch_ids(ld, 0)  # checks each batch's images against its labels
+    assert sorted(sum(ids, [])) == list(range(96))
+    before = [b.images.clone() for b in kept]
+    list(ld.epoch(1))
+    assert all(torch.equal(b.images, c) for b, c in zip(kept, before)), "a kept batch changed"
+    assert all(torch.equal(b.images, a.images) for b, a in zip(kept, ld.epoch(0))), "epoch 0 replays otherwise"
+
+
+@pytest.mark.parametrize("resize", [RESIZE, RESIZE - 2])  # the images' own scale (a slice), or resampled
+def test_workers_fast_crops_give_pillows_batches(tmp_path, monkeypatch, resize):
+    """The training and validation batches of the workers' road (torchvision's decoder, the compiled
+    resample or a slice, straight into the batch) equal those of Pillow's (train_crop, centre_square)."""
+    from distalex.data import augment
+
+    write_shards(tmp_path, [9, 14, 5, 12])
+    write_shards(tmp_path, [7, 6], split="val")
+
+    def batches(fast: bool):
+        monkeypatch.setattr(augment, "fast_crops", lambda: fast)
+        cfg = cfg_for(tmp_path).model_copy(update={"resize": resize})
+        train = [b.images for b in TrainLoader(cfg, dims(), 4, SIZE, seed=2).epoch(1)]
+        val = [b.images for ten in (False, True) for b in ValLoader(cfg, dims(), 4, SIZE, ten)]
+        return train + val
+
+    fast, pillow = batches(True), batches(False)
+    assert len(fast) == len(pillow) == 10 + 4 + 4
+    assert all(torch.equal(a, b) for a, b in zip(fast, pillow))
+
+
+def test_batch_slot_claims_take_the_first_free_slot_and_give_up_when_none_frees(monkeypatch):
+    from distalex.data import loader
+    from distalex.data.loader import BatchSlots
+
+    slots = BatchSlots(workers=2, per_worker=3, batch_shape=(2, 3, 4, 4))
+    assert [slots.claim(1)[0] for _ in range(3)] == [0, 1, 2]
+    slots.images[1, 1].fill_(7)
+    out = slots.take(1, 1, torch.device("cpu"))
+    slots.images[1, 1].fill_(9)  # the worker refills the slot: the copy taken out stays
+    assert torch.equal(out, torch.full((2, 3, 4, 4), 7, dtype=torch.uint8))
+    assert slots.claim(1)[0] == 1 and slots.claim(0)[0] == 0
+    monkeypatch.setattr(loader, "SLOT_WAIT_S", 0.05)
+    with pytest.raises(DataError, match="loader worker 1: no batch slot copied out"):
+        slots.claim(1)
+    slots.reset()
+    assert slots.claim(1)[0] == 0
+
+
 def test_train_samples_overrides_the_epoch_length(tmp_path):
     write_shards(tmp_path, [10, 10])
     ld = TrainLoader(cfg_for(tmp_path, train_samples=12), dims(), global_batch=4, image_size=SIZE, seed=0)

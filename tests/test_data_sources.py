@@ -390,6 +390,57 @@ def test_zero_byte_and_unreadable_shards(tmp_path, capsys):
     assert exit_.value.code == 2 and "no readable sample in 3 shards" in capsys.readouterr().err
 
 
+def test_plain_tar_files_read_as_tarfile_reads_them(tmp_path):
+    """read.py's own header reader (plain ustar files) against tarfile, which reads everything else:
+    the same samples, stray members and errors for ustar, GNU and pax files (long and non-ASCII
+    names, directories, empty members, metadata), truncated at every few hundred bytes, and with a
+    byte flipped anywhere in the headers."""
+    from distalex.data.read import _plain_members, _samples, _tarfile_members, tar_samples
+
+    def read(path: Path, plain: bool):
+        """(samples, skips, error) of a whole file: ours (seekable), or tarfile alone."""
+        got, skips = [], []
+        try:
+            with open(path, "rb") as f:
+                if plain:
+                    samples = tar_samples(str(path), f, True, 0, 1 << 30, {"jpg", "cls"}, lambda n, why: skips.append(why))
+                else:
+                    tf = tarfile.open(fileobj=f, mode="r:*")
+                    samples = _samples(str(path), _tarfile_members(tf), 0, 1 << 30, {"jpg", "cls"},
+                                       lambda n, why: skips.append(why))
+                for index_, key, members in samples:
+                    got.append((index_, key, {e: None if d is None else bytes(d) for e, d in members.items()}))
+        except (OSError, EOFError, tarfile.TarError) as e:
+            return got, skips, type(e).__name__
+        return got, skips, None
+
+    members = good(0) + [("dir/", b""), ("README", b"x"), ("__meta__.json", b"{}"), ("s00001.jpg", b""),
+                         ("s00001.cls", b"1"), ("s00001.txt", b"t" * 700)] + good(2)
+    members += [("p/" * 60 + "s00003.jpg", id_jpeg(3)), ("p/" * 60 + "s00003.cls", b"3"), ("é00004.jpg", id_jpeg(4))]
+    compared = 0
+    for fmt in (tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT):
+        whole = tmp_path / f"format-{fmt}.tar"
+        with tarfile.open(whole, "w", format=fmt) as tf:
+            for name, data in members:
+                ti = tarfile.TarInfo(name.rstrip("/"))
+                ti.type, ti.size = (tarfile.DIRTYPE, 0) if name.endswith("/") else (tarfile.REGTYPE, len(data))
+                tf.addfile(ti, io.BytesIO(data))
+        raw = whole.read_bytes()
+        want = read(whole, plain=False)
+        assert read(whole, plain=True) == want and len(want[0]) == 5 and want[2] is None, fmt
+        if fmt == tarfile.USTAR_FORMAT:  # read by our reader, not handed to tarfile
+            with open(whole, "rb") as f:
+                assert [name for name, _, _ in _plain_members(f)][-1] == "é00004.jpg"
+        variants = [raw[:cut] for cut in range(0, len(raw), 211)]
+        variants += [raw[:pos] + bytes([raw[pos] ^ 0x5A]) + raw[pos + 1:] for pos in range(0, 5120, 29)]
+        cut = tmp_path / "variant.tar"
+        for i, data in enumerate(variants):
+            cut.write_bytes(data)
+            assert read(cut, plain=True) == read(cut, plain=False), (fmt, i)
+            compared += 1
+    assert compared > 300
+
+
 # ------------------------------------------------------------------ index
 
 
