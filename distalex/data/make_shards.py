@@ -48,6 +48,7 @@ from PIL import Image
 
 from distalex.data.augment import open_rgb, square_image
 from distalex.data.info import FORMAT, INFO_NAME, DataError
+from distalex.progress import progress as progress_bar
 
 GROUND_TRUTH = "ILSVRC2012_validation_ground_truth.txt"
 META = "meta.mat"
@@ -369,10 +370,8 @@ def _check_out(out: Path, overwrite: bool, prefix: str) -> None:
 
 
 def _run_jobs(jobs: list[ShardJob], workers: int, total: int, progress: bool) -> list[ShardResult]:
-    from tqdm import tqdm
-
     counter = mp.Value("q", 0)
-    bar = tqdm(total=total, unit="img", unit_scale=True, disable=not progress, smoothing=0.1, file=sys.stderr)
+    bar = progress_bar(total, "make_shards", "img", disable=not progress, unit_scale=True, smoothing=0.1)
     done = threading.Event()
 
     def poll() -> None:  # images/s from the workers' shared counter
