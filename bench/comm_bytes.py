@@ -78,15 +78,14 @@ def step_worker(global_batch: int, shards: str, tp: int, layout: str) -> dict:
     from distalex.engine import build_engine
     from distalex.parallel.dims import init_parallel
     from distalex.stopping import StopAgreement, StopRequested
-    from distalex.train import build_parallel_model
+    from distalex.build import build_parallel_model
 
     cfg = load_config(None, [
         f"train.batch_size={global_batch}", f"parallel.tp={tp}", f"parallel.layout={layout}", "parallel.device=cpu",
         f"data.train_shards={shards}", "data.workers=0", "data.shuffle_buffer=0", "model.num_classes=1000",
     ])
     dims = init_parallel(tp=tp, towers=cfg.model.towers, device="cpu", layout=layout)
-    batch = dims.per_dp_batch(cfg.train.batch_size)
-    loader = TrainLoader(cfg.data, dims, batch, cfg.model.image_size, cfg.train.seed)
+    loader = TrainLoader(cfg.data, dims, cfg.train.batch_size, cfg.model.image_size, cfg.train.seed)
     model = build_parallel_model(cfg, dims)
     engine = build_engine(model, cfg, dims)
     lighting = torch.Generator().manual_seed(cfg.train.seed)
@@ -108,7 +107,7 @@ def step_worker(global_batch: int, shards: str, tp: int, layout: str) -> dict:
     wall = time.perf_counter() - t0
     agree.now()  # collects the agreement started in the step
     return {
-        "rank": dims.rank, "dp": dims.dp, "tp": dims.tp, "per_rank_batch": batch, "wall_s": wall,
+        "rank": dims.rank, "dp": dims.dp, "tp": dims.tp, "per_rank_batch": loader.batch_size, "wall_s": wall,
         "tp_ranks": tuple(dist.get_process_group_ranks(dims.tp_group)),
         "dp_ranks": tuple(dist.get_process_group_ranks(dims.dp_group)) if dims.dp_enabled else (),
         "local_param_bytes": local_param_bytes,

@@ -13,7 +13,9 @@
 # (tests/test_bench_smoke.py).
 #
 # OUT_DIR receives: gpu-check.log (everything), env.txt, cuda-tests.log, cuda-tests.xml (JUnit),
-# bench.txt (the table and ratios) and bench.json.
+# bench.txt (the table and ratios), bench.json, and data.txt / data.json: the input pipeline on real
+# photos in ImageNet's shapes and in the paper's stored form, with CPU decode (images per CPU-second:
+# per core) and with data.decode=gpu, set against the training step's images/s from bench.json.
 # Exit status: 0 all ran and passed; 1 a CUDA test failed or a benchmark row errored; 2 bad usage
 # or a requirement missing.
 set -uo pipefail
@@ -25,8 +27,9 @@ fi
 OUT=$1
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PYTHON=${PYTHON:-python3}
-TEST_LIMIT_S=${GPU_CHECK_TEST_LIMIT_S:-300}
-BENCH_LIMIT_S=${GPU_CHECK_BENCH_LIMIT_S:-240}
+TEST_LIMIT_S=${GPU_CHECK_TEST_LIMIT_S:-270}
+BENCH_LIMIT_S=${GPU_CHECK_BENCH_LIMIT_S:-210}
+DATA_LIMIT_S=${GPU_CHECK_DATA_LIMIT_S:-90}
 mkdir -p "$OUT" || exit 2
 OUT=$(cd "$OUT" && pwd)
 cd "$ROOT" || exit 2
@@ -88,6 +91,20 @@ stage "benchmark (limit ${BENCH_LIMIT_S} s)"
 timeout --kill-after=10 "$BENCH_LIMIT_S" "$PYTHON" bench/bench.py "${bench_args[@]}" --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt"
 rc=${PIPESTATUS[0]}
 [ "$rc" -eq 124 ] && echo "benchmark: stopped at the ${BENCH_LIMIT_S} s limit; bench.json has the rows it finished"
+[ "$rc" -ne 0 ] && status=1
+
+if [ "$has_cuda" = 1 ]; then
+  cores=$(nproc)
+  data_args=(--images 1280 --workers $(( cores > 8 ? 8 : cores )))
+else
+  data_args=(--images 48 --batch 8 --workers 2)
+  echo "no CUDA: the input pipeline's tiny form (data.decode=gpu decodes on this process's CPU)"
+fi
+stage "input pipeline (limit ${DATA_LIMIT_S} s)"
+timeout --kill-after=10 "$DATA_LIMIT_S" "$PYTHON" bench/data.py "${data_args[@]}" --repeats 1 \
+  --pipelines distalex,distalex-gpu,torchvision --feeds "$OUT/bench.json" --json "$OUT/data.json" 2>&1 | tee "$OUT/data.txt"
+rc=${PIPESTATUS[0]}
+[ "$rc" -eq 124 ] && echo "input pipeline: stopped at the ${DATA_LIMIT_S} s limit"
 [ "$rc" -ne 0 ] && status=1
 
 stage "done: exit status $status"

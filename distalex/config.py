@@ -68,6 +68,15 @@ class ParallelConfig(Section):
     torchrun's own rendezvous keep-alive allows (3 beats of 5 s), and longer than the pauses a healthy
     host can have (TCP retransmissions over a short link flap, a swap or GC stall), while a dead peer
     costs 30 s instead of the collective timeout (10 to 30 minutes by default)."""
+    progress_timeout_s: float = Field(120.0, gt=0)
+    """A training job in which no rank has finished a step for this long while every rank's process
+    lives (a deadlock, a read that never returns or a stuck kernel on one rank, the others waiting for
+    it in a collective) ends, naming the rank that is behind, after every rank has written its Python
+    stacks to the log (docs/training.md, "Faults at scale"). Not counted: start-up, the first 2 steps
+    of each process (compiles), checkpoint writes, validation, an epoch's loader start. Must exceed
+    the slowest step with the wait for its batch; with remote shards the bound used is at least the
+    longest a read may stall through its retries (data.stall_timeout_s for each of data.retries + 1
+    tries, and the waits between them: 247 s at the defaults)."""
 
 
 class DataConfig(Section):
@@ -76,6 +85,12 @@ class DataConfig(Section):
     val_shards: str = "data/shards/imagenet-val-{000000..000006}.tar"
     workers: int = Field(4, ge=0)
     """DataLoader worker processes per loading rank (tp rank 0 of each dp group)."""
+    start_method: Literal["auto", "forkserver", "spawn", "fork"] = "auto"
+    """How the worker processes start (multiprocessing's start method, passed to the DataLoader, so
+    Python's default does not matter): auto = forkserver on Linux (a single-threaded server, preloaded
+    with the loader, forks them), else spawn; fork copies the training process with its threads
+    (fastest, unsafe while another thread holds a lock); spawn starts each in a fresh interpreter
+    (seconds per epoch). docs/data.md#loader-workers-and-start-methods has the measurements."""
     shuffle_buffer: int = Field(2000, ge=0)
     """Raw samples held in each worker's shuffle buffer (0: no sample shuffle; ~110 KB each on ImageNet)."""
     resize: int = Field(256, ge=1)
@@ -137,7 +152,10 @@ class OptimConfig(Section):
 
 class TrainConfig(Section):
     batch_size: int = Field(128, ge=1)
-    """Global batch: split evenly over the dp groups (the paper: 128)."""
+    """Global batch (the paper: 128), split over the dp groups as evenly as it goes: where dp does
+    not divide it the groups' batches differ by one image (128 at dp=12: eight of 11, four of 10), and
+    each group's loss is weighted by its share, so a step is the serial step on the whole batch at
+    any dp (docs/training.md, "Batch size and scale"). At least one image per dp group."""
     epochs: int = Field(90, ge=1)
     max_steps: int | None = Field(None, ge=1)
     """Stop after this many optimizer steps (for short runs); None: run all epochs."""
@@ -159,6 +177,9 @@ class TrainConfig(Section):
     (``parallel.device: auto`` on a CPU machine) it is ignored with a warning."""
     log_every: int = Field(10, ge=1)
     """Steps between logged metrics (reading the loss is a device sync)."""
+    progress_interval_s: float = Field(30.0, gt=0)
+    """Where stderr is not a terminal (a SLURM log, ``> file``): seconds between plain progress
+    lines (steps, rate, time left, loss, data wait). On a terminal a progress bar instead."""
     eval_ten_crop: bool = False
     """Validate with 10-crop (slower) instead of the centre crop."""
     deterministic: bool = False
@@ -177,9 +198,11 @@ class CheckpointConfig(Section):
     every_steps: int = Field(1000, ge=0)
     """Save every N steps (0: only at epoch ends and on SIGTERM)."""
     keep: int = Field(3, ge=1)
-    """Complete checkpoints to keep; older ones are deleted."""
+    """Complete checkpoints of this run to keep; its older ones are deleted (never another run's)."""
     resume: str = "auto"
-    """auto: the latest complete checkpoint in dir, if any; none; or a checkpoint path."""
+    """auto: the latest complete checkpoint in dir, if any; none: a new run (refused when dir holds
+    another run's checkpoints); or a checkpoint path. A restart of the same job (torchrun
+    --max-restarts, a Slurm requeue) resumes the checkpoints it saved, whatever this says."""
 
 
 class TrackingConfig(Section):

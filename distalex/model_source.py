@@ -33,7 +33,10 @@ from pathlib import Path
 
 import torch
 
-from distalex.checkpoint import SERVING, CheckpointError, load_serial_state, read_meta, resolve_checkpoint
+from distalex.checkpoint import (
+    SERVING, CheckpointError, CheckpointReadError, file_records, load_file, load_serial_state, read_meta,
+    resolve_checkpoint,
+)
 from distalex.config import Config, ModelConfig
 from distalex.data.augment import normalize, to_input_units
 from distalex.data.info import DataError
@@ -217,9 +220,10 @@ def _from_checkpoint(path: Path, tracking_uri: str | None) -> ModelSource:
     try:
         folder = resolve_checkpoint(path)
         state, cfg, classes = load_serial_state(folder)
-        train_state = read_meta(folder)["train_state"]
-        serving = torch.load(folder / SERVING, weights_only=True) if (folder / SERVING).is_file() else {}
-    except CheckpointError as e:
+        meta = read_meta(folder)
+        train_state, files = meta["train_state"], file_records(meta)
+        serving = load_file(folder, SERVING, files) if (folder / SERVING).is_file() or SERVING in (files or {}) else {}
+    except (CheckpointError, CheckpointReadError) as e:
         raise SourceError(str(e)) from None
     except Exception as e:  # noqa: BLE001 - a meta.json or file that lacks what it should
         raise SourceError(f"{path}: malformed checkpoint ({type(e).__name__}: {e})") from None

@@ -18,6 +18,15 @@ sets a flag (``StopRequested``); ``StopAgreement`` turns the flags into one deci
   therefore stops within one validation batch, loader start-up within one poll interval.
 
 The control group is gloo over the host even with NCCL: the flag never touches the device.
+
+A Python signal handler runs only when the main thread returns to the interpreter: one blocked in
+C++ (gloo's connect in ``init_process_group`` waiting for a peer, a collective whose peer is gone)
+would not hear the stop until that call returns or times out, and torchrun's agent kills a worker
+30 s after its SIGTERM. So the training CLI also hears the stop signals on a thread of its own
+(``StopRequested.hear_while_blocked``, ``distalex.signal_watch``): before the training loop starts
+there is nothing to save and the process ends at once (status 0); in the loop the main thread has
+``signal_watch.STOP_GRACE_S`` to stop as above, after which the thread ends the process without a
+checkpoint of that point.
 """
 
 from __future__ import annotations
@@ -30,12 +39,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from distalex import signal_watch
 from distalex.parallel.dims import ParallelDims
 
 
 class StopRequested:
     """Set by SIGTERM (torchrun and Slurm send it) or Ctrl-C (SIGINT). Installed first thing, so a
-    signal during start-up still ends in a clean save and exit.
+    signal during start-up still ends in a clean exit: at once where ``hear_while_blocked`` is on
+    (nothing to save yet), else with a save at the first agreement.
 
     A second Ctrl-C aborts at once: the handler raises ``KeyboardInterrupt`` (``aborted`` is then
     True and the loop marks the MLflow run KILLED on its way out). "Second" means a SIGINT after
@@ -55,9 +66,16 @@ class StopRequested:
         """The signal that asked for the stop: "SIGTERM" or "SIGINT"."""
         self.aborted = False
         self.finishing = False
+        self.started = False
+        """Whether the training loop has started: before it a stop has nothing to save."""
         self._at = 0.0
         signal.signal(signal.SIGTERM, self._handle)
         signal.signal(signal.SIGINT, self._handle)
+
+    def hear_while_blocked(self) -> None:
+        """Also hear SIGTERM and SIGINT on a thread of its own, whatever the main thread is blocked
+        in (see the module docstring). For a process that ends after its stop: the training CLI."""
+        signal_watch.follow(self)
 
     def describe(self) -> str:
         """What asked for the stop, for messages: this process's signal, or another rank's."""

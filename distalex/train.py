@@ -4,8 +4,8 @@ train() -> train_epoch() -> engine.train_step(); validation, checkpoints and MLf
 Every rank runs this file; rank 0 alone prints, shows the progress bar and talks to MLflow.
 
 Exit status: see ``distalex.jobs`` (0 finished, or stopped by SIGTERM or Ctrl-C after saving; 2 bad
-input; 3 diverged; 4 a peer or the job's store lost; 130 aborted by a second Ctrl-C). A failure on
-any rank ends every rank within seconds.
+input; 3 diverged; 4 a peer or the job's store lost; 6 stalled; 130 aborted; 143 a stop not done in
+20 s). A failure on any rank ends every rank within seconds; 2, 3 and 130 end the job, not retried.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from distalex import allocator, determinism
+from distalex.build import build_parallel_model, channels_last
 from distalex.checkpoint import (
     CheckpointManager, RandomStreams, Resumed, TrainState, data_position_settings, latest_checkpoint,
 )
@@ -29,19 +30,24 @@ from distalex.config import Config, ConfigError, absolute_paths, add_config_args
 from distalex.data.augment import normalize
 from distalex.data.info import DataError, read_info
 from distalex.data.loader import EpochBatches, TrainLoader, ValLoader
+from distalex.data.read import longest_stall_s
 from distalex.engine import Engine, build_engine
 from distalex.evaluate import evaluate
-from distalex.jobs import EXIT_BAD_INPUT, EXIT_DIVERGED, exit_now, report_failure
+from distalex.jobs import EXIT_BAD_INPUT, EXIT_DIVERGED, exit_job, exit_now, report_failure
 from distalex.model import build_model
-from distalex.parallel.dims import ParallelConfigError, ParallelDims, destroy_parallel, init_parallel
+from distalex.parallel.dims import (
+    ParallelConfigError, ParallelDims, destroy_parallel, init_parallel, small_batch_warning,
+)
 from distalex.parallel.liveness import ON_END_S
-from distalex.parallel.plan import full_state_dict, gather_full, is_sharded, parallelize
+from distalex.parallel.plan import full_state_dict, gather_full, is_sharded
 from distalex.plateau import PlateauWatch, check_plateau
+from distalex.progress import progress as progress_bar
 from distalex.serving import training_settings
+from distalex.steptime import StepTimes, epoch_report, gather, host_names, median_compute
 from distalex.stopping import StopAgreement, StopRequested
 from distalex.tracking import (
-    METRIC_EPOCH_LOSS, METRIC_IMAGES_PER_S, METRIC_LOSS, METRIC_LR, METRIC_SKIPPED, METRIC_STEPS_SKIPPED,
-    METRIC_TOP1, METRIC_TOP5, METRIC_VAL_LOSS, Tracker,
+    METRIC_COMPUTE_MS, METRIC_DATA_WAIT, METRIC_EPOCH_LOSS, METRIC_IMAGES_PER_S, METRIC_LOSS, METRIC_LR,
+    METRIC_SKIPPED, METRIC_STEPS_SKIPPED, METRIC_TOP1, METRIC_TOP5, METRIC_VAL_LOSS, Tracker,
 )
 
 LOADER_POLL_S = 0.2
@@ -72,41 +78,13 @@ class Run:
     run_dir: Path
     classes: list[str]
     agree: StopAgreement
+    times: StepTimes
+    hosts: list[str] | None
+    """Rank 0: each rank's host, for the perf/<host>/ metrics and the straggler line (None elsewhere)."""
     saved: tuple | None = None
     """The train state this process last saved (a stop right after a save does not save it again)."""
     plateau: PlateauWatch | None = None
     """Whether the loss sits at ln(classes) (``distalex.plateau``); set in ``setup``."""
-
-
-def build_parallel_model(cfg: Config, dims: ParallelDims):
-    """The full model from one seed on every rank, then this rank's towers (init independent of tp)."""
-    torch.manual_seed(cfg.train.seed)
-    model = parallelize(build_model(cfg.model), dims.tp_group, cfg.parallel.layout)
-    # Dropout masks: shared by the tp peers of a dp group, different across dp groups.
-    model.reseed_dropout(cfg.train.seed + 7919 * dims.dp_rank)
-    model = model.to(dims.device)
-    if channels_last(cfg, dims.device):
-        model = model.to(memory_format=torch.channels_last)
-    if cfg.train.compile:
-        model.compile(fullgraph=True, **compile_options(cfg, dims))  # one graph, or an error that says where not
-    return model
-
-
-def channels_last(cfg: Config, device: torch.device) -> bool:
-    """``train.channels_last`` on ``device`` (auto: on CUDA only)."""
-    return device.type == "cuda" if cfg.train.channels_last == "auto" else cfg.train.channels_last
-
-
-def compile_options(cfg: Config, dims: ParallelDims) -> dict:
-    """torch.compile's arguments for the model: CUDA graphs (reduce-overhead) where asked and possible."""
-    if not cfg.train.cuda_graphs:
-        return {}
-    if dims.device.type != "cuda":
-        if dims.is_main:
-            warnings.warn(f"train.cuda_graphs=true: no CUDA device (running on {dims.device.type}); compiling without CUDA graphs",
-                          stacklevel=2)
-        return {}
-    return {"mode": "reduce-overhead"}
 
 
 def setup(cfg: Config, dims: ParallelDims, stop: StopRequested) -> Run:
@@ -120,9 +98,8 @@ def setup(cfg: Config, dims: ParallelDims, stop: StopRequested) -> Run:
         raise DataError(
             f"{cfg.data.train_shards}: the shards hold {info.num_classes} classes but model.num_classes={cfg.model.num_classes}"
         )
-    batch = dims.per_dp_batch(cfg.train.batch_size)
-    train_loader = TrainLoader(cfg.data, dims, batch, cfg.model.image_size, cfg.train.seed)
-    val_loader = ValLoader(cfg.data, dims, batch, cfg.model.image_size, ten_crop=cfg.train.eval_ten_crop)
+    train_loader = TrainLoader(cfg.data, dims, cfg.train.batch_size, cfg.model.image_size, cfg.train.seed)
+    val_loader = ValLoader(cfg.data, dims, train_loader.batch_size, cfg.model.image_size, ten_crop=cfg.train.eval_ten_crop)
     model = build_parallel_model(cfg, dims)
     engine = build_engine(model, cfg, dims)
     lighting = torch.Generator(device=dims.device).manual_seed(cfg.train.seed * 1_000_003 + dims.dp_rank)
@@ -151,7 +128,7 @@ def setup(cfg: Config, dims: ParallelDims, stop: StopRequested) -> Run:
             tracker.log_text(to_yaml(cfg), "config.yaml")
             tracker.log_datasets(cfg.data)
     run = Run(cfg, dims, engine, train_loader, val_loader, checkpoints, state, streams, lighting, tracker, run_dir,
-              info.classes, StopAgreement(stop, dims))
+              info.classes, StopAgreement(stop, dims), StepTimes(engine.module, dims.device), host_names(dims))
     if resumed is not None:
         continue_at_this_layout(run, resumed)
     run.plateau = PlateauWatch(cfg.model.num_classes, cfg.train.plateau_steps, cfg.train.plateau_margin)
@@ -194,8 +171,14 @@ def train_epoch(run: Run, progress) -> str | None:
             save(run, flush=False)
             return "during loader start-up"
         # The loss stays on the device and is read every log_every steps: reading it is a sync.
-        window_sum, window_n, window_t = torch.zeros((), device=dims.device), 0, time.perf_counter()
-        for batch in batches:
+        window_sum, window_n = torch.zeros((), device=dims.device), 0
+        dims.progress.watch()  # from here a rank that stops finishing steps stalls the job (parallel.liveness)
+        fetch = iter(batches)
+        while True:
+            try:
+                batch = run.times.fetch(fetch)  # the time it waits for the batch is this rank's data wait
+            except StopIteration:
+                break
             x = normalize(batch.images, train=True, data_cfg=cfg.data, generator=run.lighting)
             if channels_last(cfg, dims.device):
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -204,6 +187,7 @@ def train_epoch(run: Run, progress) -> str | None:
             window_n += 1
             state.step += 1
             state.step_in_epoch += 1
+            dims.progress.step_done(state.step)
             stopping = run.agree.after_step()  # no wait: decided by the flags of one step ago, the same on every rank
             last = state.step_in_epoch == steps or state.step == cfg.train.max_steps
             periodic = cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0
@@ -211,19 +195,24 @@ def train_epoch(run: Run, progress) -> str | None:
             # A save closes the loss window too, so the epoch's loss holds every step after a resume.
             if window_n == cfg.train.log_every or last or saving:
                 mean = checked_loss(window_sum, window_n, run)  # sync point; a checkpoint only follows finite losses
-                ips = window_n * cfg.train.batch_size / max(time.perf_counter() - window_t, 1e-9)
+                per_rank = gather(run.times.window(), dims)  # every rank's data wait and compute, on rank 0
                 skipped = float(batch.skipped)  # a device tensor: read at log points only
-                run.tracker.log_metrics(
-                    {METRIC_LOSS: mean, METRIC_LR: engine.lr, METRIC_IMAGES_PER_S: ips, METRIC_SKIPPED: skipped},
-                    step=state.step,
-                )
-                if progress is not None:
-                    progress.set_postfix(loss=f"{mean:.4f}", lr=f"{engine.lr:.2e}", img_s=f"{ips:.0f}", refresh=False)
+                if per_rank is not None:
+                    ips = window_n * cfg.train.batch_size / max(per_rank[0].wall, 1e-9)
+                    data = max(t.data_percent for t in per_rank)  # the rank that waits most holds every rank up
+                    run.tracker.log_metrics(
+                        {METRIC_LOSS: mean, METRIC_LR: engine.lr, METRIC_IMAGES_PER_S: ips, METRIC_SKIPPED: skipped,
+                         METRIC_DATA_WAIT: data, METRIC_COMPUTE_MS: 1000 * median_compute(per_rank)},
+                        step=state.step,
+                    )
+                    if progress is not None:
+                        progress.set_postfix(loss=f"{mean:.4f}", lr=f"{engine.lr:.2e}", img_s=f"{ips:.0f}",
+                                             data=f"{data:.0f}%", refresh=False)
                 state.epoch_loss_sum += mean * window_n
                 state.epoch_loss_steps += window_n
                 check_plateau(run.plateau, state.step, window_n, mean, run.tracker, dims.is_main)
                 window_sum.zero_()
-                window_n, window_t = 0, time.perf_counter()
+                window_n = 0
             if progress is not None:
                 progress.update(1)
             if saving:
@@ -234,6 +223,7 @@ def train_epoch(run: Run, progress) -> str | None:
                 break
         return None
     finally:
+        dims.progress.unwatch()
         batches.close()
 
 
@@ -248,6 +238,17 @@ def loader_started(batches: EpochBatches, agree: StopAgreement) -> bool:
             return True
 
 
+def report_step_times(run: Run) -> None:
+    """At an epoch's end: each host's data wait and compute, and a line naming any rank clearly
+    slower than the median rank (``steptime.epoch_report``)."""
+    per_rank = gather(run.times.end_epoch(), run.dims)
+    if per_rank is not None:
+        metrics, lines = epoch_report(per_rank, run.hosts, run.state.epoch + 1)
+        run.tracker.log_metrics(metrics, step=run.state.step)
+        for line in lines:
+            print(line, file=sys.stderr, flush=True)
+
+
 def checked_loss(window_sum: torch.Tensor, window_n: int, run: Run) -> float:
     """The mean loss of the window over all dp groups; raises Diverged if it is NaN or inf."""
     mean = mean_over_dp(window_sum / window_n, run.dims)
@@ -257,7 +258,9 @@ def checked_loss(window_sum: torch.Tensor, window_n: int, run: Run) -> float:
 
 
 def mean_over_dp(value: torch.Tensor, dims: ParallelDims) -> float:
-    """The loss averaged over data-parallel groups (tp peers hold the same value)."""
+    """The loss averaged over data-parallel groups (tp peers hold the same value). Each group's loss
+    is weighted by its share of the global batch (``Engine.loss``), so this is the global batch's
+    mean loss also where the groups' batches differ."""
     if dims.dp_enabled:
         value = value.detach().clone()
         dist.all_reduce(value, group=dims.dp_group)
@@ -280,9 +283,10 @@ def save(run: Run, flush: bool = True) -> None:
     # The last checked loss came from before the last update, which can still have overflowed.
     if run.dims.any_rank(not weights_finite(run.engine.module)):
         raise Diverged(f"the weights hold NaN or inf after step {state.step} (epoch {state.epoch + 1})")
-    if flush:
-        run.tracker.flush()
-    path = run.checkpoints.save(run.engine, state, run.streams)
+    with run.dims.progress.paused():  # a slow write is no stall
+        if flush:
+            run.tracker.flush()
+        path = run.checkpoints.save(run.engine, state, run.streams)
     run.saved = key
     if run.dims.is_main:
         print(f"checkpoint: {path}", file=sys.stderr, flush=True)
@@ -306,6 +310,7 @@ def end_of_epoch(run: Run, result: dict, t0: float) -> None:
         state.epochs_since_best = 0
         engine.lr = state.lr
     log_validation(run, result, {METRIC_EPOCH_LOSS: train_loss, "epoch": float(state.epoch + 1)})
+    report_step_times(run)
     if dims.is_main:
         print(
             f"epoch {state.epoch + 1}/{cfg.train.epochs}: train loss {train_loss:.4f}, {describe(result, cfg)}, "
@@ -422,11 +427,14 @@ def train(cfg: Config, dims: ParallelDims, stop: StopRequested) -> int:
     total = cfg.train.max_steps or cfg.train.epochs * steps
     progress = None
     if dims.is_main:
-        from tqdm import tqdm
-
-        print(f"distalex: {dims.describe()}, {steps} steps/epoch of {cfg.train.batch_size} images", flush=True)
-        progress = tqdm(total=total, initial=state.step, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
+        print(f"distalex: {dims.describe()}, {steps} steps/epoch of {dims.describe_batch(cfg.train.batch_size)}", flush=True)
+        warning = small_batch_warning(cfg.train.batch_size, dims.dp, dims.tp, dims.device.type)
+        if warning is not None:
+            warnings.warn(warning, stacklevel=2)
+        progress = progress_bar(total, "train", "step", initial=state.step, interval_s=cfg.train.progress_interval_s,
+                                dynamic_ncols=True)
     status = "FAILED"
+    stop.started = True  # from here a stop saves where training is
     try:
         where = run_epochs(run, progress)
         if where is not None:
@@ -454,6 +462,7 @@ def train(cfg: Config, dims: ParallelDims, stop: StopRequested) -> int:
         stop.finishing = True  # a later Ctrl-C must not cut off the end of the MLflow run
         if progress is not None:
             progress.close()
+        run.times.close()
         if stop.aborted:
             status = "KILLED"
         if status == "KILLED":
@@ -466,23 +475,26 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m distalex.train", description=__doc__.split("\n\n")[0])
     add_config_args(parser)
     args = parser.parse_args(argv)
-    stop = StopRequested()  # first: a SIGTERM during start-up still ends in a clean save and exit
-    cfg = config_from_args(args)  # exits 2 on a bad config, before any process group exists
-    par = cfg.parallel
+    stop = StopRequested()  # first: a SIGTERM during start-up ends the process at once, a later one saves
+    stop.hear_while_blocked()
     try:
+        cfg = config_from_args(args)  # exits 2 on a bad config, before any process group exists
+        par = cfg.parallel
         if cfg.train.deterministic:
             determinism.prepare(par.device)  # before the first CUDA call
-        dims = init_parallel(par.tp, cfg.model.towers, par.device, par.timeout_s, par.layout, par.peer_timeout_s)
+        dims = init_parallel(par.tp, cfg.model.towers, par.device, par.timeout_s, par.layout, par.peer_timeout_s,
+                             max(par.progress_timeout_s, longest_stall_s(cfg.data)))
     except (ConfigError, ParallelConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(EXIT_BAD_INPUT)
+        exit_job(EXIT_BAD_INPUT)
+    except SystemExit as e:  # config_from_args printed the error
+        exit_job(e.code)
     try:
         code = train(cfg, dims, stop)
     except BaseException as e:  # noqa: BLE001 - every failure ends every rank, with one line
         exit_now(report_failure(dims, e))
     destroy_parallel(dims)
-    sys.exit(code)
-
+    exit_job(code)
 
 if __name__ == "__main__":
     main()

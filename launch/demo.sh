@@ -18,9 +18,8 @@ if [ ! -f "$DATA/shards/_info.json" ]; then
   $PYTHON -m distalex.data.make_shards "$DATA/src" "$DATA/shards" --max-count 300 --overwrite
 fi
 
-# A fresh run every time: a previous run's checkpoints would otherwise stay in runs/demo/checkpoints,
-# and when they have higher step numbers (a longer earlier run) they count as the latest, so
-# checkpoint.keep prunes the new run's checkpoints and the report draws the old run.
+# A fresh run every time: with a previous run's checkpoints still in runs/demo/checkpoints,
+# checkpoint.resume=none refuses to start a new run beside them (the report would draw the old one).
 rm -rf runs/demo
 
 echo "== training: torchrun --nproc_per_node=2 -m distalex.train --config configs/demo.yaml $*"

@@ -35,7 +35,9 @@ if [[ -z ${NPROC_PER_NODE:-} ]]; then
     NPROC_PER_NODE=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
     ((NPROC_PER_NODE > 0)) || NPROC_PER_NODE=1
 fi
-# A fresh worker store port per restart attempt: gloo restarts are only reliable so.
+# torch 2.14's shared agent store (its default) cannot take in a host that joins a running job: the
+# new host's agent waits for the round's store address, which node 0's agent writes only in its
+# first round, and the round fails after 60 s. Without it every round writes the address.
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
 export PYTHONUNBUFFERED=1
 agent=(--nnodes="${NODES:-1:64}" --nproc_per_node="$NPROC_PER_NODE" --max-restarts="${MAX_RESTARTS:-3}"

@@ -1,5 +1,6 @@
 """Test tiers: every test not marked e2e, slurm or slow is in the quick tier (marker ``quick``,
-``make test-quick``); skipped SLURM and multi-host tests are repeated in the summary with the reason."""
+``make test-quick``); skipped SLURM, multi-host and other-Python tests are repeated in the summary with
+the reason."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_terminal_summary(terminalreporter):
-    for marker, what in (("slurm", "SLURM"), ("hosts", "multi-host fault")):
+    for marker, what in (("slurm", "SLURM"), ("hosts", "multi-host fault"), ("pythons", "other-Python")):
         skipped = [r for r in terminalreporter.stats.get("skipped", []) if marker in getattr(r, "keywords", {})]
         if skipped:
             reason = skipped[0].longrepr[2] if isinstance(skipped[0].longrepr, tuple) else str(skipped[0].longrepr)

@@ -286,7 +286,7 @@ def check_sbatch(args: list[str], env: dict[str, str]) -> None:
 def _preflight_parser(args: list[str]) -> None:
     from distalex.config import add_config_args
 
-    parser = argparse.ArgumentParser(prog="train.sbatch preflight")
+    parser = argparse.ArgumentParser(prog="python -m distalex.preflight")
     add_config_args(parser)
     parser.parse_args(args)
 

@@ -5,8 +5,9 @@ leaves the namespaces the test makes). The other ends of the veths are ports of 
 namespace of its own, the switch. ``cut(i)`` takes host i's switch port down: both sides lose the
 carrier and packets vanish without a reset, as when a cable, a switch port or a NIC dies.
 ``kill(i)`` SIGKILLs every process in host i's namespace (the torchrun agent included), as a host
-that crashes. Hosts share this machine's file system: one working directory for all stands for a
-shared file system, one each for none.
+that crashes; ``freeze(i)`` and ``thaw(i)`` stop and continue them (SIGSTOP, SIGCONT), as a host
+that hangs and comes back. Hosts share this machine's file system: one working directory for all
+stands for a shared file system, one each for none.
 
 Needs root and iproute2 (``ip netns``): without them the tests (marker ``hosts``) skip with the
 reason, and ``require_hosts`` turns that skip into a failure where ``DISTALEX_REQUIRE_HOSTS=1``
@@ -56,6 +57,8 @@ class Hosts:
         self.tag = f"dx{os.getpid() % 100000}{int(time.monotonic() * 10) % 100}"
         self.switch = f"{self.tag}sw"
         self.procs: list[subprocess.Popen] = []
+        self.logs: list[Path] = []
+        """Every log a command started here writes to."""
         try:
             _ip("netns", "add", self.switch)
             _ip("-n", self.switch, "link", "add", "br0", "type", "bridge")
@@ -87,6 +90,7 @@ class Hosts:
     def start(self, i: int, cmd: list[str], cwd: Path, log: Path, env: dict) -> subprocess.Popen:
         """Run ``cmd`` on host i, its stdout and stderr into ``log``."""
         cwd.mkdir(parents=True, exist_ok=True)
+        self.logs.append(log)
         with open(log, "ab") as out:
             proc = subprocess.Popen(["ip", "netns", "exec", self.ns(i), *cmd], cwd=cwd, env=env, stdout=out,
                                     stderr=subprocess.STDOUT, start_new_session=True)
@@ -112,9 +116,19 @@ class Hosts:
 
     def kill(self, i: int) -> None:
         """Every process of host i dies at once (SIGKILL), its agent included."""
+        self._signal(i, signal.SIGKILL)
+
+    def freeze(self, i: int) -> None:
+        """Every process of host i stops (SIGSTOP): its sockets stay open and silent."""
+        self._signal(i, signal.SIGSTOP)
+
+    def thaw(self, i: int) -> None:
+        self._signal(i, signal.SIGCONT)
+
+    def _signal(self, i: int, signum: int) -> None:
         for pid in self.pids(i):
             try:
-                os.kill(pid, signal.SIGKILL)
+                os.kill(pid, signum)
             except ProcessLookupError:
                 pass
 
@@ -158,7 +172,6 @@ def agent(hosts: Hosts, i: int, nnodes: str, overrides: list[str], port: int, ma
 def host_env(hosts: Hosts, i: int, **extra) -> dict[str, str]:
     env = dict(os.environ)
     env.pop("MLFLOW_TRACKING_URI", None)
-    env.update(GLOO_SOCKET_IFNAME=hosts.ifname(i), TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1", OMP_NUM_THREADS="1",
-               PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO))
+    env.update(GLOO_SOCKET_IFNAME=hosts.ifname(i), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO))
     env.update(extra)
     return env

@@ -53,8 +53,7 @@ def torchrun_cmd(nproc: int, max_restarts: int = 0) -> list[str]:
 
 def run_env(**extra) -> dict[str, str]:
     env = dict(os.environ)
-    # A fresh rendezvous store port per restart attempt: gloo restarts are reliable only so.
-    env.update(OMP_NUM_THREADS="1", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1", PYTHONUNBUFFERED="1")
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env.pop("MLFLOW_TRACKING_URI", None)
     env.update(extra)
     return env

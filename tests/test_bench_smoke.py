@@ -69,6 +69,28 @@ def test_learnability_tiny_runs_every_scale_and_init(tmp_path):
 
 
 @pytest.mark.slow
+def test_data_bench_tiny_runs_every_pipeline_in_both_forms(tmp_path):
+    """bench/data.py on a few photos: every pipeline ran an epoch over every image of both forms,
+    the paper's form is the smaller, and --stages gives each stage's cost."""
+    out = tmp_path / "data.json"
+    script = str(ROOT / "bench" / "data.py")
+    tiny = ["--images", "24", "--batch", "4", "--workers", "1", "--repeats", "1"]
+    proc = subprocess.run([sys.executable, script, *tiny, "--json", str(out)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    pipelines = {"distalex", "webdataset", "imagefolder", "pillow", "torchvision"}
+    assert {(r["form"], r["pipeline"]) for r in result["rows"]} == {(f, p) for f in ("originals", "paper") for p in pipelines}
+    assert all(r["images"] == 24 and r["cpu_s"] > 0 for r in result["rows"])
+    assert result["forms"]["paper"]["kib"] < result["forms"]["originals"]["kib"] / 2
+    proc = subprocess.run([sys.executable, script, "--stages", "--forms", "paper", *tiny, "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    stages = {r["stage"]: r["us_per_image"] for r in json.loads(out.read_text())["rows"]}
+    assert len(stages) >= 8 and all(us > 0 for us in stages.values()), stages
+
+
+@pytest.mark.slow
 def test_gpu_check_runs_end_to_end_without_cuda(tmp_path):
     """bench/gpu_check.sh on this machine: every stage runs; without CUDA each CUDA test skips with
     its reason and the benchmark runs its tiny CPU rows. Its files land in OUT_DIR."""
@@ -77,7 +99,8 @@ def test_gpu_check_runs_end_to_end_without_cuda(tmp_path):
     proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), str(out)], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert sorted(p.name for p in out.iterdir()) == ["bench.json", "bench.txt", "cuda-tests.log", "cuda-tests.xml", "env.txt", "gpu-check.log"]
+    assert sorted(p.name for p in out.iterdir()) == ["bench.json", "bench.txt", "cuda-tests.log", "cuda-tests.xml",
+                                                     "data.json", "data.txt", "env.txt", "gpu-check.log"]
     log = (out / "gpu-check.log").read_text()
     assert "== done: exit status 0" in log and "requirements: already importable" in log
     bench = json.loads((out / "bench.json").read_text())
@@ -94,6 +117,11 @@ def test_gpu_check_runs_end_to_end_without_cuda(tmp_path):
     assert [r["name"] for r in bench["rows"]] == rows
     assert all(r["status"] == "ok" and r["images_per_s"] > 0 for r in bench["rows"])
     assert {q["against"] for q in bench["ratios"]} == set(rows[1:3] + rows[4:])
+    # the input pipeline, set against the training step: CPU decode and data.decode=gpu, both forms
+    data = json.loads((out / "data.json").read_text())
+    assert data["feeds"]["step_images_per_s"] > 0
+    assert set(data["feeds"]["loaders"]) == {f"{f}/{p}/local" for f in ("originals", "paper") for p in ("distalex", "distalex-gpu")}
+    assert "cores to feed it" in (out / "data.txt").read_text()
 
 
 def test_gpu_check_usage_and_missing_requirements(tmp_path):

@@ -21,7 +21,7 @@ from distalex.memory_format import is_channels_last
 from distalex.model import AlexNet
 from distalex.parallel.dims import ParallelDims, init_parallel
 from distalex.parallel.plan import full_grads, parallelize
-from distalex.train import build_parallel_model
+from distalex.build import build_parallel_model
 from tests.distributed import run_workers
 
 BATCH, SIZE, WIDTH, CLASSES = 5, 127, 1 / 16, 10  # 127 px: pool5 is 3 x 3, so its flatten is a real layout change

@@ -1,6 +1,8 @@
 """Checkpoint files in one process: a kill at any file operation of a save leaves a resumable
 checkpoint; resume refuses a changed batch size or seed and reports data-position changes; random
-streams and shards are read with weights_only=True.
+streams and shards are read with weights_only=True; only a checkpoint whose files fail their
+recorded size and CRC-32 is moved aside, any other load error keeps every checkpoint; each run
+owns its checkpoints (pruning, resume, a new run in a used folder, a restart of the same job).
 
 A "kill" here is an exception raised instead of the n-th rename, replace, unlink or rmdir the save
 makes (shutil.rmtree's own deletions included): what the folder looks like at that moment is what
@@ -9,6 +11,8 @@ a SIGKILL there would leave. Every n is tried, from the first operation to past 
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import shutil
 from pathlib import Path
@@ -17,9 +21,10 @@ import pytest
 import torch
 
 from distalex.checkpoint import (
-    CheckpointError, CheckpointManager, RandomStreams, TrainState, complete_checkpoints, latest_checkpoint,
-    rng_file, rng_source_rank,
+    META, CheckpointError, CheckpointManager, CheckpointReadError, RandomStreams, TrainState, UnreadableCheckpoint,
+    complete_checkpoints, latest_checkpoint, load_serial_state, rng_file, rng_source_rank,
 )
+from distalex.checkpoint.folders import save_durably
 from distalex.config import Config
 from distalex.engine import DDPEngine
 from distalex.parallel.dims import ParallelDims
@@ -156,8 +161,18 @@ def test_data_position_changes_are_reported(tmp_path):
     assert resumed.position_changes == ["data.workers 4 -> 7", "data.shuffle_buffer 2000 -> 11"]
 
 
+def rewrite(folder: Path, name: str, obj) -> None:
+    """Replace a checkpoint's file and its record in meta.json, as a save would have written them:
+    the checkpoint stays whole by its checksums."""
+    meta = json.loads((folder / META).read_text())
+    meta["files"][name] = save_durably(obj, folder / name)
+    (folder / META).write_text(json.dumps(meta))
+
+
 def test_streams_are_read_without_running_code(tmp_path):
-    """A random-stream file that unpickles into a call (here: creating a file) is refused unread."""
+    """A random-stream file that unpickles into a call (here: creating a file) is refused unread:
+    changed behind the checkpoint's back it fails its checksum; recorded as written it passes the
+    checksum and weights_only refuses it, which is not a fault the checksum proves: nothing is moved."""
     cfg = make_cfg(tmp_path)
     folder = CheckpointManager(cfg, ParallelDims()).save(engine(cfg), TrainState(step=3), RandomStreams())
     marker = tmp_path / "code-ran"
@@ -167,9 +182,15 @@ def test_streams_are_read_without_running_code(tmp_path):
             return (Path.touch, (marker,))
 
     torch.save({"torch": Payload()}, rng_file(folder, 0))
-    with pytest.raises(CheckpointError, match="rng-rank00000.pt: unreadable"):
+    with pytest.raises(UnreadableCheckpoint, match="rng-rank00000.pt: .* bytes where .* were written"):
         CheckpointManager(cfg, ParallelDims()).load(folder, engine(cfg), TrainState(), RandomStreams())
+    rewrite(folder, rng_file(folder, 0).name, {"torch": Payload()})
+    with pytest.raises(CheckpointError, match="rng-rank00000.pt: does not load although its size and CRC-32 are the "
+                                              "ones written .*UnpicklingError") as refused:
+        CheckpointManager(cfg, ParallelDims()).resume(engine(cfg), TrainState(), RandomStreams())
+    assert not isinstance(refused.value, UnreadableCheckpoint)
     assert not marker.exists()
+    assert complete_checkpoints(tmp_path) == [folder]  # left in place
 
 
 def test_streams_follow_the_dp_rank():
@@ -202,23 +223,81 @@ def save_at(cfg: Config, steps: list[int]) -> dict[int, dict[str, torch.Tensor]]
     return saved
 
 
-def test_a_checkpoint_that_does_not_load_is_moved_aside_and_the_previous_one_used(tmp_path, capsys):
+def flip_a_weight(shard: Path) -> None:
+    """Invert 4 bytes inside the largest weight tensor's data in a shard file, its size unchanged
+    (as a bad disk block or a faulty copy does)."""
+    weights = torch.load(shard, weights_only=True)["model"]
+    raw = max(weights.values(), key=torch.Tensor.numel).numpy().tobytes()
+    data = bytearray(shard.read_bytes())
+    at = data.find(raw) + len(raw) // 2
+    assert data.count(raw) == 1
+    data[at:at + 4] = bytes(b ^ 0xFF for b in data[at:at + 4])
+    shard.write_bytes(bytes(data))
+
+
+def test_a_checkpoint_with_a_fault_is_moved_aside_and_the_previous_one_used(tmp_path, capsys):
     cfg = make_cfg(tmp_path, keep=3)
     saved = save_at(cfg, [3, 6, 9])
     shard = tmp_path / "step-00000009" / "model-tp00.pt"
-    shard.write_bytes(shard.read_bytes()[:500])  # truncated, as by a full disk or a lost node
-    (tmp_path / "step-00000006" / "rng-rank00000.pt").write_bytes(b"not a tensor file")
+    flip_a_weight(shard)  # torch.load alone would not notice
+    rng = tmp_path / "step-00000006" / "rng-rank00000.pt"
+    rng.write_bytes(rng.read_bytes()[:500])  # truncated, as by a full disk or a lost node
     fresh, state = engine(cfg), TrainState()
     folder, _ = CheckpointManager(cfg, ParallelDims()).resume(fresh, state, RandomStreams())
     assert folder.name == "step-00000003" and state.step == 3 and same(weights(fresh), saved[3])
     err = capsys.readouterr().err
-    assert "checkpoint" in err and "step-00000009 does not load" in err and "moved aside to .step-00000009.unreadable" in err
-    assert "step-00000006 does not load" in err and "rng-rank00000.pt: unreadable" in err
+    assert "step-00000009 has a fault" in err and "model-tp00.pt: corrupt (CRC-32 " in err
+    assert "moved aside to .step-00000009.unreadable" in err
+    assert "step-00000006 has a fault" in err and "rng-rank00000.pt: 500 bytes where " in err
     assert [p.name for p in complete_checkpoints(tmp_path)] == ["step-00000003"]  # out of resume's and pruning's way
     assert (tmp_path / ".step-00000009.unreadable" / "meta.json").is_file()  # kept for a look
     # The next save tidies nothing of them away, and its pruning counts only loadable ones.
-    CheckpointManager(cfg, ParallelDims()).save(fresh, TrainState(step=4), RandomStreams())
-    assert [p.name for p in complete_checkpoints(tmp_path)] == ["step-00000003", "step-00000004"]
+    CheckpointManager(cfg, ParallelDims()).save(fresh, state, RandomStreams())
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["step-00000003"]
+    # The next start says what it does not resume.
+    CheckpointManager(cfg, ParallelDims()).resume(engine(cfg), TrainState(), RandomStreams())
+    note = capsys.readouterr().err
+    assert "holds 2 checkpoint(s) moved aside for a fault found in them (.step-00000006.unreadable, " \
+           ".step-00000009.unreadable): not resumed" in note, note
+
+
+def test_the_flipped_bytes_load_without_the_checksum(tmp_path):
+    """The bytes the test above flips change one weight and nothing else: without the checksum the
+    checkpoint would resume with a damaged tensor."""
+    cfg = make_cfg(tmp_path)
+    saved = save_at(cfg, [3])
+    shard = tmp_path / "step-00000003" / "model-tp00.pt"
+    flip_a_weight(shard)
+    damaged = torch.load(shard, weights_only=True)["model"]
+    assert damaged.keys() == saved[3].keys()
+    largest = max(saved[3], key=lambda k: saved[3][k].numel())
+    assert [k for k in damaged if not torch.equal(damaged[k], saved[3][k])] == [largest]
+
+
+@pytest.mark.parametrize("error", [OSError(errno.EIO, "Input/output error"), MemoryError()])
+def test_an_error_reading_a_checkpoint_moves_nothing(tmp_path, monkeypatch, error):
+    """Reads of the newest checkpoint's files fail (a storage server briefly gone, no memory left):
+    no fault is proven, so every checkpoint stays and the start ends with CheckpointReadError
+    (exit status 5); once reads work, the newest resumes. The error is raised by ``open`` of the
+    checkpoint's files, the one way its bytes are read."""
+    cfg = make_cfg(tmp_path, keep=3)
+    saved = save_at(cfg, [3, 6])
+    names = sorted(p.name for p in tmp_path.iterdir())
+    real_open = open
+
+    def failing_open(file, mode="r", *args, **kwargs):
+        if str(file).startswith(str(tmp_path / "step-00000006")) and str(file).endswith(".pt"):
+            raise error
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", failing_open)
+    with pytest.raises(CheckpointReadError, match=r"step-00000006/model-tp00.pt: cannot be read \(" + type(error).__name__):
+        CheckpointManager(cfg, ParallelDims()).resume(engine(cfg), TrainState(), RandomStreams())
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == names
+    fresh, state = engine(cfg), TrainState()
+    folder, _ = CheckpointManager(cfg, ParallelDims()).resume(fresh, state, RandomStreams())
+    assert folder.name == "step-00000006" and same(weights(fresh), saved[6])
 
 
 def test_no_loadable_checkpoint_is_an_error_naming_each(tmp_path):
@@ -236,7 +315,7 @@ def test_an_explicit_resume_path_that_does_not_load_is_not_replaced(tmp_path):
     (tmp_path / "step-00000006" / "model-tp00.pt").write_bytes(b"")
     explicit = make_cfg(tmp_path, keep=3)
     explicit.checkpoint.resume = str(tmp_path / "step-00000006")
-    with pytest.raises(CheckpointError, match="step-00000006: cannot load rank 0's shard"):
+    with pytest.raises(CheckpointError, match="step-00000006/model-tp00.pt: 0 bytes where "):
         CheckpointManager(explicit, ParallelDims()).resume(engine(explicit), TrainState(), RandomStreams())
     assert (tmp_path / "step-00000006").is_dir()  # asked for by name: left where it is
 
@@ -299,3 +378,130 @@ def test_every_rank_resumes_rank_0s_choice_and_an_unshared_checkpoint_dir_is_ref
     for _, error in results:
         assert error.startswith(f"checkpoint.dir: {tmp_path}/host0 is not one directory shared by all hosts: rank 1 ("), error
     assert not list((tmp_path / "host0").iterdir())  # rank 0's probe file is gone again
+
+
+def run_saves(cfg: Config, steps: list[int], run_id: str | None = None) -> TrainState:
+    """A run that saves at ``steps``: started as ``cfg.checkpoint.resume`` says, or, given ``run_id``,
+    one that started when the folder was still empty (two jobs started together)."""
+    e, state = engine(cfg), TrainState(run_id=run_id)
+    if run_id is None:
+        CheckpointManager(cfg, ParallelDims()).resume(e, state, RandomStreams())
+    for step in steps:  # the same weights each time: whose checkpoint it is is what counts here
+        state.step = step
+        CheckpointManager(cfg, ParallelDims()).save(e, state, RandomStreams())
+    return state
+
+
+def names(root: Path) -> list[str]:
+    return [p.name for p in complete_checkpoints(root)]
+
+
+def with_resume(cfg: Config, resume: str) -> Config:
+    return cfg.model_copy(update={"checkpoint": cfg.checkpoint.model_copy(update={"resume": resume})})
+
+
+def test_a_new_run_in_a_folder_holding_another_runs_checkpoints_is_refused(tmp_path, monkeypatch):
+    """The older run saved later steps; a new run (checkpoint.resume=none, same folder) is refused
+    before its first step, with the ways out, and deletes nothing. Outside torchrun and Slurm."""
+    for var in ("TORCHELASTIC_RUN_ID", "SLURM_JOB_ID"):
+        monkeypatch.delenv(var, raising=False)
+    cfg = make_cfg(tmp_path, keep=3)
+    older = run_saves(cfg, [28, 29, 30])
+    with pytest.raises(CheckpointError) as refused:
+        run_saves(with_resume(cfg, "none"), [1])
+    assert str(refused.value) == (
+        f"checkpoint.dir {tmp_path} holds another run's checkpoints (step-00000028 to step-00000030 (run "
+        f"{older.run_id[:8]})); checkpoint.resume=none starts a new run, which would save beside them: continue that "
+        "run with checkpoint.resume=auto, or give this one another run_name (or checkpoint.dir), or move them away")
+    assert names(tmp_path) == ["step-00000028", "step-00000029", "step-00000030"]
+    # resumed from a path in another folder, into this one: refused the same way
+    elsewhere = make_cfg(tmp_path / "elsewhere", keep=3)
+    run_saves(elsewhere, [5])
+    with pytest.raises(CheckpointError, match=f"checkpoint.dir {tmp_path} holds another run's checkpoints .* the run "
+                                              f"resumed from {tmp_path}/elsewhere/step-00000005 would save beside them"):
+        run_saves(with_resume(cfg, str(tmp_path / "elsewhere" / "step-00000005")), [6])
+    assert names(tmp_path) == ["step-00000028", "step-00000029", "step-00000030"]
+
+
+def test_pruning_and_resume_keep_to_the_runs_own_checkpoints(tmp_path):
+    """Two runs' checkpoints in one folder (two jobs started together when it was empty): each
+    run's pruning deletes only its own, a re-save never replaces the other's, and resume=auto
+    refuses to pick one of them."""
+    cfg = make_cfg(tmp_path, keep=2)
+    older = run_saves(cfg, [28, 29, 30], run_id="a" * 32)
+    newer = run_saves(cfg, [1, 2, 3, 4], run_id="b" * 32)
+    assert names(tmp_path) == ["step-00000003", "step-00000004", "step-00000029", "step-00000030"]
+    assert older.run_id != newer.run_id
+    with pytest.raises(CheckpointError, match=r"step-00000030 belongs to another run \(run aaaaaaaa\)"):
+        run_saves(cfg, [30], run_id="b" * 32)
+    assert names(tmp_path) == ["step-00000003", "step-00000004", "step-00000029", "step-00000030"]
+    with pytest.raises(CheckpointError, match=rf"checkpoint.dir {tmp_path} holds checkpoints of 2 runs \(step-00000003 to "
+                                              r"step-00000004 \(run bbbbbbbb\); step-00000029 to step-00000030 \(run "
+                                              r"aaaaaaaa\)\): checkpoint.resume=auto cannot tell which to continue"):
+        run_saves(cfg, [])
+
+
+def test_a_restart_of_the_same_job_resumes_its_own_checkpoints(tmp_path, monkeypatch, capsys):
+    """A job started with checkpoint.resume=none saves; a restart of that job (the same torchrun agent:
+    here this process's parent stands for it; or the same Slurm job after a requeue) resumes them,
+    while a new job (another agent, or a second run in the same Slurm allocation) is refused."""
+    cfg = with_resume(make_cfg(tmp_path / "torchrun", keep=3), "none")
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")  # under torchrun (without --rdzv-id)
+    first = run_saves(cfg, [3, 6])
+    restarted = run_saves(cfg, [])
+    assert (restarted.step, restarted.run_id) == (6, first.run_id)
+    assert f"a restart of this job: it resumes the checkpoints it saved in {tmp_path / 'torchrun'} " \
+           "(checkpoint.resume=none was for its first start)" in capsys.readouterr().err
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID")  # another launch: not this job's checkpoints
+    with pytest.raises(CheckpointError, match="holds another run's checkpoints"):
+        run_saves(cfg, [])
+
+    cfg = with_resume(make_cfg(tmp_path / "slurm", keep=3), "none")
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    first = run_saves(cfg, [3])
+    with pytest.raises(CheckpointError, match="holds another run's checkpoints"):
+        run_saves(cfg, [])  # a second run in the same allocation
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # the job requeued
+    assert run_saves(cfg, [5]).run_id == first.run_id
+    monkeypatch.setenv("SLURM_JOB_ID", "43")  # another job
+    with pytest.raises(CheckpointError, match="holds another run's checkpoints"):
+        run_saves(cfg, [])
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
+    assert run_saves(cfg, []).step == 5  # its newest, saved after the first requeue
+
+
+def as_saved_before_checksums(folder: Path) -> None:
+    """Rewrite a checkpoint's meta.json as format 2 wrote it: no file records, no launch, no run id."""
+    meta = json.loads((folder / META).read_text())
+    del meta["files"], meta["launch"], meta["train_state"]["run_id"]
+    meta["format"] = 2
+    (folder / META).write_text(json.dumps(meta))
+
+
+def test_a_checkpoint_from_before_checksums_resumes_exports_and_is_never_moved_aside(tmp_path):
+    """Format 2: resumed and exported as before, the run taking it over (a new id; pruning counts it
+    as the run's). Without a checksum nothing proves a fault in its files, so one that does not load
+    is an error that leaves it in place."""
+    cfg = make_cfg(tmp_path, keep=2)
+    saved = save_at(cfg, [3, 6])
+    for folder in complete_checkpoints(tmp_path):
+        as_saved_before_checksums(folder)
+    fresh, state = engine(cfg), TrainState()
+    folder, _ = CheckpointManager(cfg, ParallelDims()).resume(fresh, state, RandomStreams())
+    assert folder.name == "step-00000006" and same(weights(fresh), saved[6]) and state.run_id
+    exported, _, _ = load_serial_state(folder)
+    assert same(exported, saved[6])
+    with pytest.raises(CheckpointError, match="holds another run's checkpoints .*a run from before run ids"):
+        run_saves(with_resume(cfg, "none"), [1])
+    shard = tmp_path / "step-00000006" / "model-tp00.pt"
+    shard.write_bytes(shard.read_bytes()[:500])
+    with pytest.raises(CheckpointError, match="model-tp00.pt: does not load .*written before checksums") as error:
+        CheckpointManager(cfg, ParallelDims()).resume(engine(cfg), TrainState(), RandomStreams())
+    assert not isinstance(error.value, UnreadableCheckpoint)
+    assert names(tmp_path) == ["step-00000003", "step-00000006"]
+    state.step = 7
+    CheckpointManager(cfg, ParallelDims()).save(fresh, state, RandomStreams())
+    assert names(tmp_path) == ["step-00000006", "step-00000007"]  # keep=2: step 3 was the run's too

@@ -9,7 +9,7 @@ import torch
 
 from distalex.config import ConfigError, flatten, load_config
 from distalex.parallel.dims import ParallelConfigError, ParallelDims, check_layout, read_launch_env
-from distalex.train import compile_options
+from distalex.build import compile_options
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -28,7 +28,7 @@ from distalex.engine import build_engine
 from distalex.lrn import local_response_norm
 from distalex.model import LRN_ALPHA, LRN_BETA, LRN_K, LRN_SIZE
 from distalex.parallel.dims import ParallelDims
-from distalex.train import build_parallel_model
+from distalex.build import build_parallel_model
 from tests.distributed import run_workers
 from tests.runs import REPO, launch, tiny_overrides, tiny_shards  # noqa: F401 - tiny_shards is a fixture
 from tests.test_channels_last import layout_worker

@@ -86,6 +86,108 @@ def test_corrupt_bytes_raise_corrupt_image():
             train_crop(bad, 32, 24, 0.1, 0.1, False)
 
 
+# ------------------------------------------------------------------ the workers' road to the same pixels
+
+SHAPES = ((500, 375), (375, 500), (500, 333), (333, 500), (500, 500), (800, 600), (256, 301))  # the last: a half-pixel square
+
+
+def photo(w: int, h: int, seed: int, quality: int = 90, mode: str = "RGB", **save) -> bytes:
+    """A view of one of scikit-learn's two real photos as a w x h JPEG."""
+    from sklearn.datasets import load_sample_images
+
+    src = Image.fromarray(load_sample_images().images[seed % 2])
+    rng = np.random.default_rng(seed)
+    bw = min(src.width, src.height * w / h) * rng.uniform(0.6, 1.0)
+    bh = bw * h / w
+    x, y = rng.uniform(0, src.width - bw), rng.uniform(0, src.height - bh)
+    buf = io.BytesIO()
+    src.resize((w, h), Image.BILINEAR, box=(x, y, x + bw, y + bh)).convert(mode).save(buf, "JPEG", quality=quality, **save)
+    return buf.getvalue()
+
+
+def test_compiled_resample_is_pillows_bilinear_bit_for_bit():
+    """resample.py against PIL.Image.resize(BILINEAR, box): shrinking and growing, fractional boxes,
+    images tall enough for Pillow's vertical-first order, mirrored into channel-first layout."""
+    from distalex.data import resample
+
+    rng = np.random.default_rng(0)
+    vertical_first = 0
+    for trial in range(120):
+        w, h = (int(x) for x in rng.integers(1, 300, 2))
+        if trial % 3 == 0:
+            h = int(rng.integers(300, 700))  # tall: Pillow resizes vertically first
+        size = int(rng.integers(1, 90))
+        a = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        x0, y0 = rng.uniform(0, w * 0.6), rng.uniform(0, h * 0.6)
+        box = (x0, y0, rng.uniform(x0 + 0.1, w), rng.uniform(y0 + 0.1, h))
+        want = np.asarray(Image.fromarray(a).resize((size, size), Image.BILINEAR, box=box))
+        assert np.array_equal(resample.resample_hwc(a, box, size), want), f"trial {trial}: {w}x{h} {box} -> {size}"
+        out = np.empty((3, size, size), np.uint8)
+        resample.resample_into(out, a, box, True)
+        assert np.array_equal(out, want[:, ::-1].transpose(2, 0, 1)), f"trial {trial}: mirrored"
+        vertical_first += resample.vertical_first(w, h, size)
+    assert vertical_first > 20  # both of Pillow's pass orders were compared
+
+
+def both_forms() -> list[tuple[str, bytes]]:
+    """Real photos in ImageNet's shapes, and the same in the paper's stored form (make_shards --square 256)."""
+    from distalex.data.make_shards import paper_form
+
+    out = []
+    for i, (w, h) in enumerate(SHAPES):
+        data = photo(w, h, i)
+        out += [(f"{w}x{h}", data), (f"{w}x{h} as 256x256", paper_form(data, 256, 90)[0])]
+    return out
+
+
+@pytest.mark.parametrize("resize,size", [(256, 224), (128, 112)])
+def test_worker_crops_equal_the_pillow_crops_on_photos_in_both_forms(resize, size):
+    """decode_crop_into / eval_crops_into (torchvision's decoder, the compiled resample or, at scale,
+    a slice) give train_crop's and centre_square's pixels bit for bit; the paper's form at resize
+    256 takes the slice, the originals (and an image whose square sits at a half pixel) the resample."""
+    rng = np.random.default_rng(1)
+    sliced = []
+    for name, data in both_forms():
+        image = augment.decode_hwc(data, resize)
+        assert np.array_equal(image, np.asarray(augment.open_rgb(data, resize))), name
+        h, w = image.shape[:2]
+        for _ in range(3):
+            u, v, f = rng.random(3)
+            out = np.empty((3, size, size), np.uint8)
+            augment.decode_crop_into(out, data, resize, size, u, v, f < 0.5)
+            assert np.array_equal(out, train_crop(data, resize, size, u, v, f < 0.5).transpose(2, 0, 1)), (name, u, v)
+        square = centre_square(data, resize)
+        one, ten = np.empty((3, size, size), np.uint8), np.empty((10, 3, size, size), np.uint8)
+        augment.eval_crops_into(one, data, resize, size)
+        augment.eval_crops_into(ten, data, resize, size)
+        assert np.array_equal(one, centre_crop(square, size).transpose(2, 0, 1)), name
+        assert np.array_equal(ten, ten_crop(square, size).transpose(0, 3, 1, 2)), name
+        box = augment.crop_box(w, h, resize, size, 0.5, 0.5)
+        sliced.append(augment.at_scale(w, h, resize, box[0], box[1]))
+    assert sum(sliced) == (len(SHAPES) if resize == 256 else 0), sliced
+
+
+def test_decode_hwc_reads_every_image_as_pillow_does():
+    """Grey, CMYK, progressive and 4:4:4 JPEGs, a PNG, one large enough for Pillow's DCT downscale:
+    the pixels of open_rgb; broken or truncated bytes raise CorruptImage."""
+    cases = {
+        "grey": photo(300, 260, 0, mode="L"), "cmyk": photo(300, 260, 1, mode="CMYK"),
+        "progressive": photo(300, 260, 2, progressive=True), "4:4:4": photo(300, 260, 3, subsampling=0),
+        "png": png(np.asarray(Image.open(io.BytesIO(photo(300, 260, 4))))), "large": photo(1200, 900, 5),
+    }
+    for name, data in cases.items():
+        want = np.asarray(augment.open_rgb(data, 256))
+        got = augment.decode_hwc(data, 256)
+        assert got.shape == want.shape and got.dtype == np.uint8 and np.array_equal(got, want), name
+    assert augment.decode_hwc(cases["large"], 256).shape[:2] == (450, 600)  # decoded at 1/2 scale
+    assert augment.jpeg_frame(cases["grey"]) == (300, 260, 1) and augment.jpeg_frame(cases["cmyk"])[2] == 4
+    assert augment.jpeg_frame(cases["png"]) is None
+    good = photo(300, 260, 6)
+    for bad in (b"", b"garbage", good[: len(good) // 2], good[:600], b"\xff\xd8" + b"\x00" * 40):
+        with pytest.raises(CorruptImage):
+            augment.decode_crop_into(np.empty((3, 224, 224), np.uint8), bad, 256, 224, 0.1, 0.1, False)
+
+
 @pytest.mark.parametrize("scale", ["standardized", "raw"])
 def test_lighting_noise_has_the_covariance_of_the_eigen_decomposition(scale):
     n, std = 200_000, 0.1

@@ -85,14 +85,40 @@ def test_device_crop_equals_pil_crop(resize, size, draft):
 def test_gpu_decode_loader_gives_the_cpu_loaders_batches(tmp_path, capsys):
     write_shards(tmp_path, [9, 14, 5, 12])
     for dp_rank in (0, 1):
-        cpu = TrainLoader(cfg_for(tmp_path, workers=2), dims(2, dp_rank), 4, SIZE, seed=3)
-        gpu = TrainLoader(cfg_for(tmp_path, workers=2, decode="gpu"), dims(2, dp_rank), 4, SIZE, seed=3)
+        cpu = TrainLoader(cfg_for(tmp_path, workers=2), dims(2, dp_rank), 8, SIZE, seed=3)
+        gpu = TrainLoader(cfg_for(tmp_path, workers=2, decode="gpu"), dims(2, dp_rank), 8, SIZE, seed=3)
         assert gpu.decode_device == CPU and cpu.decode_device is None
         for a, b in zip(cpu.epoch(1), gpu.epoch(1, 0)):
             assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
         resumed = list(gpu.epoch(1, 2))
         assert [torch.equal(a.images, b.images) for a, b in zip(list(cpu.epoch(1))[2:], resumed)] == [True] * 3
     assert "data.decode=gpu: the run has no CUDA device" in capsys.readouterr().err
+
+
+def test_gpu_decode_reads_the_papers_form(tmp_path):
+    """Shards in the paper's stored form (make_shards --square 256, real photos): data.decode=gpu
+    (here on the CPU device) gives the CPU workers' batches, its crops sliced, not resampled."""
+    from distalex.config import DataConfig
+    from distalex.data.make_shards import make_shards, paper_form
+
+    for split, n in (("train", 24), ("val", 2)):
+        for c in range(2):
+            (tmp_path / "src" / split / f"n{c}").mkdir(parents=True)
+        for i in range(n):
+            w, h = ((500, 375), (375, 500), (500, 333), (800, 600))[i % 4]
+            (tmp_path / "src" / split / f"n{i % 2}" / f"{i}.JPEG").write_bytes(photo_jpeg(w, h, i))
+    make_shards(tmp_path / "src", tmp_path / "shards", square=256, quality=90, max_count=8, stats_samples=0)
+    cfg = dict(train_shards=str(tmp_path / "shards"), val_shards=str(tmp_path / "shards"), resize=256, workers=2)
+    cpu = TrainLoader(DataConfig(**cfg), dims(), 4, 224, seed=1)
+    gpu = TrainLoader(DataConfig(**cfg, decode="gpu"), dims(), 4, 224, seed=1)
+    pairs = list(zip(cpu.epoch(0), gpu.epoch(0)))
+    assert len(pairs) == 6
+    assert all(torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels) for a, b in pairs)
+    square = paper_form((tmp_path / "src" / "train" / "n0" / "0.JPEG").read_bytes(), 256, 90)[0]
+    crop = device_crop(square, 256, 224, 0.4, 0.7, True)
+    x, y = int(0.4 * 33), int(0.7 * 33)
+    decoded = torch.from_numpy(np.asarray(Image.open(io.BytesIO(square)))).permute(2, 0, 1)
+    assert torch.equal(crop, decoded[:, y : y + 224, x : x + 224].flip(-1))
 
 
 def test_gpu_decode_skips_and_counts_undecodable_images(tmp_path):

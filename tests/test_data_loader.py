@@ -108,7 +108,7 @@ def test_plan_segments_windows_wrap_around():
 def test_dp_ranks_disjoint_cover_and_equal_steps_with_uneven_shards(tmp_path, workers):
     write_shards(tmp_path, [3, 20, 7, 1, 13, 4])  # 48 samples, very uneven shards
     cfg = cfg_for(tmp_path, workers=workers)
-    loaders = [TrainLoader(cfg, dims(2, r), batch_size=4, image_size=SIZE, seed=7) for r in range(2)]
+    loaders = [TrainLoader(cfg, dims(2, r), global_batch=8, image_size=SIZE, seed=7) for r in range(2)]
     assert [ld.steps_per_epoch for ld in loaders] == [6, 6]
     seen_epochs = []
     for epoch in (0, 1):
@@ -123,9 +123,39 @@ def test_dp_ranks_disjoint_cover_and_equal_steps_with_uneven_shards(tmp_path, wo
     assert again == seen_epochs[0][0] and again != sorted(again)
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_uneven_dp_split_windows_follow_the_per_rank_batches(tmp_path, workers):
+    """dp=3 does not divide a global batch of 10: the ranks take 4, 3 and 3 a step, all for the same
+    number of steps, from disjoint windows that together are the first steps * 10 samples of the
+    epoch's shard order, each rank's window where its offset in the global batch puts it."""
+    write_shards(tmp_path, [3, 20, 7, 1, 13, 4])  # 48 samples: 4 steps of 10, 8 sit out
+    cfg = cfg_for(tmp_path, workers=workers)
+    loaders = [TrainLoader(cfg, dims(3, r), global_batch=10, image_size=SIZE, seed=7) for r in range(3)]
+    assert [ld.batch_size for ld in loaders] == [4, 3, 3]
+    assert [ld.steps_per_epoch for ld in loaders] == [4, 4, 4]
+    for epoch in (0, 1):
+        order = loaders[0].stream.epoch_order(epoch)
+        written = sorted(order, key=lambda s: s.url)  # ids run on through the shards in the order written
+        first_id = {s.url: sum(t.count for t in written[:i]) for i, s in enumerate(written)}
+        sequence = [first_id[s.url] + k for s in order for k in range(s.count)]  # the epoch's virtual sequence
+        windows = [sequence[0:16], sequence[16:28], sequence[28:40]]  # 4 steps x (4, 3, 3), in dp rank order
+        per_rank = []
+        for ld, window in zip(loaders, windows):
+            ids, batches = epoch_ids(ld, epoch)
+            assert len(batches) == 4 and all(len(b.labels) == ld.batch_size for b in batches)
+            per_rank.append(sum(ids, []))
+            assert sorted(per_rank[-1]) == sorted(window), f"dp rank {ld.dims.dp_rank} read outside its window"
+        assert len(set(sum(per_rank, []))) == 40, "dp ranks overlap"
+    # a resumed epoch replays a short rank's batches from the saved step
+    _, full = epoch_ids(loaders[2], 1)
+    _, tail = epoch_ids(loaders[2], 1, 2)
+    assert all(torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels) for a, b in zip(full[2:], tail))
+    assert len(tail) == 2
+
+
 def test_resume_mid_epoch_replays_the_same_batches(tmp_path):
     write_shards(tmp_path, [9, 14, 5, 12])
-    ld = TrainLoader(cfg_for(tmp_path, workers=2, shuffle_buffer=6), dims(), batch_size=4, image_size=SIZE, seed=3)
+    ld = TrainLoader(cfg_for(tmp_path, workers=2, shuffle_buffer=6), dims(), global_batch=4, image_size=SIZE, seed=3)
     assert ld.steps_per_epoch == 10
     _, full = epoch_ids(ld, 2)
     for start in (3, 4, 9):
@@ -136,9 +166,65 @@ def test_resume_mid_epoch_replays_the_same_batches(tmp_path):
     assert list(ld.epoch(2, 10)) == []
 
 
+def test_batches_the_caller_keeps_are_never_overwritten(tmp_path):
+    """Workers fill reused shared-memory slots; what the training process receives is a copy: all
+    the batches of an epoch kept at once (far more than the slots) hold their own samples, and
+    another epoch, refilling the same slots, leaves them as they were."""
+    from distalex.data.workers import PREFETCH_FACTOR
+
+    write_shards(tmp_path, [30, 26, 40])
+    ld = TrainLoader(cfg_for(tmp_path, workers=2), dims(), 4, SIZE, seed=5)
+    assert ld.steps_per_epoch == 24 > 2 * (PREFETCH_FACTOR + 1)
+    ids, kept = epoch_ids(ld, 0)  # checks each batch's images against its labels
+    assert sorted(sum(ids, [])) == list(range(96))
+    before = [b.images.clone() for b in kept]
+    list(ld.epoch(1))
+    assert all(torch.equal(b.images, c) for b, c in zip(kept, before)), "a kept batch changed"
+    assert all(torch.equal(b.images, a.images) for b, a in zip(kept, ld.epoch(0))), "epoch 0 replays otherwise"
+
+
+@pytest.mark.parametrize("resize", [RESIZE, RESIZE - 2])  # the images' own scale (a slice), or resampled
+def test_workers_fast_crops_give_pillows_batches(tmp_path, monkeypatch, resize):
+    """The training and validation batches of the workers' road (torchvision's decoder, the compiled
+    resample or a slice, straight into the batch) equal those of Pillow's (train_crop, centre_square)."""
+    from distalex.data import augment
+
+    write_shards(tmp_path, [9, 14, 5, 12])
+    write_shards(tmp_path, [7, 6], split="val")
+
+    def batches(fast: bool):
+        monkeypatch.setattr(augment, "fast_crops", lambda: fast)
+        cfg = cfg_for(tmp_path).model_copy(update={"resize": resize})
+        train = [b.images for b in TrainLoader(cfg, dims(), 4, SIZE, seed=2).epoch(1)]
+        val = [b.images for ten in (False, True) for b in ValLoader(cfg, dims(), 4, SIZE, ten)]
+        return train + val
+
+    fast, pillow = batches(True), batches(False)
+    assert len(fast) == len(pillow) == 10 + 4 + 4
+    assert all(torch.equal(a, b) for a, b in zip(fast, pillow))
+
+
+def test_batch_slot_claims_take_the_first_free_slot_and_give_up_when_none_frees(monkeypatch):
+    from distalex.data import loader
+    from distalex.data.loader import BatchSlots
+
+    slots = BatchSlots(workers=2, per_worker=3, batch_shape=(2, 3, 4, 4))
+    assert [slots.claim(1)[0] for _ in range(3)] == [0, 1, 2]
+    slots.images[1, 1].fill_(7)
+    out = slots.take(1, 1, torch.device("cpu"))
+    slots.images[1, 1].fill_(9)  # the worker refills the slot: the copy taken out stays
+    assert torch.equal(out, torch.full((2, 3, 4, 4), 7, dtype=torch.uint8))
+    assert slots.claim(1)[0] == 1 and slots.claim(0)[0] == 0
+    monkeypatch.setattr(loader, "SLOT_WAIT_S", 0.05)
+    with pytest.raises(DataError, match="loader worker 1: no batch slot copied out"):
+        slots.claim(1)
+    slots.reset()
+    assert slots.claim(1)[0] == 0
+
+
 def test_train_samples_overrides_the_epoch_length(tmp_path):
     write_shards(tmp_path, [10, 10])
-    ld = TrainLoader(cfg_for(tmp_path, train_samples=12), dims(), batch_size=4, image_size=SIZE, seed=0)
+    ld = TrainLoader(cfg_for(tmp_path, train_samples=12), dims(), global_batch=4, image_size=SIZE, seed=0)
     assert ld.steps_per_epoch == 3 and len(epoch_ids(ld, 0)[0]) == 3
 
 
@@ -154,7 +240,7 @@ def test_corrupt_sample_and_truncated_shard_are_skipped_and_counted(tmp_path):
     assert sorted(seen) == good, "a truncated tar must lose only the rest of that shard"
     assert val[-1].skipped == 1 + len(lost)
     # training: the step count holds; the shortfall is made up from the rank's own samples
-    ld = TrainLoader(cfg_for(tmp_path, workers=2), dims(), batch_size=4, image_size=SIZE, seed=1)
+    ld = TrainLoader(cfg_for(tmp_path, workers=2), dims(), global_batch=4, image_size=SIZE, seed=1)
     ids, batches = epoch_ids(ld, 0)
     flat = sum(ids, [])
     assert len(batches) == ld.steps_per_epoch == 10
@@ -186,7 +272,7 @@ def test_missing_or_no_shards_are_errors_before_training(tmp_path):
     with pytest.raises(DataError, match="image_size"):
         TrainLoader(cfg_for(tmp_path), dims(), 2, RESIZE + 1, 0)
     with pytest.raises(DataError, match="cannot fill one step"):
-        TrainLoader(cfg_for(tmp_path), dims(2, 0), 8, SIZE, 0)
+        TrainLoader(cfg_for(tmp_path), dims(2, 0), 16, SIZE, 0)
 
 
 # ------------------------------------------------------------------ 2 dp x 2 tp processes
@@ -198,13 +284,13 @@ def _ranks_worker(root: str):
     d = init_parallel(tp=2, towers=2, device="cpu")
     out = {"dp_rank": d.dp_rank, "tp_rank": d.tp_rank}
     cfg = cfg_for(Path(root) / "even", workers=1)
-    ld = TrainLoader(cfg, d, batch_size=4, image_size=SIZE, seed=11)
+    ld = TrainLoader(cfg, d, global_batch=8, image_size=SIZE, seed=11)
     out["steps"] = ld.steps_per_epoch
     out["train"] = [(b.images.clone(), b.labels.clone(), b.skipped) for b in ld.epoch(0)]
     out["resumed"] = [(b.images.clone(), b.labels.clone()) for b in ld.epoch(0, 4)]
     val = ValLoader(cfg, d, batch_size=4, image_size=SIZE, ten_crop=False)
     out["val"] = [(b.images.clone(), b.labels.clone()) for b in val]
-    bad = TrainLoader(cfg_for(Path(root) / "bad"), d, batch_size=4, image_size=SIZE, seed=11)
+    bad = TrainLoader(cfg_for(Path(root) / "bad"), d, global_batch=8, image_size=SIZE, seed=11)
     out["bad"] = [(b.images.clone(), b.labels.clone(), b.skipped) for b in bad.epoch(0)]
     d.barrier()
     return out

@@ -228,6 +228,54 @@ def test_resize_option_reencodes_shorter_side(layout, tmp_path):
         assert min(Image.open(io.BytesIO(data)).size) == 20
 
 
+def _quantization(data: bytes) -> dict:
+    return Image.open(io.BytesIO(data)).quantization
+
+
+def test_square_option_stores_the_papers_form(layout, tmp_path):
+    """--square N: every image is the loader's centre square of its source (shorter side N, the
+    central N x N), a JPEG at the stated quality; one already N x N is kept; bad files still skipped."""
+    from distalex.data.augment import centre_square
+
+    src, expect = layout
+    side, quality = 24, 80
+    kept = jpeg(np.random.default_rng(1), side, side)
+    src.joinpath("train", WNIDS[1], "already_square.JPEG").write_bytes(kept)
+    expect["already_square"] = (sorted(WNIDS).index(WNIDS[1]), kept, "jpeg", "train")
+    out = tmp_path / "paper"
+    info = make_shards(src, out, square=side, quality=quality, max_count=4, workers=2, stats_samples=100)
+    assert json.loads((out / "_info.json").read_text())["square"] == side
+    assert info["quality"] == quality and info["resize"] is None
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, "JPEG", quality=quality)
+    tables = _quantization(buf.getvalue())
+    for split in ("train", "val"):
+        got = read_tars(out, split)
+        assert set(got) == {k for k, v in expect.items() if v[3] == split}
+        for key, (label, data, _) in got.items():
+            assert label == expect[key][0]
+            if key == "already_square":
+                assert data == kept, "an image already in the paper's form is not re-encoded"
+                continue
+            img = Image.open(io.BytesIO(data))
+            assert (img.format, img.mode, img.size) == ("JPEG", "RGB", (side, side)), key
+            assert _quantization(data) == tables, f"{key}: not quality {quality}"
+            want = io.BytesIO()
+            Image.fromarray(centre_square(expect[key][1], side)).save(want, "JPEG", quality=quality)
+            assert data == want.getvalue(), f"{key}: not the centre square of its source"
+    train = info["splits"]["train"]
+    assert train["skipped"] == 2 and train["converted"] == train["count"] - 1
+    # The statistics describe the stored squares: their pixels' mean, and the original form's within noise.
+    stored = [np.asarray(Image.open(io.BytesIO(d))) / 255.0 for _, d, _ in read_tars(out, "train").values()]
+    assert info["stats"]["samples"] == len(stored)
+    assert np.allclose(info["stats"]["mean_rgb"], np.mean([s.mean(axis=(0, 1)) for s in stored], axis=0), atol=0.02)
+    original = make_shards(src, tmp_path / "original", splits=("train",), stats_samples=100)
+    assert np.allclose(info["stats"]["mean_rgb"], original["stats"]["mean_rgb"], atol=0.02)
+    assert original["square"] is None
+    with pytest.raises(DataError, match="choose one"):
+        make_shards(src, tmp_path / "both", square=side, resize=side)
+
+
 def test_cli_writes_info(layout, tmp_path):
     src, _ = layout
     main([str(src), str(tmp_path / "out"), "--max-count", "3", "--workers", "1", "--no-progress"])

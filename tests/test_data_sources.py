@@ -100,9 +100,9 @@ def test_http_and_pipe_shards_train_like_the_local_files(served, tmp_path):
         "pipe": cfg(f"pipe:cat {folder}/{spec}", str(folder / "_info.json")),
     }
     for dp_rank in (0, 1):  # dp=2: the exact per-rank windows hold for streams too
-        local = trained(TrainLoader(cfg(str(folder / spec)), dims(2, dp_rank), 4, SIZE, seed=5))
+        local = trained(TrainLoader(cfg(str(folder / spec)), dims(2, dp_rank), 8, SIZE, seed=5))
         for what, c in sources.items():
-            assert_same_training(local, trained(TrainLoader(c, dims(2, dp_rank), 4, SIZE, seed=5)), what)
+            assert_same_training(local, trained(TrainLoader(c, dims(2, dp_rank), 8, SIZE, seed=5)), what)
     assert server.requests["imagenet-train-000001.tar"] >= 3
 
 
@@ -254,25 +254,22 @@ def test_a_stalled_pipe_or_fsspec_read_fails_within_the_stall_timeout_and_is_ret
 
 
 def test_sbatch_preflight_reads_remote_shards_with_data_info(served, tmp_path):
-    """The preflight of launch/slurm/train.sbatch (its Python, run as the script runs it) on remote
-    shards: without data.info the shards cannot be counted (exit status 2), with it they pass."""
+    """The preflight of launch/slurm/train.sbatch (distalex.preflight, run as the script runs it) on
+    remote shards: without data.info the shards cannot be counted (exit status 2), with it they pass."""
     folder, _ = served
-    script = (REPO / "launch" / "slurm" / "train.sbatch").read_text()
-    preflight = script.split("<<'PY' || exit $?\n", 1)[1].split("\nPY\n", 1)[0]
-    (tmp_path / "preflight.py").write_text(preflight)
     spec = f"pipe:cat {folder}/{SPEC}"
     args = ["--config", str(REPO / "configs" / "demo.yaml"), "--set", f"data.train_shards={spec.format(split='train')}",
             "--set", f"data.val_shards={spec.format(split='val')}", "--set", "model.num_classes=3"]
 
     def run(*extra):
-        return subprocess.run([sys.executable, str(tmp_path / "preflight.py"), *args, *extra], env={**os.environ, "WORLD": "2"},
+        return subprocess.run([sys.executable, "-m", "distalex.preflight", "--world", "2", *args, *extra],
                               capture_output=True, text=True, timeout=120)
 
     without = run()
     assert without.returncode == 2 and "remote shards need data.info" in without.stderr, without.stderr
     with_info = run("--set", f"data.info={folder / '_info.json'}")
     assert with_info.returncode == 0, with_info.stderr
-    assert f"preflight ok: run demo, dp=1 x tp=2, {sum(SIZES)} training images in 4 shards" in with_info.stdout
+    assert f"preflight ok: run demo, dp=1 x tp=2, {sum(SIZES)} training images in 4 shards" in with_info.stderr
 
 
 # ------------------------------------------------------------------ foreign layouts
@@ -391,6 +388,57 @@ def test_zero_byte_and_unreadable_shards(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         index.main([spec, "--no-progress"])
     assert exit_.value.code == 2 and "no readable sample in 3 shards" in capsys.readouterr().err
+
+
+def test_plain_tar_files_read_as_tarfile_reads_them(tmp_path):
+    """read.py's own header reader (plain ustar files) against tarfile, which reads everything else:
+    the same samples, stray members and errors for ustar, GNU and pax files (long and non-ASCII
+    names, directories, empty members, metadata), truncated at every few hundred bytes, and with a
+    byte flipped anywhere in the headers."""
+    from distalex.data.read import _plain_members, _samples, _tarfile_members, tar_samples
+
+    def read(path: Path, plain: bool):
+        """(samples, skips, error) of a whole file: ours (seekable), or tarfile alone."""
+        got, skips = [], []
+        try:
+            with open(path, "rb") as f:
+                if plain:
+                    samples = tar_samples(str(path), f, True, 0, 1 << 30, {"jpg", "cls"}, lambda n, why: skips.append(why))
+                else:
+                    tf = tarfile.open(fileobj=f, mode="r:*")
+                    samples = _samples(str(path), _tarfile_members(tf), 0, 1 << 30, {"jpg", "cls"},
+                                       lambda n, why: skips.append(why))
+                for index_, key, members in samples:
+                    got.append((index_, key, {e: None if d is None else bytes(d) for e, d in members.items()}))
+        except (OSError, EOFError, tarfile.TarError) as e:
+            return got, skips, type(e).__name__
+        return got, skips, None
+
+    members = good(0) + [("dir/", b""), ("README", b"x"), ("__meta__.json", b"{}"), ("s00001.jpg", b""),
+                         ("s00001.cls", b"1"), ("s00001.txt", b"t" * 700)] + good(2)
+    members += [("p/" * 60 + "s00003.jpg", id_jpeg(3)), ("p/" * 60 + "s00003.cls", b"3"), ("é00004.jpg", id_jpeg(4))]
+    compared = 0
+    for fmt in (tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT):
+        whole = tmp_path / f"format-{fmt}.tar"
+        with tarfile.open(whole, "w", format=fmt) as tf:
+            for name, data in members:
+                ti = tarfile.TarInfo(name.rstrip("/"))
+                ti.type, ti.size = (tarfile.DIRTYPE, 0) if name.endswith("/") else (tarfile.REGTYPE, len(data))
+                tf.addfile(ti, io.BytesIO(data))
+        raw = whole.read_bytes()
+        want = read(whole, plain=False)
+        assert read(whole, plain=True) == want and len(want[0]) == 5 and want[2] is None, fmt
+        if fmt == tarfile.USTAR_FORMAT:  # read by our reader, not handed to tarfile
+            with open(whole, "rb") as f:
+                assert [name for name, _, _ in _plain_members(f)][-1] == "é00004.jpg"
+        variants = [raw[:cut] for cut in range(0, len(raw), 211)]
+        variants += [raw[:pos] + bytes([raw[pos] ^ 0x5A]) + raw[pos + 1:] for pos in range(0, 5120, 29)]
+        cut = tmp_path / "variant.tar"
+        for i, data in enumerate(variants):
+            cut.write_bytes(data)
+            assert read(cut, plain=True) == read(cut, plain=False), (fmt, i)
+            compared += 1
+    assert compared > 300
 
 
 # ------------------------------------------------------------------ index

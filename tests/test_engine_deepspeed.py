@@ -161,7 +161,8 @@ def engines_worker(tp: int, folder: str, layout: str = "towers") -> dict:
             "group_lrs": [g["lr"] for g in ds.model.optimizer.optimizer.param_groups],  # what ZeRO steps with
             "weights": full_state_dict(ds.module, dims.tp_group),
             "local_weights": local_state(ds.module),
-            "collectives": [(c.kind, c.ranks) for c in spy.calls],
+            # the checkpoint save's host-side agreements (control group) are distalex's, not DeepSpeed's
+            "collectives": [(c.kind, c.ranks) for c in spy.calls if c.group is not dims.control_group],
             "shard_state": shard,
             "saved_weights": saved["weights"],
             "saved_partition": saved["momentum"],
@@ -409,3 +410,56 @@ def test_resume_at_another_layout_continues_the_run(resumed, kind):
         for name, w in uninterrupted.items():
             assert_close_rel(r["weights"][name], w, f"{target} {kind} weight {name} vs the uninterrupted run")
         assert not torch.equal(r["weights"]["fc8.weight"], serial["fc8.weight"])  # the second half did train
+
+
+# ---------------------------------------------------------------------------- a batch dp does not divide
+#
+# dp=3 (3 processes, tp=1) with a global batch of UNEVEN = 10: the dp ranks take 4, 3 and 3 images and
+# weight their losses by dp * b / B (Engine.loss). ZeRO averages the gradients over dp as DDP does, so
+# both engines take the serial step on the 10 images.
+
+UNEVEN = 10
+
+
+def uneven_cfg(kind: str) -> Config:
+    cfg = make_cfg("ddp" if kind == "ddp" else "deepspeed", tp=1, zero_stage=2 if kind == "zero2" else 1)
+    cfg.train.batch_size = UNEVEN
+    return cfg
+
+
+def uneven_engine(kind: str, dims):
+    from distalex.engine.deepspeed import DeepSpeedEngine
+
+    engine_class = DDPEngine if kind == "ddp" else DeepSpeedEngine
+    return engine_class(parallelize(tiny_model(), dims.tp_group), uneven_cfg(kind), dims)
+
+
+def uneven_worker() -> dict:
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    dims = init_parallel(tp=1, towers=2, device="cpu")
+    x, y = data(UNEVEN)
+    first, size = dims.dp_batch_offset(UNEVEN), dims.per_dp_batch(UNEVEN)
+    x, y = x[first : first + size], y[first : first + size]
+    out = {"batch": size}
+    for kind in ("ddp", "zero1", "zero2"):
+        engine = uneven_engine(kind, dims)
+        losses = run_steps(engine, x, y, range(STEPS))
+        out[kind] = {"losses": dp_mean(losses, dims), "weights": full_state_dict(engine.module, dims.tp_group)}
+    return out
+
+
+def test_uneven_dp_split_deepspeed_equals_ddp_and_serial():
+    runs = run_workers(uneven_worker, 3, timeout=300)
+    assert [run["batch"] for run in runs] == [4, 3, 3]
+    engine = DDPEngine(tiny_model(), uneven_cfg("ddp"), ParallelDims())
+    ref_losses = run_steps(engine, *data(UNEVEN), range(STEPS))
+    ref_weights = full_state_dict(engine.module, None)
+    assert ref_losses[-1] < ref_losses[0]  # the steps did something
+    for run in runs:
+        for kind in ("zero1", "zero2"):
+            worst = max(max_rel(run[kind]["weights"][k], run["ddp"]["weights"][k]) for k in ref_weights)
+            assert worst <= ENGINE_RTOL, f"{kind}: weights {worst:.2e} from ddp's"
+        for kind in ("ddp", "zero1", "zero2"):
+            assert_close_rel(torch.tensor(run[kind]["losses"]), torch.tensor(ref_losses), f"{kind} logged losses vs serial")
+            for k, w in ref_weights.items():
+                assert_close_rel(run[kind]["weights"][k], w, f"{kind} weight {k} vs serial")

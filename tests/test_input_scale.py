@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import zlib
 from pathlib import Path
 
 import mlflow
@@ -108,6 +109,8 @@ def test_older_checkpoints_and_mlflow_models_without_a_scale_load_standardized(r
     torch.save(serving, old / SERVING)
     meta = json.loads((old / "meta.json").read_text())
     del meta["config"]["data"]["input_scale"]
+    data = (old / SERVING).read_bytes()  # the rewritten file's size and CRC-32, as the save records them
+    meta["files"][SERVING] = {"bytes": len(data), "crc32": zlib.crc32(data)}
     (old / "meta.json").write_text(json.dumps(meta))
     source = load_source(str(old))
     assert source.preprocessing.input_scale == "standardized" and source.cfg.data.input_scale == "standardized"

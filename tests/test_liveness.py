@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from distalex.parallel.liveness import torchrun_endpoint
+from distalex.parallel.agent import torchrun_endpoint
 from tests.distributed import free_port, run_workers
 from tests.runs import REPO
 
@@ -28,6 +28,7 @@ PEER_TIMEOUT_S = 3
 RANK_SCRIPT = textwrap.dedent('''
     import os, signal, sys, time, torch
     import torch.distributed as dist
+    from distalex.jobs import exit_now, report_failure
     from distalex.parallel.dims import destroy_parallel, init_parallel
 
     case, rank = sys.argv[1], int(os.environ["RANK"])
@@ -41,7 +42,10 @@ RANK_SCRIPT = textwrap.dedent('''
         os._exit(2)
     if case == "slow" and rank == 1:
         time.sleep(3 * float(sys.argv[2]))  # busy, not dead: its thread still beats
-    dist.all_reduce(torch.ones(4), group=dims.tp_group)  # rank 1 joins only when it is slow
+    try:
+        dist.all_reduce(torch.ones(4), group=dims.tp_group)  # rank 1 joins only when it is slow
+    except Exception as e:  # as the CLIs do: one line, and the job's status
+        exit_now(report_failure(dims, e))
     print(f"rank {rank} done", flush=True)
     destroy_parallel(dims)  # as the CLIs end: leave, then wait for the peer
 ''')

@@ -18,6 +18,7 @@ import tomllib
 from pathlib import Path
 
 from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
 REPO = Path(__file__).resolve().parents[1]
@@ -128,3 +129,17 @@ def test_make_demo_installs_the_demo_extra_and_make_test_every_extra():
     assert "$(PIP_INSTALL) '.[demo]'" in demo and "launch/demo.sh" in demo
     assert "install" in test.splitlines()[0] and "$(PIP_INSTALL) '.[dev]'" in makefile.split("\ninstall:", 1)[1]
     assert {"distalex[demo,deepspeed,remote]"} <= set(PYPROJECT["optional-dependencies"]["dev"])
+
+
+def test_classifiers_name_python_versions_that_requires_python_admits_this_one_among_them():
+    """The classifiers name the tested versions (the comment above them says how each was tested):
+    every one admitted by requires-python, its floor among them, and this interpreter's."""
+    classifiers = PYPROJECT["classifiers"]
+    named = [c.rsplit(" :: ", 1)[1] for c in classifiers if re.fullmatch(r"Programming Language :: Python :: 3\.\d+", c)]
+    admitted = SpecifierSet(PYPROJECT["requires-python"])
+    assert "Programming Language :: Python :: 3 :: Only" in classifiers
+    assert named and all(f"{v}.0" in admitted for v in named), (named, str(admitted))
+    floor = min(Version(s.version) for s in admitted if s.operator == ">=")
+    assert Version(min(named, key=Version)) == floor
+    assert f"{sys.version_info.major}.{sys.version_info.minor}" in named
+

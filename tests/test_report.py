@@ -397,19 +397,22 @@ def test_checkpoint_without_conv1_is_a_clear_error(tiny, tmp_path, capsys):
     import json
     import shutil
 
+    from tests.test_checkpoint import rewrite
+
     broken = tmp_path / "step-00000002"
     shutil.copytree(tiny["ckpt"], broken)
-    for shard in broken.glob("model-tp*.pt"):
+    for shard in broken.glob("model-tp*.pt"):  # rewritten with their checksums: whole, just without conv1
         blob = torch.load(shard, weights_only=True)
         del blob["model"]["conv1.weight"]
-        torch.save(blob, shard)
+        rewrite(broken, shard.name, blob)
     meta = json.loads((broken / "meta.json").read_text())
     del meta["partition"]["conv1.weight"]
     (broken / "meta.json").write_text(json.dumps(meta))
     code, out, err = run_cli([str(broken), "--out", str(tmp_path / "o")], capsys)
     assert code == 2 and "no conv1.weight" in err, err
     # a shard that lacks it while meta.json still lists it
-    shutil.copy(tiny["ckpt"] / "meta.json", broken / "meta.json")
+    meta["partition"] = json.loads((tiny["ckpt"] / "meta.json").read_text())["partition"]
+    (broken / "meta.json").write_text(json.dumps(meta))
     code, out, err = run_cli([str(broken), "--out", str(tmp_path / "o")], capsys)
     assert code == 2 and "conv1.weight" in err, err
 

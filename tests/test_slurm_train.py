@@ -45,7 +45,7 @@ class Jobs:
         self.cluster, self.ids = cluster, []
         self.env = run_env(PYTHON=sys.executable, SLURM_CONF=str(cluster.conf))
         for key in ("OMP_NUM_THREADS", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"):  # the script's own defaults
-            self.env.pop(key)
+            self.env.pop(key, None)
 
     def sbatch(self, workdir: Path, args: list[str], flags: tuple[str, ...] = (), wait: bool = False,
                **env: str) -> tuple[int, subprocess.CompletedProcess]:
@@ -135,6 +135,10 @@ def test_sbatch_wait_trains_checkpoints_and_tracks(reference_job, jobs):
     # one node, two gloo processes; OMP threads = --cpus-per-task 2 / 2 processes
     assert "1 node(s) x 2 process(es) = world 2, gloo (CPU), OMP_NUM_THREADS=1" in log
     assert f"preflight ok: run {RUN}, dp=1 x tp=2" in log
+    # the loader fitted to the allocation: 2 cores (--cpus-per-task), one loading rank, its tp pair
+    assert "cores: 2 on each node for 2 process(es), 1 loading rank(s) per node (tp=2): 2 core(s) per loading " \
+           "rank -> data.workers=1" in log
+    assert "--set data.workers=1" in log.split("config: ", 1)[1].splitlines()[0]
     assert f"epoch {EPOCHS}/{EPOCHS}" in log and "training exited with status 0" in log
     ckpts = complete_checkpoints(ckpt_root(workdir))
     assert ckpts and ckpts[-1].name == f"step-{FINAL_STEP:08d}"

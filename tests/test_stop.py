@@ -23,8 +23,10 @@ import io
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -47,7 +49,9 @@ CHAIN = ("during validation", "after the epoch-end checkpoint", "during loader s
 
 
 def overrides(shards, **extra) -> list[str]:
-    pairs = tiny_overrides(shards, **{"tracking.enabled": False, "train.log_every": 4, **extra})
+    # fork: the loader workers must carry this process's patches (``slowed``); a fork copies them
+    pairs = tiny_overrides(shards, **{"tracking.enabled": False, "train.log_every": 4, "data.start_method": "fork",
+                                      **extra})
     return pairs[1::2]  # the values of ["--set", "k=v", ...]
 
 
@@ -249,6 +253,95 @@ def test_no_host_sync_in_a_step_between_log_points(tiny_shards, tmp_path):
         assert result["reads"]["step 4"] and result["reads"]["step 7"], result["reads"]
 
 
+# ----------------------------------------------------------------------------- blocked in C++
+
+BLOCKED_SCRIPT = textwrap.dedent('''
+    import os, sys, threading, torch
+    import torch.distributed as dist
+    from distalex import signal_watch
+    from distalex.parallel.dims import init_parallel
+    from distalex.stopping import StopRequested
+
+    signal_watch.STOP_GRACE_S = float(sys.argv[1])  # the test's: 20 s in the training CLI
+    stop = StopRequested()
+    stop.hear_while_blocked()  # as the training CLI does, first thing
+    dims = init_parallel(tp=1, towers=2, device="cpu", timeout_s=600, peer_timeout_s=600)
+    stop.started = True  # as in the training loop: a stop there saves, or tries to
+    print("ready", flush=True)
+    if dims.rank == 1:
+        threading.Event().wait()  # stuck, alive: its thread beats
+    dist.all_reduce(torch.ones(4), group=dims.dp_group)  # rank 0 waits here for rank 1, in C++
+''')
+
+
+def start_blocked(tmp_path, ranks: list[int], grace_s: float) -> tuple[list[subprocess.Popen], int]:
+    """BLOCKED_SCRIPT as ``ranks`` of a world of 2 (the others never start); their output in files."""
+    from tests.distributed import free_port
+    from tests.runs import REPO
+
+    script, port = tmp_path / "blocked.py", free_port()
+    script.write_text(BLOCKED_SCRIPT)
+    procs = []
+    for rank in ranks:
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+        out = open(tmp_path / f"rank{rank}.log", "w")
+        procs.append(subprocess.Popen([sys.executable, str(script), str(grace_s)], env=env, stdout=out, stderr=out))
+    return procs, port
+
+
+def exits_within(proc: subprocess.Popen, since: float, timeout: float, log: Path) -> tuple[int, float, str]:
+    """(exit status, seconds from ``since`` to the exit, output); fails past ``since + timeout``."""
+    try:
+        code = proc.wait(max(since + timeout - time.monotonic(), 0))
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError(f"still running {timeout} s after SIGTERM\n{log.read_text()[-3000:]}") from None
+    return code, time.monotonic() - since, log.read_text()
+
+
+def test_a_sigterm_while_the_process_group_starts_ends_the_process_at_once(tmp_path):
+    """Rank 0 of 2 alone: init_process_group waits in C++ for rank 1, which never comes (a peer of a
+    failed round). The Python handler could not run before the connect times out (parallel.timeout_s);
+    the signal thread ends the process at once: nothing to save yet."""
+    (proc,), port = start_blocked(tmp_path, [0], grace_s=20)
+    deadline = time.monotonic() + 120
+    while True:  # rank 0 serves the store once it is inside init_process_group
+        assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "rank0.log").read_text()
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+            break
+        time.sleep(0.2)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    code, took, text = exits_within(proc, time.monotonic(), 10, tmp_path / "rank0.log")
+    assert code == 0 and "stopped by SIGTERM during start-up: nothing to save yet" in text, text[-3000:]
+    assert "ready" not in text
+    print(f"\nSIGTERM in init_process_group: exited {took:.2f} s later")
+    assert took < 5, f"{took:.1f} s"
+
+
+def test_a_sigterm_while_a_collective_waits_on_a_stuck_peer_ends_within_the_grace(tmp_path):
+    """Rank 1 is stuck (alive), rank 0 waits for it in an all-reduce: neither can stop as agreed.
+    Both get SIGTERM, as from torchrun's agent; both end STOP_GRACE_S later, before the agent's 30 s."""
+    grace_s = 3.0
+    procs, _ = start_blocked(tmp_path, [0, 1], grace_s)
+    logs = [tmp_path / f"rank{r}.log" for r in (0, 1)]
+    deadline = time.monotonic() + 120
+    while not all("ready" in log.read_text() for log in logs):
+        assert all(p.poll() is None for p in procs) and time.monotonic() < deadline, [log.read_text() for log in logs]
+        time.sleep(0.2)
+    time.sleep(1.0)
+    sent = time.monotonic()
+    for proc in procs:
+        proc.send_signal(signal.SIGTERM)
+    for rank, (proc, log) in enumerate(zip(procs, logs)):
+        code, took, text = exits_within(proc, sent, grace_s + 10, log)
+        assert code == 143, (rank, code, text[-3000:])
+        assert f"rank {rank}: error: stopped by SIGTERM, but the process did not end within {grace_s:g} s" in text, text
+        assert took >= grace_s - 0.5, f"rank {rank} ended {took:.1f} s after SIGTERM, before the grace"
+    assert "(its main thread in all_reduce, " in logs[0].read_text()  # where it was stuck
+
+
 # ----------------------------------------------------------------------------- Ctrl-C
 
 
@@ -378,8 +471,9 @@ def save(self, *args, **kwargs):
 
 
 CheckpointManager.save = save
-sys.argv[0] = "distalex.train"
-distalex.train.main()
+if __name__ == "__main__":  # the loader's fork server imports this script too (as multiprocessing's spawn would)
+    sys.argv[0] = "distalex.train"
+    distalex.train.main()
 '''
 
 

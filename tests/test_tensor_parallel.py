@@ -54,14 +54,16 @@ def dropout_seed(dp_rank: int) -> int:
 
 class DPGroupDropout(SharedDropout):
     """The serial net's dropout drawing the masks the dp groups draw: the batch's d-th contiguous
-    part from dp group d's stream. With one group it is that group's ``SharedDropout``."""
+    part (as ``ParallelDims.dp_batches`` splits it) from dp group d's stream. With one group it is
+    that group's ``SharedDropout``."""
 
     def __init__(self, per_group: list[SharedDropout]):
         super().__init__(per_group[0].p, per_group[0].features)
         self.per_group = per_group
 
     def noise(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([d.noise(part) for d, part in zip(self.per_group, x.chunk(len(self.per_group)))])
+        parts = x.split(sample_counts(x.shape[0], len(self.per_group)))
+        return torch.cat([d.noise(part) for d, part in zip(self.per_group, parts)])
 
 
 def serial_model(dp: int) -> AlexNet:

@@ -60,7 +60,8 @@ def head_commit() -> str:
 
 
 def step_metrics(step: int) -> dict[str, float]:
-    return {METRIC_LOSS: 7.0 - step / 100, STEP_METRICS[1]: 0.01, STEP_METRICS[2]: 500.0 + step, STEP_METRICS[3]: 0.0}
+    return {METRIC_LOSS: 7.0 - step / 100, STEP_METRICS[1]: 0.01, STEP_METRICS[2]: 500.0 + step, STEP_METRICS[3]: 0.0,
+            STEP_METRICS[4]: 2.5, STEP_METRICS[5]: 40.0}
 
 
 def history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
@@ -228,8 +229,13 @@ def test_a_run_left_running_by_a_killed_job_is_marked_by_the_next_start(tmp_path
 
 def test_system_metrics_come_from_one_process_per_host_and_can_be_turned_off(tmp_path, empty_store, monkeypatch):
     """A job of 4 ranks on 2 hosts (local ranks 0, 1 on each): MLflow's sampler runs on each host's
-    local rank 0 only, under that host's node id; tracking.system_metrics=false: none."""
+    local rank 0 only, under that host's node id; tracking.system_metrics=false: none. With a server
+    each host would log directly; here the store is a sqlite file, so host 1 relays its samples
+    through the job's TCP store (a real one) and rank 0 alone writes them."""
     uri = new_store(empty_store, tmp_path)
+    job_store = torch_store()
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(job_store.port))
     cfg = config(f"tracking.uri={uri}", "tracking.system_metrics_interval_s=0.2")
     ranks = [ParallelDims(dp=2, tp=2, rank=r, local_rank=r % 2) for r in range(4)]
     trackers = [Tracker.start(cfg, dims, tmp_path / "runs" / "tiny") for dims in ranks]
@@ -237,6 +243,7 @@ def test_system_metrics_come_from_one_process_per_host_and_can_be_turned_off(tmp
     for dims, tracker in zip(ranks, trackers):
         monkeypatch.setenv("SLURMD_NODENAME", f"node-{dims.rank // 2}")  # the name a Slurm node gives
         tracker.watch_host(cfg, dims, run_id, uri)
+    assert type(trackers[2]._host).__name__ == "RelayedHostMetrics" and trackers[1]._host is None
     time.sleep(2.0)
     for tracker in reversed(trackers):
         tracker.close()
@@ -254,6 +261,46 @@ def test_system_metrics_come_from_one_process_per_host_and_can_be_turned_off(tmp
     assert not [k for k in client.get_run(off.run_id).data.metrics if k.startswith("system/")]
 
 
+def test_a_relayed_host_continues_its_curve_in_a_resumed_run(tmp_path, empty_store, monkeypatch):
+    """A restarted job's relay starts its samples again at 0: rank 0 logs them after the steps the
+    run already holds for that host, not over them."""
+    from distalex.tracking.system import HostMetricsRelay
+
+    uri = new_store(empty_store, tmp_path)
+    run = Tracker.start(config(f"tracking.uri={uri}"), LAYOUT, tmp_path / "runs" / "tiny")
+    run.log_metrics({"system/node-1/cpu_utilization_percentage": 5.0}, step=6)
+    run.flush()
+    job_store = torch_store()
+    relay = HostMetricsRelay(job_store, "p/", 1.0, run.log_metrics, run._next_system_step)
+    for seq in (0, 1):
+        job_store.set("p/samplers", "2,")
+        job_store.set("p/rank/2", f'{{"node": "node-1", "seq": {seq}, "metrics": {{"cpu_utilization_percentage": {seq}}}}}')
+        relay.poll()
+        relay.poll()  # nothing new: nothing logged twice
+    run.close()
+    history = MlflowClient(uri).get_metric_history(run.run_id, "system/node-1/cpu_utilization_percentage")
+    assert sorted((m.step, m.value) for m in history) == [(6, 5.0), (7, 0.0), (8, 1.0)]
+
+
+@pytest.mark.parametrize("uri, is_file", [
+    ("sqlite:///runs/mlflow.db", True), ("sqlite:////abs/mlflow.db", True), ("file:///tmp/mlruns", True),
+    ("./mlruns", True), ("/shared/mlruns", True), ("C:/mlruns", True),
+    ("http://host:5000", False), ("https://mlflow.example.org", False), ("postgresql://u@db/mlflow", False),
+    ("databricks", False), ("databricks://profile", False),
+])
+def test_file_stores_are_told_from_servers(uri, is_file):
+    from distalex.tracking.system import is_file_store
+
+    assert is_file_store(uri) is is_file
+
+
+def torch_store():
+    """A real TCP store on a free local port, as torchrun runs one for every job."""
+    import torch.distributed as dist
+
+    return dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+
+
 # ------------------------------------------------------------------ never in the loop's way
 
 
@@ -267,6 +314,7 @@ def test_logging_is_queued_and_sent_in_batches(tmp_path, empty_store):
         ts = int(time.time() * 1000)
         client.log_batch(tracker.run_id, metrics=[Metric(f"sync/{k}", v, ts, i) for k, v in step_metrics(i).items()])
         sync.append(time.perf_counter() - t0)
+    points = len(step_metrics(0))
 
     calls = []
     real = tracker._client.log_batch
@@ -277,10 +325,10 @@ def test_logging_is_queued_and_sent_in_batches(tmp_path, empty_store):
     enqueue = time.perf_counter() - t0
     assert tracker.flush(timeout=60)
     sent = time.perf_counter() - t0
-    print(f"synchronous log_batch of 4 points: median {1e3 * sorted(sync)[2]:.1f} ms; "
+    print(f"synchronous log_batch of {points} points: median {1e3 * sorted(sync)[2]:.1f} ms; "
           f"1000 queued log_metrics: {1e3 * enqueue:.1f} ms; sent after {sent:.2f} s in {len(calls)} calls")
     assert enqueue < 1.0 and enqueue < 1000 * min(sync) / 20
-    assert sum(calls) == 4000 and len(calls) <= 20  # coalesced, at most 1000 points per call
+    assert sum(calls) == 1000 * points and len(calls) <= 20  # coalesced, at most 1000 points per call
     for key in STEP_METRICS:
         assert [s for s, _ in history(client, tracker.run_id, key)] == list(range(1000)), key
     tracker.close()

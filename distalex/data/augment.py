@@ -16,6 +16,13 @@ JPEG bytes, so one set of shards serves the paper (256) and the small demo runs 
 Decode and crop cost one JPEG decode (with PIL's DCT-domain ``draft`` downscale when the source is
 at least twice the target) and one resampling of just the crop's box: cropping before resizing
 gives the same pixels as resize-then-crop, at a fraction of the work.
+
+The loader workers take a faster road to the same pixels (``decode_crop_into``, ``eval_crops_into``):
+JPEGs that need no downscale are decoded by ``torchvision.io.decode_jpeg`` (the same libjpeg-turbo,
+without Pillow's 4-byte pixels and its copy out), the box is resampled by ``resample.py``'s compiled
+copy of Pillow's arithmetic, and the crop is written straight into the batch. An image already at the
+crop's scale (shorter side ``resize``, the paper's stored form) is not resampled at all: its crop is
+a slice. ``train_crop`` and ``centre_square`` stay the reference they are tested against.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from distalex.data import resample
 from distalex.data.info import DataError, read_info
 from distalex.data.read import CorruptImage, read_bytes
 
@@ -141,6 +149,117 @@ def ten_crop(square: np.ndarray, size: int) -> np.ndarray:
 
 def hwc_to_chw(arr: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.require(arr, requirements=["C", "W"])).movedim(-1, -3)  # PIL arrays are read-only
+
+
+# ------------------------------------------------------------------ CPU side: bytes -> the batch
+
+
+def torchvision_io():
+    """torchvision.io, imported on first use: importing torchvision takes seconds (``prepare_workers``
+    does it before the loader's workers are forked)."""
+    import torchvision.io
+
+    return torchvision.io
+
+
+@functools.lru_cache(maxsize=None)
+def _jpeg_to_rgb():
+    """libjpeg-turbo's decode to RGB as torchvision registers it (``torch.ops.image.decode_jpeg``, what
+    ``torchvision.io.decode_jpeg`` calls after per-call checks and a deprecation warning), or None
+    where this torchvision has no such op: Pillow then decodes everything."""
+    try:
+        tvio = torchvision_io()
+        op, rgb = torch.ops.image.decode_jpeg, tvio.ImageReadMode.RGB.value
+    except (ImportError, AttributeError, RuntimeError, OSError):  # no torchvision, or one without its image library
+        return None
+    return lambda blob: op(blob, rgb, False)  # (data, mode, apply_exif_orientation): Pillow ignores EXIF too
+
+
+JPEG_FRAMES = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # SOF0-15 less DHT, JPG, DAC
+
+
+def jpeg_frame(data: bytes) -> tuple[int, int, int] | None:
+    """(width, height, components) from a JPEG's frame header; None if the bytes are no JPEG or none is found."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    pos, n = 2, len(data)
+    while pos + 9 < n:
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in JPEG_FRAMES:
+            return (data[pos + 7] << 8 | data[pos + 8], data[pos + 5] << 8 | data[pos + 6], data[pos + 9])
+        if marker == 0xD9 or marker == 0xDA:  # end of image, or scan data before any frame header
+            return None
+        pos += 2 + (data[pos + 2] << 8 | data[pos + 3])
+    return None
+
+
+def decode_hwc(data: bytes, min_side: int) -> np.ndarray:
+    """(H, W, 3) uint8: the pixels of ``open_rgb(data, min_side)``.
+
+    A YCbCr or grey JPEG that ``open_rgb`` would decode at full scale goes through
+    ``torchvision.io.decode_jpeg``; anything else (a DCT downscale, CMYK, PNG, WebP), or a JPEG that
+    libjpeg only warns about (an error to torchvision), through Pillow, which also judges what is corrupt.
+    """
+    frame = jpeg_frame(data)
+    decode = _jpeg_to_rgb()
+    if decode and frame and frame[2] in (1, 3) and min(frame[:2]) > 0 and min_side / min(frame[:2]) >= 0.5:
+        try:  # (3, H, W): a view of the decoded (H, W, 3) buffer
+            blob = data if isinstance(data, bytearray) else bytearray(data)  # writable, as torch.frombuffer wants
+            return decode(torch.frombuffer(blob, dtype=torch.uint8)).permute(1, 2, 0).numpy()
+        except RuntimeError:
+            pass
+    return np.asarray(open_rgb(data, min_side))
+
+
+def at_scale(width: int, height: int, resize: int, left: float, top: float) -> bool:
+    """Whether a box of the image's own scale at (left, top) is a slice: Pillow's weights are then all 1."""
+    return min(width, height) == resize and float(left).is_integer() and float(top).is_integer()
+
+
+def decode_crop_into(out: np.ndarray, data: bytes, resize: int, size: int, u: float, v: float, flip: bool) -> None:
+    """``out`` (3, size, size) uint8 = ``train_crop(data, resize, size, u, v, flip)`` in channel-first layout."""
+    image = decode_hwc(data, resize)
+    height, width = image.shape[:2]
+    box = crop_box(width, height, resize, size, u, v)
+    if at_scale(width, height, resize, box[0], box[1]):
+        resample.slice_into(out, image, int(box[0]), int(box[1]), flip)
+    else:
+        resample.resample_into(out, image, box, flip)
+
+
+def eval_crops_into(out: np.ndarray, data: bytes, resize: int, size: int) -> None:
+    """``out`` (3, S, S): ``centre_crop`` of ``centre_square(data, resize)``; or (10, 3, S, S): its
+    ``ten_crop``; channel-first."""
+    image = decode_hwc(data, resize)
+    x0, y0, side = _square(image.shape[1], image.shape[0])
+    if at_scale(image.shape[1], image.shape[0], resize, x0, y0):
+        square, x0, y0 = image, int(x0), int(y0)
+    else:
+        square, x0, y0 = resample.resample_hwc(image, (x0, y0, x0 + side, y0 + side), resize), 0, 0
+    if out.ndim == 3:
+        c = (resize - size) // 2
+        resample.slice_into(out, square, x0 + c, y0 + c, False)
+        return
+    for i, (x, y) in enumerate(crop_offsets(resize, size) * 2):
+        resample.slice_into(out[i], square, x0 + x, y0 + y, i >= 5)
+
+
+def fast_crops() -> bool:
+    """Whether ``decode_crop_into`` and ``eval_crops_into`` can run here (they need numba)."""
+    return resample.AVAILABLE
+
+
+def prepare_workers() -> None:
+    """Import torchvision.io and compile the crop loops in this process, so that loader workers
+    forked from it start with both (seconds otherwise, in every worker of every epoch)."""
+    if fast_crops():
+        _jpeg_to_rgb()
+        resample.warm_up()
 
 
 # ------------------------------------------------------------------ device side: per batch

@@ -8,26 +8,27 @@ and resamples it with Pillow's bilinear filter computed as Pillow computes it: t
 from the same decoded pixels the crop equals ``augment.train_crop``'s bit for bit; what differs is
 the decoder (none on the CPU: torchvision and Pillow use the same libjpeg-turbo), and Pillow's
 DCT-domain downscale (``draft``), which the CPU path uses for images at least twice the crop's
-scale and this path does not (measured in tests/test_data_decode.py).
+scale and this path does not (measured in tests/test_data_decode.py). An image already at the
+crop's scale (the paper's stored form, ``make_shards --square``) is sliced, not resampled, as on the CPU.
 """
 
 from __future__ import annotations
 
 import io
 import logging
-import math
 from typing import NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image
 
-from distalex.data.augment import check_header, crop_box
+from distalex.data import resample
+from distalex.data.augment import at_scale, check_header, crop_box, torchvision_io
 from distalex.data.info import DataError
+from distalex.data.resample import PRECISION_BITS
 
 log = logging.getLogger("distalex.data")
 
-PRECISION_BITS = 22  # Pillow's fixed point for 8-bit images: 32 - 8 - 2 bits
 JPEG_MAGIC = (0xFF, 0xD8)
 
 
@@ -41,32 +42,13 @@ class Taps(NamedTuple):
 
 
 def _taps(in_size: int, lo: float, hi: float, out_size: int, device: torch.device) -> Taps:
-    """Pillow's ``precompute_coeffs`` for output pixels covering [lo, hi) of the source.
-
-    Output pixel i covers [lo + i * scale, lo + (i + 1) * scale); the triangle filter is widened
-    by the scale when shrinking (antialiasing). Computed on the CPU in float64 in Pillow's order of
-    operations, so the rounded weights are Pillow's, then sent to ``device`` without a sync.
-    """
-    lo32, hi32 = np.float32(lo), np.float32(hi)  # Pillow takes the box as C floats
-    lo, scale = float(lo32), float(hi32 - lo32) / out_size  # the width subtracted in float, too
-    filterscale = max(scale, 1.0)
-    support = 1.0 * filterscale  # the bilinear (triangle) filter has support 1
-    k = int(math.ceil(support)) * 2 + 1
-    center = lo + (torch.arange(out_size, dtype=torch.float64) + 0.5) * scale
-    xmin = torch.trunc(center - support + 0.5).clamp(min=0)
-    count = torch.trunc(center + support + 0.5).clamp(max=in_size) - xmin
-    taps = torch.arange(k, dtype=torch.float64)
-    x = (taps + xmin[:, None]) - center[:, None] + 0.5
-    w = (1.0 - (x * (1.0 / filterscale)).abs()).clamp(min=0.0)
-    w = torch.where(taps < count[:, None], w, 0.0)
-    total = w[:, 0].clone()
-    for j in range(1, k):  # summed left to right, as Pillow does
-        total += w[:, j]
-    w = torch.where(total[:, None] != 0, w / total[:, None], w)
-    fixed = torch.floor(0.5 + w * (1 << PRECISION_BITS)).to(torch.int32)
-    index = (xmin[:, None] + taps).to(torch.int64).clamp(max=in_size - 1)  # taps past the edge weigh 0
-    start, stop = int(xmin[0]), int(xmin[-1] + count[-1])
-    return Taps(host_to_device(index, device), host_to_device(fixed, device), start, stop)
+    """Pillow's weights (``resample.pillow_taps``) for output pixels covering [lo, hi) of the source,
+    sent to ``device`` without a sync."""
+    start, count, weight = resample.pillow_taps(in_size, lo, hi, out_size)
+    start_t = torch.from_numpy(start)
+    index = (start_t[:, None] + torch.arange(weight.shape[1])).clamp(max=in_size - 1)  # taps past the edge weigh 0
+    return Taps(host_to_device(index, device), host_to_device(torch.from_numpy(weight), device),
+                int(start[0]), int(start[-1] + count[-1]))
 
 
 def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -111,17 +93,9 @@ def _is_jpeg(blob: torch.Tensor) -> bool:
     return blob.numel() > 2 and tuple(blob[:2].tolist()) == JPEG_MAGIC
 
 
-def _torchvision_io():
-    """torchvision.io, imported on first use: importing torchvision takes seconds, and only
-    data.decode=gpu needs it (the loader workers and the CPU path do not)."""
-    import torchvision.io
-
-    return torchvision.io
-
-
 def _decode_one(blob: torch.Tensor, device: torch.device) -> torch.Tensor | None:
     """(3, H, W) uint8 on ``device``, or None if no decoder can read the bytes."""
-    tvio = _torchvision_io()
+    tvio = torchvision_io()
     if _is_jpeg(blob) and device.type != "cpu":
         try:
             return tvio.decode_jpeg(blob, mode=tvio.ImageReadMode.RGB, device=device)
@@ -135,7 +109,7 @@ def _decode_one(blob: torch.Tensor, device: torch.device) -> torch.Tensor | None
 
 def decode_images(blobs: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
     """Decode a batch of encoded images (1-D uint8 CPU tensors): JPEGs in one call, the rest one by one."""
-    tvio = _torchvision_io()
+    tvio = torchvision_io()
     out: list[torch.Tensor | None] = [None] * len(blobs)
     jpegs = [i for i, b in enumerate(blobs) if _is_jpeg(b)]
     try:
@@ -166,7 +140,11 @@ def decode_crops(
         if img is None:
             bad.append(i)
             continue
-        crop = resample_box(img, crop_box(img.shape[2], img.shape[1], resize, size, u, v), size)
+        box = crop_box(img.shape[2], img.shape[1], resize, size, u, v)
+        if at_scale(img.shape[2], img.shape[1], resize, box[0], box[1]):  # the paper's stored form: a slice
+            crop = img[:, int(box[1]) : int(box[1]) + size, int(box[0]) : int(box[0]) + size]
+        else:
+            crop = resample_box(img, box, size)
         out[i] = crop.flip(-1) if flip else crop
     return out, bad
 
@@ -235,7 +213,7 @@ def probe(device: torch.device) -> str | None:
     buf = io.BytesIO()
     Image.new("RGB", (8, 8), (10, 200, 30)).save(buf, "JPEG")
     try:
-        _torchvision_io().decode_jpeg([torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)], device=device)
+        torchvision_io().decode_jpeg([torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)], device=device)
     except Exception as e:  # torchvision built without nvjpeg, driver problems, ...
         return f"{type(e).__name__}: {e}"
     return None

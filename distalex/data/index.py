@@ -36,7 +36,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from distalex.data.augment import open_rgb
 from distalex.data.info import FORMAT, INFO_NAME, DataError, expand_spec
@@ -45,6 +44,7 @@ from distalex.data.read import (
     IMAGE_EXTS, CorruptImage, ReadPolicy, Segment, check_readable, is_remote, open_url, parse_sample,
     read_segment, sample_label, shard_name, tar_samples,
 )
+from distalex.progress import progress as progress_bar
 
 LABEL_FIELDS = frozenset({"cls", "json"})
 
@@ -148,7 +148,7 @@ def index(spec: str, *, split: str = "train", out: str | None = None, classes_fi
         out_path = out_path / INFO_NAME
     info = json.loads(out_path.read_text()) if out_path.is_file() else {}
 
-    bar = tqdm(total=len(urls), unit="shard", disable=not progress, file=sys.stderr)
+    bar = progress_bar(len(urls), "index", "shard", disable=not progress)
     scans: list[ShardScan] = []
     with ThreadPoolExecutor(max(1, workers)) as pool:  # shards are read concurrently: mostly waiting on I/O
         for scan in pool.map(lambda u: scan_shard(u, label_key, policy), urls):

@@ -4,11 +4,14 @@ Who reads what in one training epoch (seed s, epoch e):
 
   1. The shard list is permuted with (s, e) and read as one virtual sequence of N samples
      (per-shard counts from ``_info.json``).
-  2. dp rank r owns positions [r * M, (r + 1) * M) of it, M = steps_per_epoch * batch_size: the
-     shards inside that window plus the parts of the (at most two) shards that straddle its edges.
-     So dp ranks are disjoint and every rank has exactly M samples however uneven the shards are,
-     and no rank waits for another at the epoch's end. Only N mod (dp * batch) samples sit out an
-     epoch, a different few each epoch.
+  2. Each step takes a global batch of B samples (``train.batch_size``), dp rank r b_r of them
+     (``ParallelDims.dp_batches``: equal, or where dp does not divide B the first B mod dp ranks one
+     more), and steps_per_epoch = N // B. dp rank r owns positions [S * o_r, S * (o_r + b_r)) of the
+     sequence, S = steps_per_epoch and o_r = b_0 + ... + b_(r-1): the shards inside that window plus
+     the parts of the (at most two) shards that straddle its edges. So dp ranks are disjoint, every
+     rank has exactly S * b_r samples however uneven the shards are, and every rank runs S steps:
+     no rank waits for another at the epoch's end. Only N mod B samples sit out an epoch, a
+     different few each epoch.
   3. DataLoader worker w of W gets rank batches w, w + W, w + 2W, ... and reads its own contiguous
      slice of the window, so workers are disjoint too; the DataLoader's round robin over workers
      then hands out batches in step order.
@@ -43,7 +46,9 @@ formed: its slot gets a copy of another image of the batch (with its label), cou
 from __future__ import annotations
 
 import logging
+import math
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -53,11 +58,12 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import IterableDataset, get_worker_info
 
+from distalex.data import augment
 from distalex.data.augment import CorruptImage, centre_crop, centre_square, hwc_to_chw, ten_crop, train_crop
 from distalex.data.decode import Encoded, EncodedBatch, decode_batch, host_to_device, probe
 from distalex.data.info import DataError, Shard, dataset_info, resolve_shards
 from distalex.data.read import ReadPolicy, Segment, parse_sample, read_segment
-from distalex.data.workers import WorkerPool
+from distalex.data.workers import PREFETCH_FACTOR, WorkerPool, loader_context, start_early
 from distalex.parallel.plan import share_images
 
 __all__ = ["Batch", "Segment", "TrainLoader", "ValLoader", "parse_sample", "plan_segments", "read_segment"]
@@ -130,11 +136,14 @@ class _Skips:
 
 
 class Pixels(NamedTuple):
-    """A training batch decoded and cropped by a worker."""
+    """A training batch decoded and cropped by a worker: the images in ``BatchSlots`` row (worker, slot),
+    or, when the stream runs in the training process itself (no workers), in ``images``."""
 
-    images: torch.Tensor  # uint8 (B, 3, S, S)
-    labels: torch.Tensor  # int64 (B,)
+    images: torch.Tensor | None  # uint8 (B, 3, S, S)
+    labels: bytes  # int64 (B,), raw: inside the message (the DataLoader passes tensors and arrays by shared memory)
     skipped: int  # samples skipped since the worker's previous batch
+    worker: int = 0
+    slot: int = -1
 
 
 class WorkerError(NamedTuple):
@@ -143,36 +152,117 @@ class WorkerError(NamedTuple):
     message: str
 
 
+SLOT_WAIT_S = 300.0
+"""How long a worker waits for one of its batch slots to be copied out before it gives up (a slot is
+always free within a step; this only turns a bug into an error instead of a hang)."""
+
+
+def _shared_empty(shape: tuple[int, ...]) -> torch.Tensor:
+    """uint8 tensor in shared memory whose pages are touched only where it is written: made as
+    torch's DataLoader makes its shared batches (``share_memory_`` would first copy the whole of it)."""
+    new_shared = getattr(torch.UntypedStorage, "_new_shared", None)
+    if new_shared is None:
+        return torch.empty(shape, dtype=torch.uint8).share_memory_()
+    return torch.empty(0, dtype=torch.uint8).set_(new_shared(math.prod(shape))).view(shape)
+
+
+class BatchSlots:
+    """Training batches in shared memory, written by the workers, copied out by the training process.
+
+    A batch in fresh shared memory costs a page fault per 4 KiB page where the worker first writes
+    it (about 120 us per 224 px image here, half of what decoding a 256 px JPEG costs), and another
+    where the training process first reads it. These buffers are made once per loader and reused:
+    a worker fills the first of its ``per_worker`` slots that is free, the training process copies
+    a slot out as it receives the batch (into pinned memory when the batch goes to a GPU) and frees
+    it. A worker holds at most the DataLoader's prefetch of undelivered batches plus the one it
+    fills, so ``per_worker`` = prefetch + 1 never makes one wait for more than that copy; and when
+    the training process keeps up, a worker cycles through one or two slots, whose pages a new
+    worker process (one per epoch) maps once.
+    """
+
+    def __init__(self, workers: int, per_worker: int, batch_shape: tuple[int, ...], start_method: str = "auto"):
+        self.images = _shared_empty((workers, per_worker, *batch_shape))
+        self.busy = torch.zeros((workers, per_worker), dtype=torch.uint8).share_memory_()  # 1: not copied out yet
+        # Flags change hands under a lock: its release orders the copy out before the worker's next
+        # writes, also where memory ordering is weak (ARM). Made in the workers' own context.
+        self.lock = loader_context(start_method).Lock()
+
+    def reset(self) -> None:
+        """All slots free: at the start of an epoch, when no worker of the last one is left."""
+        self.busy.zero_()
+
+    def claim(self, worker: int) -> tuple[int, torch.Tensor]:
+        """Worker side: (slot, its images) to fill, the first slot the training process has copied out."""
+        deadline = time.monotonic() + SLOT_WAIT_S
+        while True:
+            with self.lock:
+                busy = self.busy[worker].numpy()
+                if not busy.all():
+                    slot = int(busy.argmin())
+                    busy[slot] = 1
+                    return slot, self.images[worker, slot]
+            if time.monotonic() > deadline:
+                raise DataError(f"loader worker {worker}: no batch slot copied out within {SLOT_WAIT_S:g} s")
+            time.sleep(0.0005)
+
+    def take(self, worker: int, slot: int, device: torch.device) -> torch.Tensor:
+        """Training-process side: a copy of the batch in that slot (pinned for a CUDA device); frees the slot."""
+        images = self.images[worker, slot]
+        images = images.pin_memory() if device.type == "cuda" else images.clone()
+        with self.lock:
+            self.busy[worker, slot] = 0
+        return images
+
+
 class _PixelBatch:
-    def __init__(self, size: int, image_size: int, resize: int):
-        self.resize, self.image_size = resize, image_size
-        self.images = torch.empty((size, 3, image_size, image_size), dtype=torch.uint8)
-        self.labels = torch.empty((size,), dtype=torch.int64)
+    """Collects one training batch in a worker, each crop written into its row of the batch (a slot of
+    ``slots`` in a worker process, else a tensor of its own)."""
+
+    def __init__(self, size: int, image_size: int, resize: int, slots: BatchSlots | None, worker: int):
+        self.size, self.resize, self.image_size = size, resize, image_size
+        self.slots, self.worker, self.slot = slots, worker, -1
+        self.fast = augment.fast_crops()
+        self.images = None
+        self.labels = np.empty(size, np.int64)
         self.fill = 0
 
     def add(self, data: bytes, label: int, u: float, v: float, flip: bool) -> None:
-        img = train_crop(data, self.resize, self.image_size, u, v, flip)  # raises CorruptImage
-        self.images[self.fill].copy_(hwc_to_chw(img))
+        if self.images is None:
+            if self.slots is not None:
+                self.slot, self.images = self.slots.claim(self.worker)
+            else:
+                self.images = torch.empty((self.size, 3, self.image_size, self.image_size), dtype=torch.uint8)
+            self._rows = self.images.numpy()
+        if self.fast:  # raises CorruptImage
+            augment.decode_crop_into(self._rows[self.fill], data, self.resize, self.image_size, u, v, flip)
+        else:
+            self.images[self.fill].copy_(hwc_to_chw(train_crop(data, self.resize, self.image_size, u, v, flip)))
         self.labels[self.fill] = label
         self.fill += 1
 
     def take(self, skipped: int) -> Pixels:
-        self.fill = 0
-        return Pixels(self.images.clone(), self.labels.clone(), skipped)
+        labels = self.labels.tobytes()
+        if self.slots is None:
+            out = Pixels(self.images, labels, skipped)
+        else:
+            out = Pixels(None, labels, skipped, self.worker, self.slot)
+        self.images, self.fill = None, 0
+        return out
 
 
 class _TrainStream(IterableDataset):
     """One dp rank's training batches; runs inside the DataLoader workers (or inline with 0)."""
 
-    def __init__(self, shards, *, seed, dp_rank, batch_size, steps, image_size, data_cfg, workers, num_classes,
-                 encoded):
+    def __init__(self, shards, *, seed, dp_rank, window_start, batch_size, steps, image_size, data_cfg, workers,
+                 num_classes, encoded):
         super().__init__()
-        self.shards, self.seed, self.dp_rank = shards, seed, dp_rank
+        self.shards, self.seed, self.dp_rank, self.window_start = shards, seed, dp_rank, window_start
         self.batch_size, self.steps, self.image_size, self.workers = batch_size, steps, image_size, workers
         self.resize, self.flip, self.buffer = data_cfg.resize, data_cfg.flip, data_cfg.shuffle_buffer
         self.label_key, self.policy, self.num_classes = data_cfg.label_key, ReadPolicy.of(data_cfg), num_classes
         self.encoded = encoded
         self.epoch, self.start_step = 0, 0
+        self.slots: BatchSlots | None = None  # set by the training process before its workers start
 
     def epoch_order(self, epoch: int) -> list[Shard]:
         perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
@@ -182,8 +272,7 @@ class _TrainStream(IterableDataset):
         """(segments, batches) of logical worker ``logical``: rank batches logical, logical + W, ..."""
         W, B = self.workers, self.batch_size
         counts = [len(range(w, self.steps, W)) for w in range(W)]
-        rank_start = self.dp_rank * self.steps * B
-        start = rank_start + B * sum(counts[:logical])
+        start = self.window_start + B * sum(counts[:logical])
         return plan_segments(self.epoch_order(epoch), start, counts[logical] * B), counts[logical]
 
     def __iter__(self):
@@ -193,11 +282,11 @@ class _TrainStream(IterableDataset):
         # batch start_step: rotate the logical ids (which fix the data and the RNG) by start_step.
         logical = (wid + self.start_step) % self.workers
         try:
-            yield from self._batches(self.epoch, logical, skip=len(range(logical, self.start_step, self.workers)))
+            yield from self._batches(self.epoch, logical, len(range(logical, self.start_step, self.workers)), wid)
         except DataError as e:  # handed over as one line, not as a worker traceback
             yield WorkerError(str(e))
 
-    def _batches(self, epoch: int, logical: int, skip: int):
+    def _batches(self, epoch: int, logical: int, skip: int, worker: int = 0):
         segments, n_batches = self.worker_plan(epoch, logical)
         B = self.batch_size
         need, skip_samples = n_batches * B, skip * B
@@ -205,7 +294,10 @@ class _TrainStream(IterableDataset):
         aug_rng = np.random.default_rng([self.seed, epoch, self.dp_rank, logical, 2])
         skips = _Skips()
         reported = 0
-        batch = EncodedBatch() if self.encoded else _PixelBatch(B, self.image_size, self.resize)
+        if self.encoded:
+            batch = EncodedBatch()
+        else:
+            batch = _PixelBatch(B, self.image_size, self.resize, self.slots, worker)
         used = 0
         while used < need:
             # One pass over this worker's slice; later passes only make up for skipped samples.
@@ -264,23 +356,30 @@ class TrainLoader:
     Every rank builds one (it checks the shards and knows steps_per_epoch); only tp rank 0 reads.
     """
 
-    def __init__(self, data_cfg, dims, batch_size: int, image_size: int, seed: int):
+    def __init__(self, data_cfg, dims, global_batch: int, image_size: int, seed: int):
         _check_sizes(data_cfg, image_size)
         self.cfg, self.dims = data_cfg, dims
-        self.batch_size, self.image_size, self.seed = batch_size, image_size, seed
+        self.global_batch, self.image_size, self.seed = global_batch, image_size, seed
+        self.batch_size = dims.per_dp_batch(global_batch)
+        """This dp group's images a step (``global_batch`` split over dp)."""
         self.shards = resolve_shards(data_cfg.train_shards, "train", "data.train_shards", data_cfg.info)
         self.num_samples = sum(s.count for s in self.shards)
         samples = data_cfg.train_samples or self.num_samples
-        self.steps_per_epoch = samples // (batch_size * dims.dp)
+        self.steps_per_epoch = samples // global_batch
         if self.steps_per_epoch == 0:
             raise DataError(
-                f"{samples} training samples cannot fill one step of {batch_size} x dp={dims.dp}: "
+                f"{samples} training samples cannot fill one step of train.batch_size={global_batch} (dp={dims.dp}): "
                 "lower train.batch_size or add data"
             )
         self.workers = data_cfg.workers
+        if self.workers > 0 and dims.tp_rank == 0:
+            start_early(data_cfg.start_method)  # the loading rank's workers start faster on the first epoch
         self.decode_device = self._decode_device() if data_cfg.decode == "gpu" and dims.tp_rank == 0 else None
+        if dims.tp_rank == 0 and self.decode_device is None:
+            augment.prepare_workers()
         self.stream = _TrainStream(
-            self.shards, seed=seed, dp_rank=dims.dp_rank, batch_size=batch_size, steps=self.steps_per_epoch,
+            self.shards, seed=seed, dp_rank=dims.dp_rank, batch_size=self.batch_size, steps=self.steps_per_epoch,
+            window_start=self.steps_per_epoch * dims.dp_batch_offset(global_batch),
             image_size=image_size, data_cfg=data_cfg, workers=max(1, self.workers),
             num_classes=_num_classes(data_cfg.train_shards, data_cfg), encoded=self.decode_device is not None,
         )
@@ -316,8 +415,19 @@ class TrainLoader:
     def decoded(self, item: Pixels | Encoded) -> tuple[torch.Tensor, torch.Tensor, int]:
         """(uint8 images, labels, new skips) of a worker's batch, decoding it here if it is Encoded."""
         if isinstance(item, Pixels):
-            return item
+            labels = torch.from_numpy(np.frombuffer(item.labels, np.int64).copy())
+            if item.images is not None:
+                return item.images, labels, item.skipped
+            return self.stream.slots.take(item.worker, item.slot, self.dims.device), labels, item.skipped
         return decode_batch(item, self.cfg.resize, self.image_size, self.decode_device)
+
+    def slots_for_epoch(self) -> BatchSlots:
+        """The workers' batch slots, made at the first epoch and kept (their pages stay mapped)."""
+        if self.stream.slots is None:
+            S = self.image_size
+            self.stream.slots = BatchSlots(self.workers, PREFETCH_FACTOR + 1, (self.batch_size, 3, S, S), self.cfg.start_method)
+        self.stream.slots.reset()
+        return self.stream.slots
 
 
 class EpochBatches:
@@ -332,7 +442,9 @@ class EpochBatches:
         self.loader, self.start_step, self._pool = loader, start_step, None
         if loader.dims.tp_rank == 0 and start_step < loader.steps_per_epoch:
             loader.stream.epoch, loader.stream.start_step = epoch, start_step
-            self._pool = WorkerPool(loader.stream, loader.workers, loader.dims.device)
+            if loader.workers > 0 and not loader.stream.encoded:
+                loader.slots_for_epoch()
+            self._pool = WorkerPool(loader.stream, loader.workers, loader.dims.device, loader.cfg.start_method)
 
     def ready(self, timeout: float = 0.0) -> bool:
         return self._pool is None or self._pool.ready(timeout)
@@ -377,29 +489,63 @@ class _ValStream(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         w = info.id if info is not None else 0
-        B, S = self.batch_size, self.image_size
+        B = self.batch_size
         n_batches = -(-self.num // B)
         k0, k1 = n_batches * w // self.workers, n_batches * (w + 1) // self.workers
         lo, hi = k0 * B, min(k1 * B, self.num)
         skips, reported = _Skips(), 0
-        images, labels = [], []
+        batch = _EvalBatch(B, self.image_size, self.resize, self.ten)
         for seg in _slice_segments(self.segments, lo, hi):
             for key, members in read_segment(seg, skips, self.policy):
                 try:
                     data, label = parse_sample(key, members, self.label_key, self.num_classes)
-                    sq = centre_square(data, self.resize)
+                    batch.add(data, label)
                 except CorruptImage as e:
                     skips(1, f"{key}: {e}")
                     continue
-                images.append(hwc_to_chw(ten_crop(sq, S) if self.ten else centre_crop(sq, S)))
-                labels.append(label)
-                if len(images) == B:
-                    yield torch.stack(images), torch.tensor(labels), skips.count - reported
-                    images, labels, reported = [], [], skips.count
-        if images or skips.count > reported:
-            shape = (0, 10, 3, S, S) if self.ten else (0, 3, S, S)
-            imgs = torch.stack(images) if images else torch.empty(shape, dtype=torch.uint8)
-            yield imgs, torch.tensor(labels, dtype=torch.int64), skips.count - reported
+                if batch.fill == B:
+                    yield batch.take(skips.count - reported)
+                    reported = skips.count
+        if batch.fill or skips.count > reported:
+            yield batch.take(skips.count - reported)
+
+
+class _EvalBatch:
+    """Collects one validation batch in a worker: the centre crop or the ten crops of each image."""
+
+    def __init__(self, size: int, image_size: int, resize: int, ten: bool):
+        self.size, self.resize, self.image_size = size, resize, image_size
+        self.shape = (10, 3, image_size, image_size) if ten else (3, image_size, image_size)
+        self.fast = augment.fast_crops()
+        self.images = None
+        self.labels: list[int] = []
+
+    @property
+    def fill(self) -> int:
+        return len(self.labels)
+
+    def add(self, data: bytes, label: int) -> None:
+        if self.images is None:  # in a worker, in shared memory: sent to the training process as it is
+            shape = (self.size, *self.shape)
+            in_worker = get_worker_info() is not None
+            self.images = _shared_empty(shape) if in_worker else torch.empty(shape, dtype=torch.uint8)
+            self._rows = self.images.numpy()
+        row = self.fill
+        if self.fast:  # raises CorruptImage
+            augment.eval_crops_into(self._rows[row], data, self.resize, self.image_size)
+        else:
+            sq = centre_square(data, self.resize)
+            S = self.image_size
+            self.images[row].copy_(hwc_to_chw(ten_crop(sq, S) if len(self.shape) == 4 else centre_crop(sq, S)))
+        self.labels.append(label)
+
+    def take(self, skipped: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(images, labels, skipped) of the samples added since the last take (maybe fewer than size)."""
+        n = self.fill
+        images = self.images[:n] if self.images is not None else torch.empty((0, *self.shape), dtype=torch.uint8)
+        labels = torch.tensor(self.labels, dtype=torch.int64)
+        self.images, self.labels = None, []
+        return images, labels, skipped
 
 
 def _slice_segments(segments: list[Segment], lo: int, hi: int) -> list[Segment]:
@@ -436,6 +582,8 @@ class ValLoader:
         self.segments = plan_segments(self.shards, lo, hi - lo)
         self.workers = min(data_cfg.workers, max(1, -(-self.num_samples // batch_size)))
         self.num_classes = _num_classes(data_cfg.val_shards, data_cfg)
+        if dims.tp_rank == 0:
+            augment.prepare_workers()
 
     def __iter__(self) -> Iterator[Batch]:
         pool = None
@@ -444,7 +592,7 @@ class ValLoader:
                 self.segments, num=self.num_samples, batch_size=self.batch_size, image_size=self.image_size,
                 data_cfg=self.cfg, ten=self.ten_crop, workers=max(1, self.workers), num_classes=self.num_classes,
             )
-            pool = WorkerPool(stream, self.workers, self.dims.device)
+            pool = WorkerPool(stream, self.workers, self.dims.device, self.cfg.start_method)
         try:
             yield from self._batches(pool)
         finally:

@@ -12,9 +12,12 @@ SRC/ILSVRC2012_devkit_t12 or SRC/devkit). OUT gets ``imagenet-train-000000.tar .
 from ``--class-names FILE`` or SRC/LOC_synset_mapping.txt (lines ``<wnid> <name>``), else from the
 devkit's ``meta.mat`` (its ``words``), else the folder names themselves.
 
-Each sample is ``<key>.cls`` (label, ASCII) and ``<key>.jpg`` (the source file's bytes, untouched).
-Only a source that is not a baseline-decodable RGB/grey JPEG (PNG, CMYK, ...) is re-encoded, as an
-RGB JPEG, and ``--resize N`` re-encodes everything with the shorter side N. The label is the index
+Each sample is ``<key>.cls`` (label, ASCII) and ``<key>.jpg``: by default the source file's bytes,
+untouched; only a source that is not a baseline-decodable RGB/grey JPEG (PNG, CMYK, ...) is
+re-encoded, as an RGB JPEG. ``--square N`` stores every image as the paper did (section 2): shorter
+side N, the central N x N square (the pixels ``augment.centre_square`` gives the loader), re-encoded
+at ``--quality``; the loader then crops it without resampling when ``data.resize`` is N.
+``--resize N`` re-encodes everything with the shorter side N, keeping the aspect. The label is the index
 of the wnid in the sorted list of train folders; the devkit's 1-based ids are mapped through
 meta.mat (docs/paper.md, "Labels"). Samples are shuffled over the whole split with ``--seed`` before
 they are cut into shards, so every shard is a random sample of the split.
@@ -43,8 +46,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from distalex.data.augment import square_image
+from distalex.data.augment import open_rgb, square_image
 from distalex.data.info import FORMAT, INFO_NAME, DataError
+from distalex.progress import progress as progress_bar
 
 GROUND_TRUTH = "ILSVRC2012_validation_ground_truth.txt"
 META = "meta.mat"
@@ -70,6 +74,7 @@ class ShardJob:
     stats_upto: int  # items[:stats_upto] feed the training statistics
     resize: int | None
     quality: int
+    square: int | None = None
 
 
 @dataclass
@@ -244,8 +249,10 @@ def plan_shards(items: list[Item], max_count: int, max_size: float) -> list[list
 # ------------------------------------------------------------------ one image, one shard
 
 
-def prepare(data: bytes, resize: int | None, quality: int, want_pixels: bool):
+def prepare(data: bytes, resize: int | None, quality: int, want_pixels: bool, square: int | None = None):
     """(bytes to store, re-encoded?, RGB image or None). Raises on an unreadable image."""
+    if square is not None:
+        return paper_form(data, square, quality)
     img = Image.open(io.BytesIO(data))
     keep = img.format == "JPEG" and img.mode in ("RGB", "L") and (resize is None or min(img.size) == resize)
     if keep and not want_pixels:
@@ -261,6 +268,22 @@ def prepare(data: bytes, resize: int | None, quality: int, want_pixels: bool):
         w, h = rgb.size
         s = resize / min(w, h)
         rgb = rgb.resize((max(1, round(w * s)), max(1, round(h * s))), Image.BILINEAR)
+    buf = io.BytesIO()
+    rgb.save(buf, "JPEG", quality=quality)
+    return buf.getvalue(), True, rgb
+
+
+def paper_form(data: bytes, side: int, quality: int) -> tuple[bytes, bool, Image.Image]:
+    """The paper's storage of an image: shorter side ``side``, the central square, as a JPEG.
+
+    (bytes, re-encoded?, RGB square). The square is the loader's own ``centre_square`` of the
+    source; a source that already is a side x side RGB or grey JPEG is kept as it is.
+    """
+    img = Image.open(io.BytesIO(data))
+    if img.format == "JPEG" and img.mode in ("RGB", "L") and img.size == (side, side):
+        img.load()
+        return data, False, img.convert("RGB")
+    rgb = square_image(open_rgb(data, side), side)
     buf = io.BytesIO()
     rgb.save(buf, "JPEG", quality=quality)
     return buf.getvalue(), True, rgb
@@ -305,7 +328,7 @@ def write_shard(job: ShardJob) -> ShardResult:
             try:
                 with open(it.path, "rb") as f:
                     raw = f.read()
-                data, converted, rgb = prepare(raw, job.resize, job.quality, want)
+                data, converted, rgb = prepare(raw, job.resize, job.quality, want, job.square)
             except Exception as e:  # any reason PIL gives; the file is reported, not fatal
                 res.skipped.append((it.path, f"{type(e).__name__}: {e}"))
             else:
@@ -347,10 +370,8 @@ def _check_out(out: Path, overwrite: bool, prefix: str) -> None:
 
 
 def _run_jobs(jobs: list[ShardJob], workers: int, total: int, progress: bool) -> list[ShardResult]:
-    from tqdm import tqdm
-
     counter = mp.Value("q", 0)
-    bar = tqdm(total=total, unit="img", unit_scale=True, disable=not progress, smoothing=0.1, file=sys.stderr)
+    bar = progress_bar(total, "make_shards", "img", disable=not progress, unit_scale=True, smoothing=0.1)
     done = threading.Event()
 
     def poll() -> None:  # images/s from the workers' shared counter
@@ -388,6 +409,7 @@ def make_shards(
     workers: int = 1,
     seed: int = 0,
     resize: int | None = None,
+    square: int | None = None,
     quality: int = 95,
     devkit: str | None = None,
     class_names_file: str | None = None,
@@ -398,6 +420,8 @@ def make_shards(
 ) -> dict:
     """Write the shards and ``_info.json``; returns the info dict. Raises DataError on a bad source."""
     src, out = Path(src), Path(out)
+    if resize is not None and square is not None:
+        raise DataError(f"resize={resize} and square={square}: choose one (square also sets the shorter side)")
     if not src.is_dir():
         raise DataError(f"{src}: source folder not found")
     classes = list_classes(src)
@@ -413,7 +437,7 @@ def make_shards(
     _check_out(out, overwrite, prefix)
 
     info = {
-        "format": FORMAT, "seed": seed, "resize": resize, "classes": classes, "num_classes": len(classes),
+        "format": FORMAT, "seed": seed, "resize": resize, "square": square, "quality": quality, "classes": classes, "num_classes": len(classes),
         "class_names": names,
         "source": str(src.resolve()), "splits": {},
     }
@@ -427,7 +451,7 @@ def make_shards(
         for i, shard_items in enumerate(planned):
             upto = max(0, min(len(shard_items), stats_samples - first)) if split == "train" else 0
             jobs.append(ShardJob(split, i, str(out / f"{prefix}-{split}-{i:06d}.tar"), shard_items, upto,
-                                 resize, quality))
+                                 resize, quality, square))
             first += len(shard_items)
         results = _run_jobs(jobs, workers, len(items), progress)
         skipped = [s for r in results for s in r.skipped]
@@ -465,6 +489,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="worker processes")
     p.add_argument("--seed", type=int, default=0, help="seed of the global shuffle")
     p.add_argument("--resize", type=int, default=None, help="re-encode with the shorter side this long (e.g. 256)")
+    p.add_argument("--square", type=int, default=None, metavar="N",
+                   help="store each image as the paper did: shorter side N, the central N x N square (e.g. 256)")
     p.add_argument("--quality", type=int, default=95, help="JPEG quality for re-encoded images")
     p.add_argument("--devkit", default=None, help="ILSVRC2012 devkit folder, for a flat val/")
     p.add_argument("--class-names", default=None, metavar="FILE",
@@ -476,10 +502,12 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     if a.max_count < 1 or a.max_size <= 0 or a.workers < 0 or a.stats_samples < 0:
         p.error("--max-count and --max-size must be positive; --workers and --stats-samples >= 0")
+    if a.resize is not None and a.square is not None:
+        p.error("--resize and --square: choose one (--square N also sets the shorter side to N)")
     try:
         info = make_shards(
             a.src, a.out, splits=tuple(s for s in a.splits.split(",") if s), max_count=a.max_count,
-            max_size=a.max_size, workers=a.workers, seed=a.seed, resize=a.resize, quality=a.quality,
+            max_size=a.max_size, workers=a.workers, seed=a.seed, resize=a.resize, square=a.square, quality=a.quality,
             devkit=a.devkit, class_names_file=a.class_names, stats_samples=a.stats_samples,
             overwrite=a.overwrite, prefix=a.prefix, progress=not a.no_progress,
         )

@@ -24,6 +24,7 @@ waiting ``data.retry_wait_s`` doubled each time); then the rest of the segment i
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
@@ -98,6 +99,15 @@ def split_member(name: str) -> tuple[str, str] | None:
 
 def is_remote(url: str) -> bool:
     return ("://" in url and not url.startswith("file://")) or url.startswith("pipe:")
+
+
+def longest_stall_s(data_cfg) -> float:
+    """The longest a training step may wait for a batch whose read stalls (``data.train_shards``
+    remote: every try stalls, with the waits between them; local: 0, never timed out)."""
+    if not is_remote(data_cfg.train_shards):
+        return 0.0
+    policy = ReadPolicy.of(data_cfg)
+    return (policy.retries + 1) * policy.stall_s + policy.wait_s * (2**policy.retries - 1)
 
 
 def local_path(url: str) -> str | None:
@@ -276,36 +286,139 @@ def tar_samples(
     """(position, key, {extension: bytes}) of samples first <= position < last of one tar stream.
 
     Members whose extension is not in ``fields`` appear with None (not read). A seekable file
-    passes over unread members by seeking; a stream reads through them.
+    passes over unread members by seeking; a stream reads through them. A plain tar file is read
+    by ``_plain_members`` (a few microseconds a member instead of tarfile's twenty), anything else,
+    and a file where that reader meets a header it leaves to tarfile, by tarfile.
     """
-    index, key, members = -1, None, {}
+    if seekable:
+        done = first
+        try:
+            for index, key, members in _samples(url, _plain_members(stream), first, last, fields, on_skip):
+                yield index, key, members
+                done = index + 1
+            return
+        except _NotPlain:
+            stream.seek(0)
+            first = done  # tarfile goes on from the first sample not yet yielded
     with tarfile.open(fileobj=stream, mode="r:*" if seekable else "r|*") as tf:
-        for ti in tf:
-            tf.members = []  # keep the member list from growing over a large shard
-            if not ti.isreg() or ti.name.rpartition("/")[2].startswith("__"):
-                continue
-            parts = split_member(ti.name)
-            if parts is None:
-                if first <= max(index, 0) < last:
-                    on_skip(1, f"{url}: member {ti.name!r} has no extension, so it belongs to no sample")
-                continue
-            k, ext = parts
-            if k != key:
-                if first <= index:
-                    yield index, key, members
-                index, key, members = index + 1, k, {}
-                if index >= last:
-                    return
-            if index < first:
-                continue
-            data = None
-            if ext in fields:
-                data = tf.extractfile(ti).read()
-                if len(data) != ti.size:
-                    raise tarfile.ReadError(f"{ti.name}: short read")
-            members[ext] = data
+        yield from _samples(url, _tarfile_members(tf), first, last, fields, on_skip)
+
+
+def _samples(url: str, members, first: int, last: int, fields: Container[str], on_skip: OnSkip):
+    """Group ``(name, regular?, read)`` members into samples (see tar_samples)."""
+    index, key, sample = -1, None, {}
+    for name, regular, read in members:
+        if not regular or name.rpartition("/")[2].startswith("__"):
+            continue
+        parts = split_member(name)
+        if parts is None:
+            if first <= max(index, 0) < last:
+                on_skip(1, f"{url}: member {name!r} has no extension, so it belongs to no sample")
+            continue
+        k, ext = parts
+        if k != key:
+            if first <= index:
+                yield index, key, sample
+            index, key, sample = index + 1, k, {}
+            if index >= last:
+                return
+        if index < first:
+            continue
+        sample[ext] = read() if ext in fields else None
     if first <= index < last:
-        yield index, key, members
+        yield index, key, sample
+
+
+def _tarfile_members(tf: tarfile.TarFile):
+    for ti in tf:
+        tf.members = []  # keep the member list from growing over a large shard
+        yield ti.name, ti.isreg(), functools.partial(_extract, tf, ti)
+
+
+def _extract(tf: tarfile.TarFile, ti: tarfile.TarInfo) -> bytes:
+    data = tf.extractfile(ti).read()
+    if len(data) != ti.size:
+        raise tarfile.ReadError(f"{ti.name}: short read")
+    return data
+
+
+class _NotPlain(Exception):
+    """A header ``_plain_members`` leaves to tarfile: pax or GNU extensions, sparse files, base-256
+    numbers, or a first block that is no tar header (a compressed tar, or not a tar at all)."""
+
+
+_TARFILE_EXTENSIONS = frozenset((b"L", b"K", b"S", b"x", b"g", b"X"))
+_NO_DATA = frozenset((b"1", b"2", b"3", b"4", b"5", b"6"))  # links, devices, directories, fifos
+_REGULAR = frozenset((b"0", b"\0", b"7"))
+_NUMBERS = ((100, 108), (108, 116), (116, 124), (124, 136), (136, 148), (329, 337), (337, 345))
+
+
+def _octal(field: bytes) -> int:
+    """tarfile's ``nti`` for the octal form (ValueError on a bad field); base-256 is left to tarfile."""
+    if field[0] in (0o200, 0o377):
+        raise _NotPlain
+    end = field.find(b"\0")
+    return int(field[: end if end >= 0 else len(field)].decode("ascii").strip() or "0", 8)
+
+
+def _name(field: bytes) -> str:
+    end = field.find(b"\0")
+    return field[: end if end >= 0 else len(field)].decode("utf-8", "surrogateescape")  # tarfile's defaults
+
+
+def _plain_members(f):
+    """(name, regular?, read) of each member of an uncompressed ustar or v7 tar file, as tarfile
+    reads them: the same names, the same end at a zero block, a short or a bad header (quietly, as
+    tarfile does past the first member), and the same ReadError where a member's data runs past
+    the end of the file. ``read()`` returns the member's data as a bytearray (writable: decoders
+    take it without a copy). Raises _NotPlain where tarfile must read the file."""
+    end = f.seek(0, 2)
+    offset = 0
+    while True:
+        if offset > end:
+            raise tarfile.ReadError("unexpected end of data")
+        f.seek(offset)
+        header = f.read(512)
+        if len(header) < 512 or header.count(0) == 512:
+            if offset == 0:
+                raise _NotPlain
+            return
+        try:
+            numbers = [_octal(header[a:b]) for a, b in _NUMBERS]
+            checksum = _octal(header[148:156])
+        except ValueError:
+            numbers, checksum = None, None
+        unsigned = 256 + sum(header[:148]) + sum(header[156:])
+        if numbers is None or (checksum != unsigned and checksum != _signed_checksum(header)):
+            if offset == 0:
+                raise _NotPlain
+            return  # tarfile ends a file at a bad header after the first
+        kind = header[156:157]
+        if kind in _TARFILE_EXTENSIONS:
+            raise _NotPlain
+        name, prefix, size = _name(header[0:100]), _name(header[345:500]), numbers[3]
+        if kind == b"\0" and name.endswith("/"):
+            kind = b"5"
+        if kind == b"5":
+            name = name.rstrip("/")
+        if prefix:
+            name = prefix + "/" + name
+        data = offset + 512
+        regular = kind in _REGULAR
+        yield name, regular, functools.partial(_read_at, f, data, size)
+        offset = data + (0 if kind in _NO_DATA else -(-size // 512) * 512)
+
+
+def _signed_checksum(header: bytes) -> int:
+    return 256 + sum(b - 256 if b > 127 else b for b in header[:148] + header[156:])
+
+
+def _read_at(f, offset: int, size: int) -> bytearray:
+    data = bytearray(size)
+    f.seek(offset)
+    if f.readinto(data) != size:
+        raise tarfile.ReadError("unexpected end of data")  # tarfile's words
+    return data
 
 
 def read_segment(
@@ -346,7 +459,7 @@ def sample_label(key: str, members: dict[str, bytes | None], label_key: str = "l
         try:
             return int(members["cls"])
         except ValueError:
-            raise CorruptImage(f"sample {key!r}: cls {members['cls'][:20]!r} is not an integer") from None
+            raise CorruptImage(f"sample {key!r}: cls {bytes(members['cls'][:20])!r} is not an integer") from None
     if members.get("json") is None:
         return None
     try:

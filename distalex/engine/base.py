@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from distalex.config import Config
@@ -26,10 +27,19 @@ class Engine:
     optimizer: torch.optim.Optimizer  # the paper's SGD (build_optimizer)
     device: torch.device
     autocast_dtype: torch.dtype | None = None
+    loss_weight: float = 1.0  # ParallelDims.loss_weight: this dp group's share of the global batch, times dp
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """One SGD step on this rank's batch; returns the detached loss (no host sync)."""
+        """One SGD step on this rank's batch; returns the detached ``loss`` it stepped on (no host
+        sync), whose mean over the dp groups is the global batch's mean loss."""
         raise NotImplementedError
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The batch's mean cross-entropy times ``loss_weight``, so that the dp average of the
+        gradients (DDP's or ZeRO's) is the gradient of the global batch's mean however unevenly dp
+        splits it (``ParallelDims.loss_weight``). At an even split the weight is 1 and not applied."""
+        loss = F.cross_entropy(logits, labels)
+        return loss if self.loss_weight == 1.0 else loss * self.loss_weight
 
     @property
     def lr(self) -> float:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -25,10 +23,11 @@ class DDPEngine(Engine):
         self.optimizer = build_optimizer(module, cfg)
         self.device = dims.device
         self.autocast_dtype = autocast_dtype_for(cfg, dims.device)
+        self.loss_weight = dims.loss_weight(cfg.train.batch_size)
 
     def train_step(self, images, labels):
         with self.autocast():
-            loss = F.cross_entropy(self.model(images), labels)
+            loss = self.loss(self.model(images), labels)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()  # DDP averages gradients over the dp group here
         self.optimizer.step()

@@ -29,7 +29,6 @@ import logging
 import os
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from distalex.config import Config
@@ -117,7 +116,12 @@ def _import_deepspeed(device: torch.device):
 
 def deepspeed_config(cfg: Config, dims: ParallelDims, autocast_dtype: torch.dtype | None = None) -> dict:
     """The DeepSpeed config for one run: ZeRO over dp, the per-dp-rank batch, no clipping, fp32
-    weights and gradient averaging, torch autocast to ``autocast_dtype`` in the forward if given."""
+    weights and gradient averaging, torch autocast to ``autocast_dtype`` in the forward if given.
+
+    DeepSpeed wants ``train_batch_size`` = micro batch x dp; where dp does not divide
+    ``train.batch_size`` the groups' batches differ by one, and this rank's micro batch x dp is only
+    DeepSpeed's own sample counter (it feeds no data here and schedules no LR). The gradient is
+    exact either way: ZeRO averages over dp as DDP does, and ``Engine.loss`` weights each rank's loss."""
     micro = dims.per_dp_batch(cfg.train.batch_size)
     return {
         "train_batch_size": micro * dims.dp,
@@ -164,6 +168,7 @@ class DeepSpeedEngine(Engine):
         self.optimizer = build_optimizer(module, cfg)
         self.device = dims.device
         self.autocast_dtype = autocast_dtype_for(cfg, dims.device)
+        self.loss_weight = dims.loss_weight(cfg.train.batch_size)
         self.model, self.ds_optimizer, _, _ = deepspeed.initialize(
             model=module,
             optimizer=self.optimizer,
@@ -181,7 +186,7 @@ class DeepSpeedEngine(Engine):
         # DeepSpeed's forward opens its own autocast (same dtype); this one is for the loss, which
         # autocast computes in float32 from the bf16 logits, as in DDPEngine.
         with self.autocast():
-            loss = F.cross_entropy(self.model(images), labels)
+            loss = self.loss(self.model(images), labels)
         self.model.backward(loss)  # ZeRO averages gradients over dp here (ZeRO-2 keeps its partition only)
         self.model.step()  # SGD on this dp rank's partition, then all-gather of the weights over dp
         return loss.detach()

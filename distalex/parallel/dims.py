@@ -17,7 +17,8 @@ import torch
 import torch.distributed as dist
 
 from distalex.config import towers_per_rank
-from distalex.parallel.liveness import Liveness
+from distalex.parallel.liveness import Liveness, Progress
+from distalex.parallel.store import world_store
 
 
 class ParallelConfigError(ValueError):
@@ -58,6 +59,13 @@ def read_launch_env(environ: dict | None = None) -> Launch:
 LAYOUTS = ("towers", "hybrid")
 
 
+def sample_counts(batch: int, n: int) -> list[int]:
+    """Samples of a batch each of n ranks takes: contiguous, in rank order, the first batch % n
+    ranks one more (``torch.tensor_split``'s sizes)."""
+    q, extra = batch // n, batch % n  # not divmod: torch.compile cannot trace it
+    return [q + (i < extra) for i in range(n)]
+
+
 def check_layout(world_size: int, tp: int, towers: int, layout: str = "towers") -> int:
     """Validate the (dp, tp) layout and return dp. Errors name the numbers that disagree."""
     if tp < 1:
@@ -96,6 +104,7 @@ class ParallelDims:
     dp_group: object | None = None  # this rank's data-parallel group (same tp rank in every dp group)
     control_group: object | None = None  # gloo over the world: small host-side agreements, no device sync
     liveness: Liveness | None = None  # heartbeats and the job's failure record (parallel.peer_timeout_s)
+    progress: Progress = field(default_factory=Progress)  # the training loop's steps, watched by liveness
 
     @property
     def world_size(self) -> int:
@@ -127,11 +136,36 @@ class ParallelDims:
         """Global rank of tp rank 0 in this process's tensor-parallel group (the data loader)."""
         return self.dp_rank * self.tp
 
+    def dp_batches(self, global_batch: int) -> list[int]:
+        """Every dp group's images of a global batch of ``global_batch`` (``train.batch_size``), in dp
+        rank order: as even as it gets, the first ``global_batch % dp`` groups one more (``sample_counts``).
+        The one place the batch is split over dp; tp peers share their group's images."""
+        if global_batch < self.dp:
+            raise ParallelConfigError(
+                f"train.batch_size={global_batch} is smaller than dp={self.dp}: every dp group needs at least one image a step"
+            )
+        return sample_counts(global_batch, self.dp)
+
     def per_dp_batch(self, global_batch: int) -> int:
-        """Images per data-parallel group of ``train.batch_size`` (tp peers share their group's batch)."""
-        if global_batch % self.dp:
-            raise ParallelConfigError(f"train.batch_size={global_batch} is not divisible by dp={self.dp}")
-        return global_batch // self.dp
+        """This dp group's images of each global batch."""
+        return self.dp_batches(global_batch)[self.dp_rank]
+
+    def dp_batch_offset(self, global_batch: int) -> int:
+        """Images of each global batch that go to the dp groups before this one (lower dp ranks)."""
+        return sum(self.dp_batches(global_batch)[: self.dp_rank])
+
+    def loss_weight(self, global_batch: int) -> float:
+        """What this dp group's mean loss is multiplied by so that the step is the serial step on the
+        global batch: dp * b / B for b of B images. DDP and ZeRO average the groups' gradients (sum / dp),
+        and the serial gradient of the mean over B images is sum_g (b_g / B) * grad(mean_g); so group g
+        must contribute dp * b_g / B times its mean's gradient. The weighted losses' mean over dp is the
+        global batch's mean loss, which is what the training loop logs. 1.0 exactly when dp divides B."""
+        return self.dp * self.per_dp_batch(global_batch) / global_batch
+
+    def describe_batch(self, global_batch: int) -> str:
+        """``128 images, per dp rank 43 or 42``: the global batch and its split (for the start line)."""
+        sizes = sorted(set(self.dp_batches(global_batch)), reverse=True)
+        return f"{global_batch} images, per dp rank {' or '.join(map(str, sizes))}"
 
     def barrier(self) -> None:
         if self.distributed:
@@ -153,18 +187,47 @@ class ParallelDims:
         dist.broadcast_object_list(box, src=0, group=self.control_group)
         return box[0]
 
+    def all_objects(self, value) -> list:
+        """Every rank's ``value``, in rank order, on every rank (host-side, over the control group)."""
+        if not self.distributed:
+            return [value]
+        values = [None] * self.world_size
+        dist.all_gather_object(values, value, group=self.control_group)
+        return values
+
     def first_of(self, value):
         """On every rank: the lowest rank's ``value`` that is not None, or None (host-side). Lets all
         ranks act on one rank's error together instead of leaving the others in a collective."""
-        if not self.distributed:
-            return value
-        values = [None] * self.world_size
-        dist.all_gather_object(values, value, group=self.control_group)
-        return next((v for v in values if v is not None), None)
+        return next((v for v in self.all_objects(value) if v is not None), None)
 
     def describe(self) -> str:
         layout = f" layout={self.layout}" if self.tp > 1 else ""
         return f"world={self.world_size} (dp={self.dp} x tp={self.tp}){layout} backend={backend_for(self.device)}"
+
+
+GPU_IMAGES_FLOOR = 32
+"""Images' work per GPU per step below which less than half of an AlexNet step on an H100 is the
+images' own compute: the rest is fixed per step (1-2 ms of kernel launches, 0.4 ms of SGD update)
+against 12-25 us an image. An estimate, derived in docs/training.md ("Batch size and scale")."""
+
+
+def small_batch_warning(global_batch: int, dp: int, tp: int, device_type: str) -> str | None:
+    """The warning for a layout that leaves each GPU less than ``GPU_IMAGES_FLOOR`` images' work a
+    step (the smallest dp group's batch over tp: a tp peer holds 1/tp of the net under the towers
+    layout and convolves 1/tp of the images under hybrid), or None. Only GPUs: a CPU is busy at any batch."""
+    if device_type != "cuda":
+        return None
+    smallest = min(sample_counts(global_batch, dp))
+    per_gpu = smallest / tp
+    if per_gpu >= GPU_IMAGES_FLOOR:
+        return None
+    return (
+        f"train.batch_size={global_batch} over dp={dp} x tp={tp} leaves a GPU {per_gpu:g} images' work a step "
+        f"(the smallest dp group's {smallest} over tp={tp}); below {GPU_IMAGES_FLOOR}, less than half of an AlexNet "
+        "step on a GPU is the images' own work, the rest fixed cost (kernel launches, the SGD update, the gradient "
+        "all-reduce): raise train.batch_size (and optim.lr with it), start fewer GPUs, or cut the launches with "
+        "train.compile=true and train.cuda_graphs=true (docs/training.md, \"Batch size and scale\")"
+    )
 
 
 def backend_for(device: torch.device) -> str:
@@ -196,12 +259,14 @@ def pick_device(local_rank: int, requested: str = "auto") -> torch.device:
 
 
 def init_parallel(tp: int, towers: int, device: str = "auto", timeout_s: float = 600.0,
-                  layout: str = "towers", peer_timeout_s: float | None = None) -> ParallelDims:
+                  layout: str = "towers", peer_timeout_s: float | None = None,
+                  progress_timeout_s: float | None = None) -> ParallelDims:
     """Read the launcher's environment, check the layout, and build the dp x tp groups.
 
     All checks run before the first collective, so a bad layout fails on every rank with the same
     message instead of hanging. ``timeout_s`` bounds every collective of every group;
-    ``peer_timeout_s`` (the training and evaluation CLIs pass it) starts ``Liveness``.
+    ``peer_timeout_s`` (the training and evaluation CLIs pass it) starts ``Liveness``, which with
+    ``progress_timeout_s`` (the training CLI's) also watches ``dims.progress`` for a stall.
     """
     launch = read_launch_env()
     dp = check_layout(launch.world_size, tp, towers, layout)
@@ -210,8 +275,11 @@ def init_parallel(tp: int, towers: int, device: str = "auto", timeout_s: float =
         return ParallelDims(dp=1, tp=1, layout=layout, rank=0, local_rank=0, device=dev)
     timeout = datetime.timedelta(seconds=timeout_s)
     backend = backend_for(dev)
+    store_at = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, timeout=timeout, device_id=dev if dev.type == "cuda" else None)
+        store, *store_at = world_store(launch.rank, launch.world_size, timeout)
+        dist.init_process_group(backend=backend, timeout=timeout, device_id=dev if dev.type == "cuda" else None,
+                                store=store, rank=launch.rank if store else -1, world_size=launch.world_size if store else -1)
     tp_group = dp_group = None
     for d in range(dp):  # rank = dp_rank * tp + tp_rank
         ranks = list(range(d * tp, (d + 1) * tp))
@@ -229,7 +297,9 @@ def init_parallel(tp: int, towers: int, device: str = "auto", timeout_s: float =
     if peer_timeout_s is not None:
         token = [uuid.uuid4().hex if dims.is_main else None]  # one key space per world (restarts included)
         dist.broadcast_object_list(token, src=0, group=control)
-        dims.liveness = Liveness.start(dims.rank, dims.world_size, peer_timeout_s, token[0])
+        groups = (dist.group.WORLD, tp_group, dp_group, control)
+        dims.liveness = Liveness.start(dims.rank, dims.world_size, peer_timeout_s, token[0], tuple(store_at),
+                                       dims.progress, progress_timeout_s, groups)
     return dims
 
 

@@ -14,6 +14,7 @@ from distalex.model import SharedDropout
 from distalex.parallel.collectives import (
     copy_to_tp, gather_from_tp, group_rank, group_size, reduce_from_tp, samples_to_features,
 )
+from distalex.parallel.dims import sample_counts  # the split of a batch over ranks, dp's and hybrid's tp's alike
 
 
 def mark(param: nn.Parameter, sharded: bool, partition_dim: int = 0) -> nn.Parameter:
@@ -146,13 +147,6 @@ class ShardedDropout(SharedDropout):
 
 
 # ---------------------------------------------------------------- the hybrid layout's layers
-
-
-def sample_counts(batch: int, n: int) -> list[int]:
-    """Samples of a batch each of n ranks takes: contiguous, in rank order, the first batch % n
-    ranks one more (``torch.tensor_split``'s sizes)."""
-    q, extra = batch // n, batch % n  # not divmod: torch.compile cannot trace it
-    return [q + (i < extra) for i in range(n)]
 
 
 class SampleSplit:

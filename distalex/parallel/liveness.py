@@ -3,8 +3,8 @@
 A collective cannot tell a peer that is gone from one that is busy (compiling, writing a
 checkpoint, validating), and one blocked on a peer that vanished without a TCP reset (a cut link,
 a dead NIC, a frozen host) waits for the whole collective timeout. So every rank of a job runs two
-daemon threads with a store client of their own, on the TCPStore the launcher already runs
-(``MASTER_ADDR:MASTER_PORT``):
+daemon threads with a store client of their own, on the store of the world's process groups
+(``parallel.store``, served by rank 0's process):
 
 - **beat**, every ``HEARTBEAT_S``: adds 1 to this rank's counter, reads the counters of the two
   ranks it watches (its ring neighbours rank - 1 and rank + 1: every rank is watched by two
@@ -29,49 +29,95 @@ be blocked in a collective that will never return):
 In the last case the torchrun agent of this host would wait for the rendezvous store without end
 (seen: still waiting 800 s after its store host was cut off, SIGTERM included), holding the
 allocation; so when the rendezvous endpoint does not accept a connection either, the agent is
-killed too (``end_stranded_agent``). A host whose agent can still reach the rendezvous store is left
-to its agent: with ``--max-restarts`` and ``--nnodes=MIN:MAX`` it re-forms a smaller world.
+killed too (``agent.end_stranded_agent``). A host whose agent can still reach the rendezvous store is
+left to its agent: with ``--max-restarts`` and ``--nnodes=MIN:MAX`` it re-forms a smaller world.
+
+**Alive but stuck.** A rank whose main thread stops (a deadlock, a read that never returns, a stuck
+kernel) keeps beating: its threads live. So the beat also watches the main thread's training steps
+(``Progress``): a rank that has finished no step for half of ``progress_timeout_s`` while in the
+training loop publishes where it is (its steps, and the collectives it has issued on its process
+groups: their sequence numbers). When rank 0 has been stuck for ``progress_timeout_s`` and every
+rank has published (so none is busy with a checkpoint, validation, start-up or its first steps),
+the job has stalled: the ranks that issued the fewest collectives are behind, the others wait for
+them in a collective. Rank 0 names them in the failure record; every rank writes its threads'
+Python stacks to the log, then ends with ``EXIT_STALLED``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
-import signal
-import socket
 import sys
 import threading
 import time
+import traceback
 from dataclasses import dataclass
 
 import torch.distributed as dist
+
+from distalex import signal_watch
+from distalex.parallel.agent import end_stranded_agent
+from distalex.parallel.lines import clock, log_line, where_am_i
 
 HEARTBEAT_S = 1.0
 """Seconds between beats; also how soon every rank learns of a failure record."""
 EXIT_PEER_LOST = 4
 """Exit status of a rank that ends because a peer, its host or the store is gone."""
+EXIT_STALLED = 6
+"""Exit status of a rank that ends because the job stalled: no rank finished a training step for
+``progress_timeout_s`` while every rank's process lived."""
+WARMUP_STEPS = 2
+"""The first training steps of a process are not watched: they compile and allocate."""
 FAIL_WRITE_S = 3.0
 """How long ``fail`` waits for the store to take the failure record before treating it as lost."""
 ON_END_S = 5.0
 """How long ``Liveness.on_end`` (closing the MLflow run) may take before the process ends anyway."""
-AGENT_PROBE_S = 5.0
-"""How long the rendezvous endpoint gets to accept a connection before the agent counts as stranded."""
 
 
-def log_line(text: str) -> None:
-    """One line on stderr, flushed at once: the process may end right after it."""
-    sys.stderr.write(text.rstrip("\n") + "\n")
-    sys.stderr.flush()
+class Progress:
+    """The main thread's training steps, as the beat thread sees them.
 
+    The training loop calls ``watch`` before its first step, ``step_done`` after each one and
+    ``unwatch`` on its way out; what is slow on purpose within it (a checkpoint write) runs inside
+    ``paused()``. Nothing else is watched: start-up, an epoch's loader start, validation, the
+    epoch-end save, the export, nor the first WARMUP_STEPS steps of the process. The main thread
+    writes, the beat thread reads: plain attributes, each written in one step under the GIL.
+    """
 
-def clock(t_wall: float) -> str:
-    return datetime.datetime.fromtimestamp(t_wall).strftime("%H:%M:%S")
+    def __init__(self):
+        self.steps = 0
+        """Training steps this process has finished."""
+        self.step = 0
+        """The run's step count after the last of them."""
+        self._watching = False
+        self._since = time.monotonic()
 
+    def watch(self) -> None:
+        self._since = time.monotonic()
+        self._watching = True
 
-def where_am_i() -> str:
-    """This process's host for messages: the name and, under torchrun, its node (group rank)."""
-    node = os.environ.get("GROUP_RANK")
-    return f"node {node} {socket.gethostname()}" if node is not None else socket.gethostname()
+    def unwatch(self) -> None:
+        self._watching = False
+
+    def step_done(self, step: int) -> None:
+        self.steps, self.step = self.steps + 1, step
+        self._since = time.monotonic()
+
+    @contextlib.contextmanager
+    def paused(self):
+        watching, self._watching = self._watching, False
+        try:
+            yield
+        finally:
+            self._since = time.monotonic()
+            self._watching = watching
+
+    def stuck_s(self) -> float | None:
+        """Seconds since the main thread last finished a step, or None where it is not watched."""
+        if not self._watching or self.steps < WARMUP_STEPS:
+            return None
+        return time.monotonic() - self._since
 
 
 @dataclass
@@ -82,15 +128,21 @@ class _Seen:
 
 
 class Liveness:
-    """This rank's heartbeat, its watch over two peers, and the job's failure record.
+    """This rank's heartbeat, its watch over two peers and its own progress, and the job's failure record.
 
     ``start`` it once every rank has joined the process group; ``fail`` when this rank fails;
     ``leave`` before a normal exit (its silence afterwards is no failure).
     """
 
-    def __init__(self, store, prefix: str, rank: int, world_size: int, peer_timeout_s: float, store_addr: str):
+    def __init__(self, store, prefix: str, rank: int, world_size: int, peer_timeout_s: float, store_addr: str,
+                 progress: Progress | None = None, progress_timeout_s: float | None = None, groups: tuple = ()):
         self.rank, self.world_size, self.peer_timeout_s = rank, world_size, peer_timeout_s
         self.store_addr = store_addr
+        self.progress, self.progress_timeout_s, self._groups = progress, progress_timeout_s, groups
+        self._stuck_published = False
+        # The world's store lives in rank 0's process (parallel.store): its exit takes the store,
+        # and with it the failure record, away.
+        self._holds_store = rank == 0
         self._store, self._prefix = store, prefix
         self._watched = sorted({(rank - 1) % world_size, (rank + 1) % world_size} - {rank})
         self._seen: dict[int, _Seen] = {}
@@ -98,6 +150,8 @@ class Liveness:
         self._last_answer, self._last_answer_wall = time.monotonic(), time.time()
         self._leaving = threading.Event()
         self._ending = threading.Lock()
+        self.ending = threading.Event()
+        """Set when a thread here has begun to end this rank (it ends the process)."""
         self.failure_told = False
         self.on_end = None
         """Called (at most ON_END_S) before a rank ends here: e.g. marking the MLflow run FAILED."""
@@ -105,15 +159,17 @@ class Liveness:
                          threading.Thread(target=self._judge, name="distalex-judge", daemon=True)]
 
     @classmethod
-    def start(cls, rank: int, world_size: int, peer_timeout_s: float, token: str,
-              environ: dict | None = None) -> Liveness:
-        """Connect a store client of its own to the launcher's store and start beating.
-        ``token``, the same on every rank of this world, keeps a restarted world's keys apart."""
-        env = os.environ if environ is None else environ
-        host, port = env["MASTER_ADDR"], int(env["MASTER_PORT"])
+    def start(cls, rank: int, world_size: int, peer_timeout_s: float, token: str, store_at: tuple[str, int],
+              progress: Progress | None = None, progress_timeout_s: float | None = None, groups: tuple = ()) -> Liveness:
+        """Connect a store client of its own to the world's store at ``store_at`` (host, port) and
+        start beating. ``token``, the same on every rank of this world, keeps a restarted world's
+        keys apart. With ``progress`` and ``progress_timeout_s``, also watch for a stall; ``groups``:
+        the process groups whose collectives show which rank is behind."""
+        host, port = store_at
         store = dist.TCPStore(host, port, is_master=False, wait_for_workers=False,
                               timeout=datetime.timedelta(seconds=peer_timeout_s))
-        live = cls(store, f"distalex/liveness/{token}/", rank, world_size, peer_timeout_s, f"{host}:{port}")
+        live = cls(store, f"distalex/liveness/{token}/", rank, world_size, peer_timeout_s, f"{host}:{port}",
+                   progress, progress_timeout_s, groups)
         live._set(f"host/{rank}", where_am_i())
         live._add(f"beat/{rank}", 1)
         for t in live._threads:
@@ -157,6 +213,8 @@ class Liveness:
                     self._end_for_record()
                 for peer in self._watched:
                     self._check(peer, self._add(f"beat/{peer}", 0))
+                if self.progress is not None and self.progress_timeout_s is not None:
+                    self._watch_progress()
         except Exception as e:  # noqa: BLE001 - a reset or refused store: its process or host is gone
             if not self._leaving.is_set():
                 self._end(EXIT_PEER_LOST, f"the job's store at {self.store_addr} is gone ({type(e).__name__}: "
@@ -173,7 +231,45 @@ class Liveness:
         reason = (f"{self._who(peer)} silent since {clock(seen.since_wall)} ({now - seen.since:.0f} s; "
                   f"parallel.peer_timeout_s={self.peer_timeout_s:g}): its process, host or link is gone")
         self._record(EXIT_PEER_LOST, reason)
-        self._end(EXIT_PEER_LOST, reason)
+        self._end(EXIT_PEER_LOST, reason, gone=(peer,))
+
+    def _watch_progress(self) -> None:
+        """Publish where this rank is while it is stuck; on rank 0, decide whether the job stalled."""
+        stuck, key = self.progress.stuck_s(), f"stuck/{self.rank}"
+        if stuck is None or stuck < self.progress_timeout_s / 2:
+            if self._stuck_published:
+                self._store.delete_key(self._key(key))
+                self._stuck_published = False
+            return
+        self._set(key, f"{self.progress.step}\t{self._collectives()}")
+        self._stuck_published = True
+        if self.rank == 0 and stuck >= self.progress_timeout_s:
+            self._judge_stall(stuck)
+
+    def _collectives(self) -> int:
+        """Collectives this rank has issued on its process groups (their sequence numbers)."""
+        return sum(group._get_sequence_number_for_group() for group in self._groups)
+
+    def _judge_stall(self, stuck: float) -> None:
+        keys = [self._key(f"stuck/{r}") for r in range(self.world_size)]
+        if not self._store.check(keys):
+            return  # a rank is making progress, or busy outside its training steps
+        where = [tuple(int(n) for n in v.decode().split("\t")) for v in self._store.multi_get(keys)]
+        behind = min(where)
+        laggards = [r for r, w in enumerate(where) if w == behind]
+        step, limit = behind[0] + 1, f"parallel.progress_timeout_s={self.progress_timeout_s:g}"  # the step it is in
+        if len(laggards) < self.world_size:
+            names = ", ".join(self._who(r) for r in laggards[:4]) + (f" and {len(laggards) - 4} more" if len(laggards) > 4 else "")
+            reason = (f"{names} made no progress for {stuck:.0f} s ({limit}): stuck in training step {step} "
+                      f"while its process lives (a deadlock, a read that never returns, a stuck kernel), "
+                      f"behind the other ranks, which wait for it in a collective ({behind[1]} collectives issued, "
+                      f"they {max(where)[1]}); every rank's Python stack is in the log")
+        else:
+            reason = (f"no rank made progress for {stuck:.0f} s ({limit}): every rank stopped in training step {step} "
+                      f"at the same collective (none is behind: a collective, device or link that does not complete); "
+                      f"every rank's Python stack is in the log")
+        self._record(EXIT_STALLED, reason)
+        self._end(EXIT_STALLED, reason)
 
     def _judge(self) -> None:
         while not self._leaving.wait(HEARTBEAT_S):
@@ -192,13 +288,28 @@ class Liveness:
         code, rank, reason = self._get("failed/reason").split("\t", 2)
         self._end(int(code), f"ending: {self._who(int(rank))} failed: {reason}", quiet=True)
 
-    def _end(self, code: int, reason: str, store_lost: bool = False, quiet: bool = False) -> None:
+    def _end(self, code: int, reason: str, store_lost: bool = False, quiet: bool = False, gone: tuple = ()) -> None:
         """Print this rank's line and end the process now, from whichever thread found the cause.
-        ``quiet``: the failing rank printed the cause already; one line per host repeats it."""
+        ``quiet``: the failing rank printed the cause already; one line per host repeats it. A
+        stall writes this rank's stacks first. The process holding the store first waits (up to
+        two beats) until the other ranks, but those ``gone``, have read the failure record and
+        said so: its exit takes the store away; so its line comes last. After a stall every rank
+        waits so, so that every rank's stacks are written while it still waits where it stuck."""
         if self.failure_told or self._leaving.is_set() or not self._ending.acquire(blocking=False):
             return  # this rank is failing or leaving on its own path
+        self.ending.set()
+        signal_watch.ending()  # the agent's SIGTERM, once another rank has ended, must not cut this short
+        if code == EXIT_STALLED:
+            dump_stacks(f"rank {self.rank} ({where_am_i()})")
+        if self._holds_store and not store_lost:
+            self._wait_for_the_others(self.world_size - 1 - len(gone))
         if not quiet or os.environ.get("LOCAL_RANK", "0") == "0":
             log_line(f"error (rank {self.rank}, {where_am_i()}): {reason}")
+        if not self._holds_store and not store_lost:
+            with contextlib.suppress(Exception):
+                self._add("ended", 1)
+            if code == EXIT_STALLED:  # an exit would break the collective another rank waits in, before its stacks
+                self._wait_for_the_others(self.world_size - 1)
         if self.on_end is not None:
             last = threading.Thread(target=self.on_end, name="distalex-on-end", daemon=True)
             last.start()
@@ -207,14 +318,26 @@ class Liveness:
             end_stranded_agent()
         os._exit(code)
 
+    def _wait_for_the_others(self, count: int) -> None:
+        deadline = time.monotonic() + 2 * HEARTBEAT_S
+        with contextlib.suppress(Exception):
+            while self._add("ended", 0) < count and time.monotonic() < deadline:
+                time.sleep(0.1)
+
     # ------------------------------------------------------------------ the main thread's calls
 
-    def fail(self, code: int, reason: str) -> None:
-        """This rank failed with ``reason`` (already printed): tell every rank, within FAIL_WRITE_S.
-        If the store does not take it, the store's host is lost: the agent may be stranded too."""
+    def fail(self, code: int, reason: str, first=None) -> None:
+        """This rank failed with ``reason``: call ``first`` (printing the line, say; from here another
+        rank's failure record no longer ends this rank), then tell every rank, within FAIL_WRITE_S.
+        If the store does not take it, the store's host is lost: the agent may be stranded too. If a
+        thread here is already ending this rank on another rank's record, wait for it to."""
         if self.failure_told:
             return
+        if not self._ending.acquire(blocking=False):
+            threading.Event().wait()  # that thread ends the process
         self.failure_told = True
+        if first is not None:
+            first()
         done = threading.Event()
 
         def write() -> None:
@@ -237,6 +360,20 @@ class Liveness:
                  "failure: the process or host holding it (rank 0's) is gone")
         end_stranded_agent()
 
+    def end_with_record(self) -> None:
+        """For the main thread whose collective broke: if this rank is ending already, or the job has
+        a failure record, end with its cause and status (a peer's exit broke the collective), never
+        returning; else return."""
+        if not self.ending.is_set():
+            try:
+                failed = self._add("failed", 0)
+            except Exception:  # noqa: BLE001 - the store is gone too: the caller reports what it saw
+                return
+            if not failed:
+                return
+            self._end_for_record()
+        threading.Event().wait()  # the thread that is ending this rank ends the process
+
     def leave(self) -> None:
         """A normal exit: mark this rank as left (peers stop watching it) and stop judging the store,
         which the first rank to exit may take with it."""
@@ -247,48 +384,16 @@ class Liveness:
         self._leaving.set()
 
 
-def end_stranded_agent() -> None:
-    """Kill this process's torchrun agent if its rendezvous store does not accept a connection: that
-    agent would wait for the store without end. An agent whose store answers (or a ``--standalone``
-    one, whose store is its own) is left to heal or end the job itself."""
-    agent = os.getppid()
-    endpoint = torchrun_endpoint(agent)
-    if endpoint is None:
-        return
-    host, _, port = endpoint.rpartition(":")
-    try:
-        socket.create_connection((host, int(port)), timeout=AGENT_PROBE_S).close()
-        return
-    except (OSError, ValueError):
-        pass
-    log_line(f"error: the rendezvous host (torchrun's store at {endpoint}) is gone: the job cannot go on without "
-             f"it. Ending this host's torchrun agent (pid {agent}), which would wait for it without end; start the "
-             "job again to resume from the last complete checkpoint")
-    try:
-        os.kill(agent, signal.SIGKILL)
-    except OSError:
-        pass
-
-
-def torchrun_endpoint(pid: int) -> str | None:
-    """The rendezvous endpoint of process ``pid`` if it is a torchrun agent with a remote rendezvous
-    (read from its command line with torchrun's own parser), else None."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            argv = [a.decode() for a in f.read().split(b"\0") if a]
-    except OSError:
-        return None
-    start = next((i + 1 for i, a in enumerate(argv)
-                  if a in ("torch.distributed.run", "torch.distributed.launch") or os.path.basename(a) == "torchrun"), None)
-    if start is None:
-        return None
-    from torch.distributed.run import get_args_parser, get_rdzv_endpoint
-
-    try:
-        args, _ = get_args_parser().parse_known_args(argv[start:])
-    except SystemExit:
-        return None
-    if args.standalone:
-        return None
-    endpoint = get_rdzv_endpoint(args)
-    return endpoint if endpoint and ":" in endpoint else None
+def dump_stacks(who: str) -> None:
+    """Every thread's Python stack on stderr but the calling helper thread's, the main thread's
+    first, each line marked with ``who`` (the ranks of a host share its log, and may write at once)."""
+    names = {t.ident: t.name for t in threading.enumerate()}
+    main, me = threading.main_thread().ident, threading.get_ident()
+    frames = sys._current_frames()
+    lines = [f"Python stacks of {who}, pid {os.getpid()}, most recent call last:"]
+    for ident in sorted(frames, key=lambda i: i != main):
+        if ident != me or ident == main:
+            lines.append(f"thread {names.get(ident, ident)}:")
+            lines += [line for entry in traceback.format_stack(frames[ident]) for line in entry.rstrip("\n").split("\n")]
+    sys.stderr.write("".join(f"[{who}] {line}\n" for line in lines))
+    sys.stderr.flush()

@@ -43,7 +43,7 @@ from torch import nn
 from distalex.config import towers_per_rank
 from distalex.model import AlexNet
 from distalex.parallel.collectives import group_rank, group_size
-from distalex.parallel.dims import LAYOUTS, ParallelConfigError, ParallelDims
+from distalex.parallel.dims import LAYOUTS, ParallelConfigError, ParallelDims, sample_counts
 from distalex.parallel.layers import (
     AllToAllRowParallelLinear,
     ColumnParallelLinear,
@@ -53,7 +53,6 @@ from distalex.parallel.layers import (
     SampleSplit,
     ShardedDropout,
     mark,
-    sample_counts,
     shard_conv_out_channels,
 )
 

@@ -21,14 +21,15 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 from distalex.tracking.metrics import (  # noqa: E402 - after the environment above
-    EPOCH_METRICS, METRIC_EPOCH, METRIC_EPOCH_LOSS, METRIC_IMAGES_PER_S, METRIC_LOSS, METRIC_LR,
-    METRIC_SKIPPED, METRIC_STEPS_SKIPPED, METRIC_TOP1, METRIC_TOP5, METRIC_VAL_LOSS, STEP_METRICS,
+    EPOCH_METRICS, METRIC_COMPUTE_MS, METRIC_DATA_WAIT, METRIC_EPOCH, METRIC_EPOCH_LOSS, METRIC_IMAGES_PER_S,
+    METRIC_LOSS, METRIC_LR, METRIC_SKIPPED, METRIC_STEPS_SKIPPED, METRIC_TOP1, METRIC_TOP5, METRIC_VAL_LOSS,
+    STEP_METRICS, host_metric,
 )
 from distalex.tracking.store import TrackingError, resolve_tracking_uri, sqlite_path, view_command  # noqa: E402
 from distalex.tracking.tracker import NullTracker, Tracker, TrackingWarning  # noqa: E402
 
 __all__ = [
-    "EPOCH_METRICS", "METRIC_EPOCH", "METRIC_EPOCH_LOSS", "METRIC_IMAGES_PER_S", "METRIC_LOSS", "METRIC_LR",
+    "EPOCH_METRICS", "METRIC_COMPUTE_MS", "METRIC_DATA_WAIT", "METRIC_EPOCH", "host_metric", "METRIC_EPOCH_LOSS", "METRIC_IMAGES_PER_S", "METRIC_LOSS", "METRIC_LR",
     "METRIC_SKIPPED", "METRIC_STEPS_SKIPPED", "METRIC_TOP1", "METRIC_TOP5", "METRIC_VAL_LOSS", "STEP_METRICS",
     "NullTracker", "Tracker", "TrackingError", "TrackingWarning", "resolve_tracking_uri", "sqlite_path", "view_command",
 ]

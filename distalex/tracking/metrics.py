@@ -17,5 +17,18 @@ METRIC_STEPS_SKIPPED = "train/epoch_steps_skipped"
 """Steps of an epoch left out because a resumed job changed how an epoch's samples are split (dp,
 data.workers, ...): the epoch ended at the checkpoint's step. Logged at that step, on resume only."""
 
-STEP_METRICS = (METRIC_LOSS, METRIC_LR, METRIC_IMAGES_PER_S, METRIC_SKIPPED)
+METRIC_DATA_WAIT = "perf/data_wait_percent"
+"""Of the last logging window, the share of its time that the rank waiting most spent waiting for
+its batches (distalex/steptime.py): the GPUs wait for the CPUs when it is well above 0."""
+METRIC_COMPUTE_MS = "perf/compute_ms"
+"""The median rank's own forward and backward per step (before the gradient exchange), in ms."""
+
+
+def host_metric(host: str, name: str) -> str:
+    """``perf/<host>/<name>``: one host's data wait or compute, logged at each epoch's end. ``host``
+    is ``where_am_i``'s "node N name" (torchrun's node rank and the host name)."""
+    return f"perf/{host.replace(' ', '-')}/{name}"
+
+
+STEP_METRICS = (METRIC_LOSS, METRIC_LR, METRIC_IMAGES_PER_S, METRIC_SKIPPED, METRIC_DATA_WAIT, METRIC_COMPUTE_MS)
 EPOCH_METRICS = (METRIC_EPOCH_LOSS, METRIC_TOP1, METRIC_TOP5, METRIC_VAL_LOSS, METRIC_EPOCH)

@@ -28,7 +28,7 @@ from distalex.tracking.params import run_params
 from distalex.tracking.store import (
     TrackingWarning, check_server, default_artifact_location, resolve_tracking_uri, sqlite_path, view_command,
 )
-from distalex.tracking.system import HostMetrics
+from distalex.tracking.system import HostMetrics, HostMetricsRelay
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -150,6 +150,7 @@ class Tracker:
         self._reported = False
         self._closed = False
         self._host: HostMetrics | None = None
+        self._relay: HostMetricsRelay | None = None
         self._sender = threading.Thread(target=self._send_loop, name="distalex-mlflow", daemon=True)
         self._sender.start()
         atexit.register(self._at_exit)
@@ -242,8 +243,18 @@ class Tracker:
         return self._errors
 
     def watch_host(self, cfg: Config, dims: ParallelDims, run_id: str | None, uri: str | None) -> None:
-        """System metrics of this host into the run (``tracking.system``), as on every other rank."""
+        """System metrics of this host into the run (``tracking.system``), as on every other rank;
+        with a file store, also those the other hosts relay (rank 0 is the file's one writer)."""
         self._host = HostMetrics.start(cfg, dims, run_id, uri)
+        self._relay = HostMetricsRelay.start(cfg, dims, run_id, uri, self.log_metrics, self._next_system_step)
+
+    def _next_system_step(self, node: str) -> int:
+        """The step after the last system metric of ``node`` in this run (0 for a new node)."""
+        try:
+            history = self._client.get_metric_history(self._run_id, f"system/{node}/cpu_utilization_percentage")
+        except Exception:  # noqa: BLE001 - a store that does not answer: start the node's curve at 0
+            return 0
+        return max((m.step for m in history), default=-1) + 1
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """Queue ``{name: value}`` at ``step``; returns at once. Values must be Python numbers
@@ -310,9 +321,10 @@ class Tracker:
             raise ValueError(f"run status must be one of {', '.join(RUN_STATUSES)}, got {status!r}")
         if self._closed:
             return
-        if self._host is not None:  # its last samples go in while the run still says RUNNING
-            self._host.stop()
-            self._host = None
+        for watcher in (self._relay, self._host):  # their last samples go in while the run still says RUNNING
+            if watcher is not None:
+                watcher.stop()
+        self._relay = self._host = None
         self._put(lambda c: c.set_terminated(self._run_id, status), f"end the run as {status}")
         self._put(_STOP, "stop")
         self._closed = True

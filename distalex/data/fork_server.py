@@ -1,0 +1,17 @@
+"""Imported by multiprocessing's fork server before it forks any loader worker (``workers.py``
+names this module in ``set_forkserver_preload``); nothing else imports it.
+
+Under the ``forkserver`` start method the loader workers are the server's children, and each holds
+the server's "clients alive" pipe: left as it is, the server would outlive a training process
+killed outright and keep every worker running, and a SIGTERM to the whole job would end the server
+and, through it, the workers while the training process saves. Here the server takes the workers'
+rules (``workers.serve_as_fork_server``), and imports the loader, so that each worker starts as a
+fork of a process that has torch and the loader loaded.
+"""
+
+from distalex.data import loader  # noqa: F401 - preloaded for the workers
+from distalex.data.workers import serve_as_fork_server
+
+SERVER_PID = serve_as_fork_server()
+"""This process's pid in a fork server a training process prepared, else None: a worker's
+``PR_SET_PDEATHSIG`` ties it to this process."""
