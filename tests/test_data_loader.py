@@ -205,8 +205,8 @@ def test_workers_fast_crops_give_pillows_batches(tmp_path, monkeypatch, resize):
 
 
 def test_batch_slot_claims_take_the_first_free_slot_and_give_up_when_none_frees(monkeypatch):
-    from distalex.data import loader
-    from distalex.data.loader import BatchSlots
+    from distalex.data import batches
+    from distalex.data.batches import BatchSlots
 
     slots = BatchSlots(workers=2, per_worker=3, batch_shape=(2, 3, 4, 4))
     assert [slots.claim(1)[0] for _ in range(3)] == [0, 1, 2]
@@ -215,7 +215,7 @@ def test_batch_slot_claims_take_the_first_free_slot_and_give_up_when_none_frees(
     slots.images[1, 1].fill_(9)  # the worker refills the slot: the copy taken out stays
     assert torch.equal(out, torch.full((2, 3, 4, 4), 7, dtype=torch.uint8))
     assert slots.claim(1)[0] == 1 and slots.claim(0)[0] == 0
-    monkeypatch.setattr(loader, "SLOT_WAIT_S", 0.05)
+    monkeypatch.setattr(batches, "SLOT_WAIT_S", 0.05)
     with pytest.raises(DataError, match="loader worker 1: no batch slot copied out"):
         slots.claim(1)
     slots.reset()

@@ -395,7 +395,8 @@ def test_plain_tar_files_read_as_tarfile_reads_them(tmp_path):
     the same samples, stray members and errors for ustar, GNU and pax files (long and non-ASCII
     names, directories, empty members, metadata), truncated at every few hundred bytes, and with a
     byte flipped anywhere in the headers."""
-    from distalex.data.read import _plain_members, _samples, _tarfile_members, tar_samples
+    from distalex.data.read import _samples, _tarfile_members, tar_samples
+    from distalex.data.tar import plain_members
 
     def read(path: Path, plain: bool):
         """(samples, skips, error) of a whole file: ours (seekable), or tarfile alone."""
@@ -430,7 +431,7 @@ def test_plain_tar_files_read_as_tarfile_reads_them(tmp_path):
         assert read(whole, plain=True) == want and len(want[0]) == 5 and want[2] is None, fmt
         if fmt == tarfile.USTAR_FORMAT:  # read by our reader, not handed to tarfile
             with open(whole, "rb") as f:
-                assert [name for name, _, _ in _plain_members(f)][-1] == "é00004.jpg"
+                assert [name for name, _, _ in plain_members(f)][-1] == "é00004.jpg"
         variants = [raw[:cut] for cut in range(0, len(raw), 211)]
         variants += [raw[:pos] + bytes([raw[pos] ^ 0x5A]) + raw[pos + 1:] for pos in range(0, 5120, 29)]
         cut = tmp_path / "variant.tar"

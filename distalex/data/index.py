@@ -39,7 +39,8 @@ import numpy as np
 
 from distalex.data.augment import open_rgb
 from distalex.data.info import FORMAT, INFO_NAME, DataError, expand_spec
-from distalex.data.make_shards import STATS_SIZE, _stats_pixels, read_synset_mapping, train_stats
+from distalex.data.imagenet_folders import read_synset_mapping
+from distalex.data.make_shards import STATS_SIZE, _stats_pixels, train_stats
 from distalex.data.read import (
     IMAGE_EXTS, CorruptImage, ReadPolicy, Segment, check_readable, is_remote, open_url, parse_sample,
     read_segment, sample_label, shard_name, tar_samples,
