@@ -17,7 +17,9 @@ gradients need more than one bucket:
   after it: the check can fail;
 - at tp=2 (dp=2 x tp=2, 4 processes) the same, with the tensor-parallel collectives inside the pieces;
 - compiled by inductor, three SGD steps equal the eager engine's (losses, final weights) within
-  the RTOL of tests/test_compile.py, and the checkpointed state has the same keys, loadable either way.
+  the RTOL of tests/test_compile.py, and the checkpointed state has the same keys, loadable either way;
+- under DeepSpeed (ZeRO-1) the compiled step stays one piece: its reductions wait for the whole
+  backward (docs/training.md says so; this shows it).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch
 import torch._dynamo
 from torch._dynamo.utils import counters
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+from torch.nn.parallel import DistributedDataParallel
 
 from distalex.build import build_parallel_model, compile_model
 from distalex.config import Config
@@ -40,12 +43,12 @@ from tests.test_compile import RTOL, rel
 DP, SIZE, WIDTH, CLASSES, BATCH, STEPS = 2, 64, 0.25, 10, 8, 3
 
 
-def make_cfg(tp: int, compile: bool) -> Config:
+def make_cfg(tp: int, compile: bool, engine: str = "ddp") -> Config:
     return Config.model_validate({
         "model": {"num_classes": CLASSES, "width": WIDTH, "image_size": SIZE, "dropout": 0.5, "init": "kaiming"},
         "parallel": {"tp": tp, "device": "cpu"},
         "optim": {"lr": 0.01},
-        "train": {"batch_size": BATCH * DP, "seed": 42, "compile": compile, "ddp_bucket_mb": 1},
+        "train": {"batch_size": BATCH * DP, "seed": 42, "compile": compile, "ddp_bucket_mb": 1, "engine": engine},
     })
 
 
@@ -56,7 +59,8 @@ def batch(step: int, dp_rank: int):
 
 def spy_on_backward(engine: Engine, log: list) -> None:
     """Log each compiled backward piece as it finishes, from outside the engine: ``engine.loss``
-    is wrapped to hook the loss's autograd graph before ``train_step`` calls backward."""
+    is wrapped to hook the loss's autograd graph before ``train_step`` calls backward. Under DDP,
+    also each bucket as DDP hands it over for the all-reduce (which then runs as by default)."""
     plain_loss = engine.loss
 
     def loss(logits, labels):
@@ -75,8 +79,8 @@ def spy_on_backward(engine: Engine, log: list) -> None:
         return out
 
     engine.loss = loss
-    # a bucket is logged when DDP hands it over for the all-reduce (which then runs as by default)
-    engine.model.register_comm_hook(engine.model.process_group, lambda group, bucket: log.append("bucket") or allreduce_hook(group, bucket))
+    if isinstance(engine.model, DistributedDataParallel):
+        engine.model.register_comm_hook(engine.model.process_group, lambda group, bucket: log.append("bucket") or allreduce_hook(group, bucket))
 
 
 def split_worker(tp: int, overlap: bool) -> dict:
@@ -164,3 +168,23 @@ def test_inductor_ddp_steps_equal_eager():
         for name, ref in eager["weights"].items():
             assert rel(compiled["weights"][name], ref) <= RTOL, (name, rel(compiled["weights"][name], ref))
         assert not torch.equal(eager["losses"][0], eager["losses"][1])
+
+
+def deepspeed_worker() -> list[str]:
+    dims = init_parallel(tp=1, towers=2, device="cpu")
+    cfg = make_cfg(1, compile=False, engine="deepspeed")
+    model = build_parallel_model(cfg, dims)
+    torch._dynamo.reset()
+    compile_model(model, backend="aot_eager")
+    engine = build_engine(model, cfg, dims)
+    log: list[str] = []
+    spy_on_backward(engine, log)
+    for step in range(2):
+        engine.train_step(*batch(step, dims.dp_rank))
+    return log
+
+
+@pytest.mark.slow
+def test_deepspeed_compiled_step_stays_one_piece():
+    for log in run_workers(deepspeed_worker, DP, timeout=600):
+        assert log == ["1 pieces", "backward"] * 2, log
