@@ -104,19 +104,16 @@ rc=${PIPESTATUS[0]}
 # reason), and what overlapping the gradient all-reduce with the backward gains (two GPUs; with one
 # it skips with the reason; without CUDA its tiny form on two gloo CPU ranks).
 step_checks() {
+  step_check sync "step without host syncs" "$SYNC_LIMIT_S" sync-debug
+  step_check overlap "gradient all-reduce overlap" "$OVERLAP_LIMIT_S" overlap
+}
+step_check() {  # CHECK TITLE LIMIT_S FILE: bench/step_check.py CHECK into OUT/FILE.json and .txt
   local size_args=()
   [ "$has_cuda" = 1 ] || size_args=(--tiny)
-  stage "step without host syncs (limit ${SYNC_LIMIT_S} s)"
-  timeout --kill-after=10 "$SYNC_LIMIT_S" "$PYTHON" bench/step_check.py sync "${size_args[@]}" --json "$OUT/sync-debug.json" 2>&1 \
-    | tee "$OUT/sync-debug.txt"
+  stage "$2 (limit $3 s)"
+  timeout --kill-after=10 "$3" "$PYTHON" bench/step_check.py "$1" ${size_args[@]+"${size_args[@]}"} --json "$OUT/$4.json" 2>&1 | tee "$OUT/$4.txt"
   rc=${PIPESTATUS[0]}
-  [ "$rc" -eq 124 ] && echo "step without host syncs: stopped at the ${SYNC_LIMIT_S} s limit; sync-debug.json has the rows it finished"
-  [ "$rc" -ne 0 ] && status=1
-  stage "gradient all-reduce overlap (limit ${OVERLAP_LIMIT_S} s)"
-  timeout --kill-after=10 "$OVERLAP_LIMIT_S" "$PYTHON" bench/step_check.py overlap "${size_args[@]}" --json "$OUT/overlap.json" 2>&1 \
-    | tee "$OUT/overlap.txt"
-  rc=${PIPESTATUS[0]}
-  [ "$rc" -eq 124 ] && echo "gradient all-reduce overlap: stopped at the ${OVERLAP_LIMIT_S} s limit"
+  [ "$rc" -eq 124 ] && echo "$2: stopped at the $3 s limit; $4.json has the rows it finished"
   [ "$rc" -ne 0 ] && status=1
 }
 step_checks

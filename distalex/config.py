@@ -158,8 +158,8 @@ class TrainConfig(Section):
     their all-reduce overlaps the backward (docs/training.md, ``train.compile``)."""
     ddp_bucket_mb: float = Field(25.0, ge=1.0)
     """engine=ddp: gradients are all-reduced in buckets of about this many MiB (DDP's
-    ``bucket_cap_mb``), each as soon as the backward has made it; a compiled step is split at the
-    same boundaries. At least 1: DDP's first bucket is 1 MiB, and no later one may be smaller."""
+    ``bucket_cap_mb``), each as soon as the backward has made it; a compiled step is split into
+    pieces of the same size. At least 1: DDP's first bucket is 1 MiB, and no later one may be smaller."""
     cuda_graphs: bool = False
     """Refused (``true`` is a config error): CUDA graphs of the compiled step would replay without its
     dropout draw. The dropout stream's state is a CPU tensor that the step mutates, and inductor
