@@ -6,18 +6,23 @@
 # For a GPU machine that has torch and torchvision but no network: the project's other
 # requirements come from wheels in .whl/ made beforehand where pip reaches PyPI
 # (bash bench/make_wheelhouse.sh), carried to the machine with the repository, and installed with
-# pip --no-index. The repository is used in place (PYTHONPATH), not installed. Fits in 10 minutes:
-# each stage has its own time limit, and the benchmark writes its JSON after every row, so a stage
-# cut short still leaves what it finished. Without CUDA every CUDA test skips with its reason and
-# the benchmark runs its tiny CPU form instead: the script itself is tested that way on CPU
-# (tests/test_bench_smoke.py).
+# pip --no-index. The repository is used in place (PYTHONPATH), not installed. Each stage has its
+# own time limit (GPU_CHECK_*_LIMIT_S: 13 minutes in all if every stage ran to its limit, 11 on one
+# GPU, where the overlap stage skips in seconds; lower them to fit a shorter lease), and the
+# benchmarks write their JSON after every row, so a stage cut short still leaves what it finished.
+# Without CUDA every CUDA test skips with its reason and the benchmark runs its tiny CPU form
+# instead: the script itself is tested that way on CPU (tests/test_bench_smoke.py).
 #
 # OUT_DIR receives: gpu-check.log (everything), env.txt, cuda-tests.log, cuda-tests.xml (JUnit),
-# bench.txt (the table and ratios), bench.json, and data.txt / data.json: the input pipeline on real
-# photos in ImageNet's shapes and in the paper's stored form, with CPU decode (images per CPU-second:
-# per core) and with data.decode=gpu, set against the training step's images/s from bench.json.
-# Exit status: 0 all ran and passed; 1 a CUDA test failed or a benchmark row errored; 2 bad usage
-# or a requirement missing.
+# bench.txt (the table and ratios), bench.json, sync-debug.txt / .json (the training step under
+# torch.cuda.set_sync_debug_mode("error"): a host sync in a step is an error that names it),
+# overlap.txt / .json (the DDP step at dp=2, eager and compiled with and without the gradient
+# all-reduce overlapped with the backward; both from bench/step_check.py), and data.txt /
+# data.json: the input pipeline on real photos in ImageNet's shapes and in the paper's stored form,
+# with CPU decode (images per CPU-second: per core) and with data.decode=gpu, set against the
+# training step's images/s from bench.json.
+# Exit status: 0 all ran and passed; 1 a CUDA test failed, a benchmark row errored or a step synced
+# with the host; 2 bad usage or a requirement missing.
 set -uo pipefail
 
 if [ $# -ne 1 ]; then
@@ -30,6 +35,8 @@ PYTHON=${PYTHON:-python3}
 TEST_LIMIT_S=${GPU_CHECK_TEST_LIMIT_S:-270}
 BENCH_LIMIT_S=${GPU_CHECK_BENCH_LIMIT_S:-210}
 DATA_LIMIT_S=${GPU_CHECK_DATA_LIMIT_S:-90}
+SYNC_LIMIT_S=${GPU_CHECK_SYNC_LIMIT_S:-90}
+OVERLAP_LIMIT_S=${GPU_CHECK_OVERLAP_LIMIT_S:-120}
 mkdir -p "$OUT" || exit 2
 OUT=$(cd "$OUT" && pwd)
 cd "$ROOT" || exit 2
@@ -92,6 +99,24 @@ timeout --kill-after=10 "$BENCH_LIMIT_S" "$PYTHON" bench/bench.py "${bench_args[
 rc=${PIPESTATUS[0]}
 [ "$rc" -eq 124 ] && echo "benchmark: stopped at the ${BENCH_LIMIT_S} s limit; bench.json has the rows it finished"
 [ "$rc" -ne 0 ] && status=1
+
+# The training step as it runs: no host sync in it (on CUDA; without it the rows skip with the
+# reason), and what overlapping the gradient all-reduce with the backward gains (two GPUs; with one
+# it skips with the reason; without CUDA its tiny form on two gloo CPU ranks).
+step_checks() {
+  step_check sync "step without host syncs" "$SYNC_LIMIT_S" sync-debug
+  step_check overlap "gradient all-reduce overlap" "$OVERLAP_LIMIT_S" overlap
+}
+step_check() {  # CHECK TITLE LIMIT_S FILE: bench/step_check.py CHECK into OUT/FILE.json and .txt
+  local size_args=()
+  [ "$has_cuda" = 1 ] || size_args=(--tiny)
+  stage "$2 (limit $3 s)"
+  timeout --kill-after=10 "$3" "$PYTHON" bench/step_check.py "$1" ${size_args[@]+"${size_args[@]}"} --json "$OUT/$4.json" 2>&1 | tee "$OUT/$4.txt"
+  rc=${PIPESTATUS[0]}
+  [ "$rc" -eq 124 ] && echo "$2: stopped at the $3 s limit; $4.json has the rows it finished"
+  [ "$rc" -ne 0 ] && status=1
+}
+step_checks
 
 if [ "$has_cuda" = 1 ]; then
   cores=$(nproc)

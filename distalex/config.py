@@ -170,11 +170,18 @@ class TrainConfig(Section):
     conv1 to pool5 (``distalex.memory_format``); false, NCHW; auto, channels-last on CUDA and NCHW
     on the CPU (docs/benchmarks.md)."""
     compile: bool = False
-    """torch.compile the model (inductor)."""
+    """torch.compile the model (inductor), one graph; under DDP split at the gradient buckets so that
+    their all-reduce overlaps the backward (docs/training.md, ``train.compile``)."""
+    ddp_bucket_mb: float = Field(25.0, ge=1.0)
+    """engine=ddp: gradients are all-reduced in buckets of about this many MiB (DDP's
+    ``bucket_cap_mb``), each as soon as the backward has made it; a compiled step is split into
+    pieces of the same size. At least 1: DDP's first bucket is 1 MiB, and no later one may be smaller."""
     cuda_graphs: bool = False
-    """Replay the compiled model's kernels as CUDA graphs (torch.compile's ``reduce-overhead``
-    mode): fewer kernel launches per step. Needs ``train.compile`` and a CUDA device; without one
-    (``parallel.device: auto`` on a CPU machine) it is ignored with a warning."""
+    """Refused (``true`` is a config error): CUDA graphs of the compiled step would replay without its
+    dropout draw. The dropout stream's state is a CPU tensor that the step mutates, and inductor
+    skips CUDA graphs for a graph with a CPU tensor or a mutated input, so the option would do
+    nothing; were the draw captured, its host-side state update would not run at replay
+    (docs/training.md, ``train.compile``). The key stays so that configs saying ``false`` load."""
     log_every: int = Field(10, ge=1)
     """Steps between logged metrics (reading the loss is a device sync)."""
     progress_interval_s: float = Field(30.0, gt=0)
@@ -242,10 +249,13 @@ class Config(Section):
     def _layout(self) -> "Config":
         if self.parallel.layout == "towers":
             towers_per_rank(self.model.towers, self.parallel.tp)
-        if self.train.cuda_graphs and not self.train.compile:
-            raise ValueError("train.cuda_graphs=true needs train.compile=true: torch.compile captures the CUDA graphs")
-        if self.train.cuda_graphs and self.parallel.device == "cpu":
-            raise ValueError("train.cuda_graphs=true needs a CUDA device, but parallel.device=cpu")
+        if self.train.cuda_graphs:
+            raise ValueError(
+                "train.cuda_graphs=true is not supported: the dropout stream's state is a CPU tensor the step "
+                "mutates, so inductor skips CUDA graphs for the step (it would do nothing), and a replayed graph "
+                "would not advance the stream (the same dropout masks every step); set it to false "
+                "(docs/training.md, train.compile)"
+            )
         return self
 
     @property

@@ -9,7 +9,10 @@ it PyTorch raises at the first matrix product. So ``prepare`` runs before the fi
 or refuses a value that would not be deterministic; ``enable`` (in ``distalex.train.setup``)
 refuses CUDA when the variable was not set by then, with the reason, rather than fail at a step.
 cuDNN's benchmark mode stays off: it could pick another (deterministic) convolution algorithm in
-another run, with other rounding.
+another run, with other rounding. Otherwise training turns it on (``choose_kernels``): cuDNN times
+its algorithms for each convolution shape at its first call and keeps the fastest, which matters
+most for the paper's 11x11 stride-4 conv1 and the grouped convolutions; each new shape (a short last
+validation batch) costs one more timing.
 """
 
 from __future__ import annotations
@@ -41,6 +44,15 @@ def prepare(device: str, environ=None) -> None:
             f"train.deterministic=true: {CUBLAS_WORKSPACE_CONFIG}={value} in the environment makes cuBLAS "
             f"non-deterministic; set it to {' or '.join(DETERMINISTIC_WORKSPACES)}, or unset it"
         )
+
+
+def choose_kernels(deterministic: bool, device: torch.device) -> None:
+    """The one place a training run picks its kernels: ``train.deterministic`` (``enable``), or else
+    cuDNN's benchmark mode on (a plain global: it has no effect off CUDA)."""
+    if deterministic:
+        enable(device)
+    else:
+        torch.backends.cudnn.benchmark = True
 
 
 def enable(device: torch.device, environ=None) -> None:

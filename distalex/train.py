@@ -89,8 +89,7 @@ class Run:
 
 def setup(cfg: Config, dims: ParallelDims, stop: StopRequested) -> Run:
     cfg = absolute_paths(cfg)  # what the run saves must not depend on this directory
-    if cfg.train.deterministic:
-        determinism.enable(dims.device)
+    determinism.choose_kernels(cfg.train.deterministic, dims.device)
     if dims.device.type == "cpu":
         allocator.keep_freed_memory()  # no page faults for the step's large tensors, every step
     info = read_info(cfg.data.train_shards, cfg.data.info)

@@ -93,14 +93,16 @@ def test_data_bench_tiny_runs_every_pipeline_in_both_forms(tmp_path):
 @pytest.mark.slow
 def test_gpu_check_runs_end_to_end_without_cuda(tmp_path):
     """bench/gpu_check.sh on this machine: every stage runs; without CUDA each CUDA test skips with
-    its reason and the benchmark runs its tiny CPU rows. Its files land in OUT_DIR."""
+    its reason, the benchmark runs its tiny CPU rows, the sync-debug step check skips with its
+    reason and the overlap check runs its tiny form on two gloo ranks. Its files land in OUT_DIR."""
     out = tmp_path / "out"
     env = dict(os.environ, PYTHON=sys.executable, WHEELHOUSE=str(tmp_path / "no-wheels"))
     proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), str(out)], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert sorted(p.name for p in out.iterdir()) == ["bench.json", "bench.txt", "cuda-tests.log", "cuda-tests.xml",
-                                                     "data.json", "data.txt", "env.txt", "gpu-check.log"]
+                                                     "data.json", "data.txt", "env.txt", "gpu-check.log",
+                                                     "overlap.json", "overlap.txt", "sync-debug.json", "sync-debug.txt"]
     log = (out / "gpu-check.log").read_text()
     assert "== done: exit status 0" in log and "requirements: already importable" in log
     bench = json.loads((out / "bench.json").read_text())
@@ -122,6 +124,16 @@ def test_gpu_check_runs_end_to_end_without_cuda(tmp_path):
     assert data["feeds"]["step_images_per_s"] > 0
     assert set(data["feeds"]["loaders"]) == {f"{f}/{p}/local" for f in ("originals", "paper") for p in ("distalex", "distalex-gpu")}
     assert "cores to feed it" in (out / "data.txt").read_text()
+    # the step checks' CPU form: the sync debug mode skips with its reason; the overlap runs on two gloo ranks
+    sync = json.loads((out / "sync-debug.json").read_text())
+    assert [r["name"] for r in sync["rows"]] == ["sync-debug/eager", "sync-debug/compiled"]
+    assert all(r["status"].startswith("skipped: no CUDA") for r in sync["rows"])
+    assert "skipped: no CUDA" in (out / "sync-debug.txt").read_text()
+    overlap = {r["mode"]: r for r in json.loads((out / "overlap.json").read_text())["rows"]}
+    assert list(overlap) == ["eager", "compiled", "compiled+overlap"]
+    assert all(r["status"] == "ok" and r["images_per_s"] > 0 for r in overlap.values())
+    # the split at the gradient buckets is what the overlap row has and the plain compiled row has not
+    assert (overlap["eager"]["pieces"], overlap["compiled"]["pieces"]) == (0, 1) and overlap["compiled+overlap"]["pieces"] >= 2
 
 
 def test_gpu_check_usage_and_missing_requirements(tmp_path):

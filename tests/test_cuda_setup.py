@@ -6,6 +6,7 @@ so what is checked is their decisions, environment and errors, not a GPU.
   device_count, which put two ranks on one GPU).
 - ``train.deterministic`` on CUDA: CUBLAS_WORKSPACE_CONFIG set before the first CUDA call, or the
   run refused with the reason.
+- cuDNN's benchmark mode: on after ``train.setup`` unless ``train.deterministic``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from distalex import determinism, train
 from distalex.config import ConfigError
 from distalex.parallel import dims as dims_module
 from distalex.parallel.dims import ParallelConfigError, init_parallel, pick_device
-from tests.distributed import free_port
+from tests.distributed import free_port, run_workers
+from tests.runs import DEMO_CONFIG, tiny_overrides, tiny_shards  # noqa: F401 - fixture
 
 
 @pytest.fixture
@@ -138,3 +140,30 @@ def test_train_main_sets_the_workspace_before_the_first_cuda_call(monkeypatch):
     with pytest.raises(SystemExit) as exit_:
         train.main(["--set", "train.deterministic=true", "--set", "parallel.device=cuda"])
     assert exit_.value.code == 2 and seen == [":4096:8"]  # refused before init_parallel
+
+
+def setup_kernels_worker(workdir: str, values: list[str]) -> dict:
+    """cuDNN's benchmark flag and deterministic mode after ``train.setup``, with each flag first set
+    the other way (a plain global: its value is what the run's convolutions will see)."""
+    import os
+
+    from distalex.config import load_config
+    from distalex.stopping import StopRequested
+
+    os.chdir(workdir)
+    dims = init_parallel(tp=1, towers=2, device="cpu")
+    out = {}
+    for deterministic in (False, True):
+        torch.backends.cudnn.benchmark = deterministic
+        cfg = load_config(DEMO_CONFIG, [*values, f"train.deterministic={deterministic}", f"run_name=kernels-{deterministic}"])
+        run = train.setup(cfg, dims, StopRequested())
+        out[deterministic] = (torch.backends.cudnn.benchmark, torch.are_deterministic_algorithms_enabled())
+        run.tracker.close("FINISHED")
+    return out
+
+
+@pytest.mark.e2e
+def test_setup_turns_cudnn_benchmark_on_unless_deterministic(tiny_shards, tmp_path):
+    values = tiny_overrides(tiny_shards, **{"tracking.enabled": False})[1::2]  # the values of its --set pairs
+    [result] = run_workers(setup_kernels_worker, 1, str(tmp_path), values, timeout=240)
+    assert result == {False: (True, False), True: (False, True)}

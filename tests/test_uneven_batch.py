@@ -122,7 +122,7 @@ def test_a_gpu_with_too_few_images_is_warned_once_with_the_keys():
     # 4 nodes x 8 GPUs at tp=2 with the paper's batch: dp=16, 8 images per pair, 4 per GPU
     warning = small_batch_warning(128, dp=16, tp=2, device_type="cuda")
     assert warning is not None and "4 images' work" in warning and "train.batch_size" in warning
-    assert "train.cuda_graphs" in warning and f"below {GPU_IMAGES_FLOOR}" in warning
+    assert "train.compile=true" in warning and f"below {GPU_IMAGES_FLOOR}" in warning
     assert small_batch_warning(128, dp=12, tp=1, device_type="cuda") is not None  # 10 or 11 per GPU
     assert small_batch_warning(128, dp=1, tp=2, device_type="cuda") is None  # the paper's pair: 64 each
     assert small_batch_warning(64, dp=1, tp=2, device_type="cuda") is None  # at the floor

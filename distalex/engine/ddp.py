@@ -16,7 +16,8 @@ class DDPEngine(Engine):
     def __init__(self, module: nn.Module, cfg: Config, dims: ParallelDims):
         self.module = module
         self.model = (
-            DistributedDataParallel(module, process_group=dims.dp_group, device_ids=[dims.device] if dims.device.type == "cuda" else None)
+            DistributedDataParallel(module, process_group=dims.dp_group, bucket_cap_mb=cfg.train.ddp_bucket_mb,
+                                    device_ids=[dims.device] if dims.device.type == "cuda" else None)
             if dims.dp_enabled
             else module
         )
@@ -29,7 +30,7 @@ class DDPEngine(Engine):
         with self.autocast():
             loss = self.loss(self.model(images), labels)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()  # DDP averages gradients over the dp group here
+        loss.backward()  # DDP averages gradients over the dp group here, bucket by bucket as they are made
         self.optimizer.step()
         return loss.detach()
 

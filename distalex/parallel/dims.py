@@ -226,7 +226,7 @@ def small_batch_warning(global_batch: int, dp: int, tp: int, device_type: str) -
         f"(the smallest dp group's {smallest} over tp={tp}); below {GPU_IMAGES_FLOOR}, less than half of an AlexNet "
         "step on a GPU is the images' own work, the rest fixed cost (kernel launches, the SGD update, the gradient "
         "all-reduce): raise train.batch_size (and optim.lr with it), start fewer GPUs, or cut the launches with "
-        "train.compile=true and train.cuda_graphs=true (docs/training.md, \"Batch size and scale\")"
+        "train.compile=true (docs/training.md, \"Batch size and scale\")"
     )
 
 
