@@ -156,3 +156,35 @@ def test_the_torchrun_agent_and_its_rendezvous_are_read_from_its_command_line():
                        "train.py") == "node02:1234"
     assert endpoint_of("torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py") is None
     assert endpoint_of("something.else", *c10d) is None
+
+
+def test_leaving_waits_for_a_beat_inside_a_store_call():
+    """A normal exit returns from leave() only when the beat thread is out of its store call: a thread
+    that takes the GIL back while the interpreter exits aborts the process (SIGABRT after a run that
+    finished). The store is a real in-process one, slowed (the test's) so that a call is in flight."""
+    import threading
+    import time
+
+    import torch.distributed as dist
+
+    from distalex.parallel import liveness
+
+    class SlowStore:
+        def __init__(self):
+            self.store, self.in_call = dist.HashStore(), threading.Event()
+
+        def add(self, key, n):
+            self.in_call.set()
+            time.sleep(0.5)
+            return self.store.add(key, n)
+
+        def __getattr__(self, name):
+            return getattr(self.store, name)
+
+    store = SlowStore()
+    live = liveness.Liveness(store, "p/", 0, 2, peer_timeout_s=60, store_addr="in-process")
+    for t in live._threads:
+        t.start()
+    assert store.in_call.wait(10)
+    live.leave()
+    assert not any(t.is_alive() for t in live._threads)

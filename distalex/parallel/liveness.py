@@ -62,6 +62,9 @@ from distalex.parallel.lines import clock, log_line, where_am_i
 
 HEARTBEAT_S = 1.0
 """Seconds between beats; also how soon every rank learns of a failure record."""
+LEAVE_WAIT_S = 10.0
+"""How long a normal exit waits for the beat to finish a store call in flight (milliseconds while
+the store answers)."""
 EXIT_PEER_LOST = 4
 """Exit status of a rank that ends because a peer, its host or the store is gone."""
 EXIT_STALLED = 6
@@ -382,6 +385,13 @@ class Liveness:
         except Exception:  # noqa: BLE001 - leaving anyway
             pass
         self._leaving.set()
+        # Wait for the threads (they see _leaving within a store call): one still inside a store
+        # call when the interpreter exits is unwound mid-C++ as it takes the GIL back, and
+        # std::terminate aborts the process ("terminate called without an active exception"): a run
+        # that finished would end with SIGABRT.
+        for t in self._threads:
+            if t is not threading.current_thread() and t.is_alive():
+                t.join(LEAVE_WAIT_S)
 
 
 def dump_stacks(who: str) -> None:
