@@ -89,30 +89,41 @@ def decode_images(blobs: list[torch.Tensor], device: torch.device) -> list[torch
 # bookkeeping only (boxes, offsets, the table's rows); every tensor op covers the whole batch.
 
 
-def _flat(images: list[torch.Tensor], pad: int = 0) -> tuple[torch.Tensor, np.ndarray]:
-    """(every image's (3, H, W) pixels back to back, then ``pad`` zero bytes; each image's offset)."""
-    sizes = [img.numel() for img in images]
-    parts = [img.reshape(-1) for img in images]
+class Flat(NamedTuple):
+    """Images (3, H, W) laid end to end in one uint8 tensor, each in the memory order of the first:
+    pixel (c, y, x) of image i at base[i] + c * channel[i] + (y * W_i + x) * step."""
+
+    data: torch.Tensor  # then ``pad`` zero bytes, for reads just past the last image
+    base: np.ndarray  # int64 (B,)
+    channel: np.ndarray  # int64 (B,): H * W (channels first) or 1 (channels last)
+    step: int  # one pixel to the right: 1 (channels first) or 3 (channels last)
+
+
+def _flat(images: list[torch.Tensor], pad: int = 0) -> Flat:
+    """The images in one tensor with one copy (``torch.cat``) in the decoder's own layout: channels
+    first from nvjpeg, channels last (a view of libjpeg's HWC buffer) from the CPU decoder."""
+    channels_last = not images[0].is_contiguous() and images[0].permute(1, 2, 0).is_contiguous()
+    parts = [(img.permute(1, 2, 0) if channels_last else img).reshape(-1) for img in images]
     if pad:
         parts.append(images[0].new_zeros(pad))
-    return torch.cat(parts), np.cumsum([0] + sizes[:-1], dtype=np.int64)
+    base = np.cumsum([0] + [img.numel() for img in images[:-1]], dtype=np.int64)
+    planes = np.array([img.shape[1] * img.shape[2] for img in images], np.int64)
+    return Flat(torch.cat(parts), base, np.ones_like(planes) if channels_last else planes, 3 if channels_last else 1)
 
 
 def slice_batch(images: list[torch.Tensor], left: np.ndarray, top: np.ndarray, flips: np.ndarray, size: int) -> torch.Tensor:
     """uint8 (B, 3, size, size): image i's pixels [top_i : top_i + size, left_i : left_i + size],
     mirrored left-right where ``flips``; one gather for the batch."""
     device = images[0].device
-    flat, base = _flat(images)
-    heights = np.array([img.shape[1] for img in images], np.int64)
+    flat = _flat(images)
     widths = np.array([img.shape[2] for img in images], np.int64)
-    table = np.stack([base, widths, heights, left, top, flips]).astype(np.int64).T
-    base_t, w, h, x0, y0, flip = host_to_device(torch.from_numpy(np.ascontiguousarray(table)), device).unbind(1)
+    table = np.stack([flat.base, flat.channel, widths, left, top, flips]).astype(np.int64).T
+    base, channel, w, x0, y0, flip = host_to_device(torch.from_numpy(np.ascontiguousarray(table)), device).unbind(1)
     ar = torch.arange(size, device=device)
-    cols = x0[:, None] + torch.where(flip[:, None] != 0, size - 1 - ar, ar)  # (B, S)
-    rows = (y0[:, None] + ar) * w[:, None]  # (B, S)
-    channel = torch.arange(3, device=device)[None, :] * (w * h)[:, None]  # (B, 3)
-    index = (base_t[:, None] + channel)[:, :, None, None] + rows[:, None, :, None] + cols[:, None, None, :]
-    return flat.take(index)
+    cols = (x0[:, None] + torch.where(flip[:, None] != 0, size - 1 - ar, ar)) * flat.step  # (B, S)
+    rows = (y0[:, None] + ar) * (w * flat.step)[:, None]  # (B, S)
+    start = base[:, None] + channel[:, None] * torch.arange(3, device=device)  # (B, 3)
+    return flat.data.take(start[:, :, None, None] + rows[:, None, :, None] + cols[:, None, None, :])
 
 
 def _taps_batch(in_size: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor, size: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,23 +134,20 @@ def _taps_batch(in_size: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor, si
     taps past an output's count weigh 0. ``lo`` is the box's start and ``scale`` its length over
     ``size``, both as Pillow computes them from the box's C floats (``_pillow_box``).
     """
-    filterscale = scale.clamp(min=1.0)[:, None]
+    filterscale = scale.clamp(min=1.0)[:, None, None]
     support = filterscale * 1.0  # the triangle filter's support is 1
     ss = 1.0 / filterscale
-    center = lo[:, None] + (torch.arange(size, device=lo.device, dtype=torch.float64) + 0.5) * scale[:, None]
-    xmin = (center - support + 0.5).to(torch.int64).clamp_(min=0)  # C's truncating casts
-    xmax = torch.minimum((center + support + 0.5).to(torch.int64), in_size[:, None])
-    count = xmax - xmin
-    ws = []
-    for j in range(k):  # summed one tap after another, as Pillow sums them
-        d = (((xmin + j).to(torch.float64) - center + 0.5) * ss).abs()
-        ws.append(torch.where((d < 1.0) & (j < count), 1.0 - d, 0.0))
-    total = ws[0]
-    for w in ws[1:]:
-        total = total + w
-    total = torch.where(total != 0.0, total, 1.0)
-    weight = torch.stack([(0.5 + w / total * (1 << PRECISION_BITS)).to(torch.int32) for w in ws], -1)
-    return xmin, weight
+    center = lo[:, None, None] + (torch.arange(size, device=lo.device, dtype=torch.float64)[:, None] + 0.5) * scale[:, None, None]
+    xmin = (center - support + 0.5).to(torch.int64).clamp_(min=0)  # C's truncating casts: (B, size, 1)
+    xmax = torch.minimum((center + support + 0.5).to(torch.int64), in_size[:, None, None])
+    tap = torch.arange(k, device=lo.device)
+    d = (((xmin + tap).to(torch.float64) - center + 0.5) * ss).abs()  # (B, size, k)
+    w = torch.where((d < 1.0) & (tap < xmax - xmin), 1.0 - d, 0.0)
+    total = w[..., 0]
+    for j in range(1, k):  # summed one tap after another, as Pillow sums them
+        total = total + w[..., j]
+    total = torch.where(total != 0.0, total, 1.0)[..., None]
+    return xmin[..., 0], (0.5 + w / total * (1 << PRECISION_BITS)).to(torch.int32)
 
 
 def _pillow_box(lo: np.ndarray, hi: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -180,34 +188,36 @@ def resample_batch(images: list[torch.Tensor], boxes: np.ndarray, flips: np.ndar
     row_lo = np.maximum(0, np.floor(lo2 - support2)).astype(np.int64)
     row_hi = np.minimum(len2, np.floor(lo2 + size * scale2 + support2 + 0.5).astype(np.int64) + 1)
     rows = int((row_hi - row_lo).max())
-    flat, base = _flat([img.mT if t else img for img, t in zip(images, transposed)], pad=taps)
-    table = np.stack([base, widths, heights, x_lo, x_scale, y_lo, y_scale, flips, transposed, row_lo, len1, len2], 1)
+    flat = _flat([img.mT if t else img for img, t in zip(images, transposed)], pad=3 * taps)
+    table = np.stack([flat.base, flat.channel, widths, heights, x_lo, x_scale, y_lo, y_scale, flips, transposed,
+                      row_lo, len1, len2], 1)
     cols = host_to_device(torch.from_numpy(table.astype(np.float64)), device).unbind(1)
-    base_t, w, h, x_lo_t, x_scale_t, y_lo_t, y_scale_t, flip, trans = cols[:9]
-    row_lo_t, len1_t, len2_t = (c.to(torch.int64) for c in cols[9:])
-    x_start, x_weight = _taps_batch(w.to(torch.int64), x_lo_t, x_scale_t, size, taps)
-    y_start, y_weight = _taps_batch(h.to(torch.int64), y_lo_t, y_scale_t, size, taps)
+    w, h, x_lo_t, x_scale_t, y_lo_t, y_scale_t, flip, trans = cols[2:10]
+    base_t, channel_t, row_lo_t, len1_t, len2_t = (c.to(torch.int64) for c in cols[:2] + cols[10:])
+    starts, weights = _taps_batch(torch.cat([w, h]).to(torch.int64), torch.cat([x_lo_t, y_lo_t]),
+                                  torch.cat([x_scale_t, y_scale_t]), size, taps)
+    (x_start, y_start), (x_weight, y_weight) = starts.chunk(2), weights.chunk(2)
     flip, trans = (flip != 0)[:, None], (trans != 0)[:, None]
     x_start, x_weight = torch.where(flip, x_start.flip(1), x_start), torch.where(flip[..., None], x_weight.flip(1), x_weight)
     start1, weight1 = torch.where(trans, y_start, x_start), torch.where(trans[..., None], y_weight, x_weight)
     start2, weight2 = torch.where(trans, x_start, y_start), torch.where(trans[..., None], x_weight, y_weight)
 
     # First pass, along each image's (laid out) rows: (B, 3, rows, size). Tap j reads the flat
-    # tensor shifted by j; a tap past a row's end weighs 0 (and the pad keeps it inside the tensor).
+    # tensor shifted by j pixels; a tap past a row's end weighs 0 (the pad keeps it inside the tensor).
+    step = flat.step
     r = torch.minimum(row_lo_t[:, None] + torch.arange(rows, device=device), len2_t[:, None] - 1)  # (B, rows)
-    plane = (len1_t * len2_t)[:, None] * torch.arange(3, device=device)  # (B, 3)
-    index = (base_t.to(torch.int64)[:, None] + plane)[:, :, None, None] + (r * len1_t[:, None])[:, None, :, None] \
-        + start1[:, None, None, :]
+    start = base_t[:, None] + channel_t[:, None] * torch.arange(3, device=device)  # (B, 3)
+    index = start[:, :, None, None] + (r * (len1_t * step)[:, None])[:, None, :, None] + start1[:, None, None, :] * step
     acc = torch.full((b, 3, rows, size), 1 << (PRECISION_BITS - 1), dtype=torch.int32, device=device)
     for j in range(taps):
-        acc += flat[j:].take(index) * weight1[:, None, None, :, j]
+        acc += flat.data[j * step :].take(index) * weight1[:, None, None, :, j]
     first = _to_uint8(acc)
 
     # Second pass, across those rows: (B, 3, size, size) as (second axis, first axis).
     acc = torch.full((b, 3, size, size), 1 << (PRECISION_BITS - 1), dtype=torch.int32, device=device)
-    for j in range(taps):
-        pick = (start2 + j - row_lo_t[:, None]).clamp_(0, rows - 1)  # only 0-weight taps are clamped
-        acc += first.gather(2, pick[:, None, :, None].expand(b, 3, size, size)) * weight2[:, None, :, None, j]
+    pick = (start2[..., None] + torch.arange(taps, device=device) - row_lo_t[:, None, None]).clamp_(0, rows - 1)
+    for j in range(taps):  # only 0-weight taps are clamped
+        acc += first.gather(2, pick[:, None, :, None, j].expand(b, 3, size, size)) * weight2[:, None, :, None, j]
     out = _to_uint8(acc)
     return torch.where(trans[:, :, None, None], out.mT, out) if transposed.any() else out
 
