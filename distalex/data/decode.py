@@ -99,6 +99,12 @@ class Flat(NamedTuple):
     step: int  # one pixel to the right: 1 (channels first) or 3 (channels last)
 
 
+def _windows(flat: Flat, length: int) -> torch.Tensor:
+    """(N, length) view of ``flat``: row n holds ``length`` pixels of one channel from byte n on, so a
+    row segment of any image is one row of it (``index_select`` copies whole segments)."""
+    return flat.data.as_strided((flat.data.numel() - (length - 1) * flat.step, length), (1, flat.step))
+
+
 def _flat(images: list[torch.Tensor], pad: int = 0) -> Flat:
     """The images in one tensor with one copy (``torch.cat``) in the decoder's own layout: channels
     first from nvjpeg, channels last (a view of libjpeg's HWC buffer) from the CPU decoder."""
@@ -113,17 +119,17 @@ def _flat(images: list[torch.Tensor], pad: int = 0) -> Flat:
 
 def slice_batch(images: list[torch.Tensor], left: np.ndarray, top: np.ndarray, flips: np.ndarray, size: int) -> torch.Tensor:
     """uint8 (B, 3, size, size): image i's pixels [top_i : top_i + size, left_i : left_i + size],
-    mirrored left-right where ``flips``; one gather for the batch."""
+    mirrored left-right where ``flips``: one copy of the crops' rows for the batch, then the mirroring."""
     device = images[0].device
     flat = _flat(images)
     widths = np.array([img.shape[2] for img in images], np.int64)
     table = np.stack([flat.base, flat.channel, widths, left, top, flips]).astype(np.int64).T
     base, channel, w, x0, y0, flip = host_to_device(torch.from_numpy(np.ascontiguousarray(table)), device).unbind(1)
     ar = torch.arange(size, device=device)
-    cols = (x0[:, None] + torch.where(flip[:, None] != 0, size - 1 - ar, ar)) * flat.step  # (B, S)
-    rows = (y0[:, None] + ar) * (w * flat.step)[:, None]  # (B, S)
-    start = base[:, None] + channel[:, None] * torch.arange(3, device=device)  # (B, 3)
-    return flat.data.take(start[:, :, None, None] + rows[:, None, :, None] + cols[:, None, None, :])
+    rows = ((y0[:, None] + ar) * w[:, None] + x0[:, None]) * flat.step  # (B, S): each crop row's first pixel
+    starts = (base[:, None] + channel[:, None] * torch.arange(3, device=device))[:, :, None] + rows[:, None, :]
+    out = _windows(flat, size).index_select(0, starts.view(-1)).view(-1, 3, size, size)
+    return torch.where(flip[:, None, None, None] != 0, out.flip(-1), out)
 
 
 def _taps_batch(in_size: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor, size: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,9 +162,9 @@ def _pillow_box(lo: np.ndarray, hi: np.ndarray, size: int) -> tuple[np.ndarray, 
     return lo32.astype(np.float64), (hi32 - lo32).astype(np.float64) / size
 
 
-def _to_uint8(acc: torch.Tensor) -> torch.Tensor:
-    """Pillow's rounding of a fixed-point sum (the half already added) to 0..255."""
-    return (acc >> PRECISION_BITS).clamp_(0, 255).to(torch.uint8)
+def _rounded(acc: torch.Tensor) -> torch.Tensor:
+    """Pillow's rounding of a fixed-point sum (the half already added) to 0..255, in place."""
+    return acc.bitwise_right_shift_(PRECISION_BITS).clamp_(0, 255)
 
 
 def resample_batch(images: list[torch.Tensor], boxes: np.ndarray, flips: np.ndarray, size: int) -> torch.Tensor:
@@ -188,7 +194,9 @@ def resample_batch(images: list[torch.Tensor], boxes: np.ndarray, flips: np.ndar
     row_lo = np.maximum(0, np.floor(lo2 - support2)).astype(np.int64)
     row_hi = np.minimum(len2, np.floor(lo2 + size * scale2 + support2 + 0.5).astype(np.int64) + 1)
     rows = int((row_hi - row_lo).max())
-    flat = _flat([img.mT if t else img for img, t in zip(images, transposed)], pad=3 * taps)
+    scale1 = np.where(transposed, y_scale, x_scale)
+    span = int(np.ceil((size * scale1 + 2 * np.maximum(scale1, 1.0)).max())) + taps + 2  # first tap to last, and more
+    flat = _flat([img.mT if t else img for img, t in zip(images, transposed)], pad=3 * span)
     table = np.stack([flat.base, flat.channel, widths, heights, x_lo, x_scale, y_lo, y_scale, flips, transposed,
                       row_lo, len1, len2], 1)
     cols = host_to_device(torch.from_numpy(table.astype(np.float64)), device).unbind(1)
@@ -202,23 +210,27 @@ def resample_batch(images: list[torch.Tensor], boxes: np.ndarray, flips: np.ndar
     start1, weight1 = torch.where(trans, y_start, x_start), torch.where(trans[..., None], y_weight, x_weight)
     start2, weight2 = torch.where(trans, x_start, y_start), torch.where(trans[..., None], x_weight, y_weight)
 
-    # First pass, along each image's (laid out) rows: (B, 3, rows, size). Tap j reads the flat
-    # tensor shifted by j pixels; a tap past a row's end weighs 0 (the pad keeps it inside the tensor).
+    # First pass, along each image's (laid out) rows: (B, 3, rows, size). The row segments its taps
+    # read are copied out first, ``span`` pixels from the image's first tap on (the batch's widest
+    # span: a segment may run past its row, into pixels that only 0-weight taps read).
     step = flat.step
     r = torch.minimum(row_lo_t[:, None] + torch.arange(rows, device=device), len2_t[:, None] - 1)  # (B, rows)
+    seg_lo = start1.amin(1)  # (B,)
     start = base_t[:, None] + channel_t[:, None] * torch.arange(3, device=device)  # (B, 3)
-    index = start[:, :, None, None] + (r * (len1_t * step)[:, None])[:, None, :, None] + start1[:, None, None, :] * step
+    seg_starts = start[:, :, None] + ((r * len1_t[:, None] + seg_lo[:, None]) * step)[:, None, :]  # (B, 3, rows)
+    segments = _windows(flat, span).index_select(0, seg_starts.view(-1)).view(b, 3, rows, span)
+    pick = start1[..., None] - seg_lo[:, None, None] + torch.arange(taps, device=device)  # (B, size, taps)
     acc = torch.full((b, 3, rows, size), 1 << (PRECISION_BITS - 1), dtype=torch.int32, device=device)
-    for j in range(taps):
-        acc += flat.data[j * step :].take(index) * weight1[:, None, None, :, j]
-    first = _to_uint8(acc)
+    for j in range(taps):  # products and sums in int32, as Pillow's
+        acc.addcmul_(segments.gather(3, pick[:, None, None, :, j].expand(b, 3, rows, size)), weight1[:, None, None, :, j])
+    first = _rounded(acc)
 
     # Second pass, across those rows: (B, 3, size, size) as (second axis, first axis).
     acc = torch.full((b, 3, size, size), 1 << (PRECISION_BITS - 1), dtype=torch.int32, device=device)
     pick = (start2[..., None] + torch.arange(taps, device=device) - row_lo_t[:, None, None]).clamp_(0, rows - 1)
     for j in range(taps):  # only 0-weight taps are clamped
-        acc += first.gather(2, pick[:, None, :, None, j].expand(b, 3, size, size)) * weight2[:, None, :, None, j]
-    out = _to_uint8(acc)
+        acc.addcmul_(first.gather(2, pick[:, None, :, None, j].expand(b, 3, size, size)), weight2[:, None, :, None, j])
+    out = _rounded(acc).to(torch.uint8)
     return torch.where(trans[:, :, None, None], out.mT, out) if transposed.any() else out
 
 
