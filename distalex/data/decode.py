@@ -219,19 +219,29 @@ def resample_batch(images: list[torch.Tensor], boxes: np.ndarray, flips: np.ndar
     start = base_t[:, None] + channel_t[:, None] * torch.arange(3, device=device)  # (B, 3)
     seg_starts = start[:, :, None] + ((r * len1_t[:, None] + seg_lo[:, None]) * step)[:, None, :]  # (B, 3, rows)
     segments = _windows(flat, span).index_select(0, seg_starts.view(-1)).view(b, 3, rows, span)
-    pick = start1[..., None] - seg_lo[:, None, None] + torch.arange(taps, device=device)  # (B, size, taps)
-    acc = torch.full((b, 3, rows, size), 1 << (PRECISION_BITS - 1), dtype=torch.int32, device=device)
+    # Each tap's pixels are then whole rows of the transposed segments, so both passes copy rows.
+    columns = segments.transpose(2, 3).to(torch.int32, memory_format=torch.contiguous_format).view(-1, rows)  # (B * 3 * span, rows)
+    planes = torch.arange(b * 3, device=device).view(b, 3, 1, 1)
+    pick = (planes * span + (start1 - seg_lo[:, None])[:, None, :, None]) + torch.arange(taps, device=device)
+    acc = torch.full((b, 3, size, rows), 1 << (PRECISION_BITS - 1), dtype=torch.int32, device=device)
     for j in range(taps):  # products and sums in int32, as Pillow's
-        acc.addcmul_(segments.gather(3, pick[:, None, None, :, j].expand(b, 3, rows, size)), weight1[:, None, None, :, j])
-    first = _rounded(acc)
+        acc.addcmul_(columns.index_select(0, pick[..., j].reshape(-1)).view(b, 3, size, rows), weight1[:, None, :, None, j])
+    first = _rounded(acc).transpose(2, 3).contiguous().view(-1, size)  # (B * 3 * rows, size)
 
     # Second pass, across those rows: (B, 3, size, size) as (second axis, first axis).
+    pick = planes * rows + (start2[..., None] + torch.arange(taps, device=device) - row_lo_t[:, None, None]).clamp_(0, rows - 1)[:, None]
     acc = torch.full((b, 3, size, size), 1 << (PRECISION_BITS - 1), dtype=torch.int32, device=device)
-    pick = (start2[..., None] + torch.arange(taps, device=device) - row_lo_t[:, None, None]).clamp_(0, rows - 1)
     for j in range(taps):  # only 0-weight taps are clamped
-        acc.addcmul_(first.gather(2, pick[:, None, :, None, j].expand(b, 3, size, size)), weight2[:, None, :, None, j])
+        acc.addcmul_(first.index_select(0, pick[..., j].reshape(-1)).view(b, 3, size, size), weight2[:, None, :, None, j])
     out = _rounded(acc).to(torch.uint8)
     return torch.where(trans[:, :, None, None], out.mT, out) if transposed.any() else out
+
+
+CPU_RESAMPLE_CHUNK = 1
+"""Images resampled together on the CPU device. A whole batch's intermediate rows (padded to its
+largest image's) stream through memory once per tap, where one image's stay in the caches: 4.5x
+slower per image at 64 than at 1 on the photos of bench/decode.py (docs/benchmarks.md). A GPU
+takes the whole batch at once."""
 
 
 def crop_batch(images: list[torch.Tensor], crops: np.ndarray, resize: int, size: int) -> torch.Tensor:
@@ -240,13 +250,17 @@ def crop_batch(images: list[torch.Tensor], crops: np.ndarray, resize: int, size:
 
     A batch whose every image is at the crop's scale (the paper's stored form) is sliced; otherwise
     every image is resampled, which for an image at the crop's scale gives its slice too (Pillow's
-    weights are then 1 and 0).
+    weights are then 1 and 0). On the CPU device the resampling runs ``CPU_RESAMPLE_CHUNK`` images
+    at a time (the same ops, the same pixels).
     """
     boxes = np.array([crop_box(img.shape[2], img.shape[1], resize, size, u, v) for img, (u, v, _) in zip(images, crops)])
     flips = crops[:, 2] != 0
     if all(at_scale(img.shape[2], img.shape[1], resize, x, y) for img, (x, y, _, _) in zip(images, boxes)):
         return slice_batch(images, boxes[:, 0].astype(np.int64), boxes[:, 1].astype(np.int64), flips, size)
-    return resample_batch(images, boxes, flips, size)
+    chunk = CPU_RESAMPLE_CHUNK if images[0].device.type == "cpu" else len(images)
+    parts = [resample_batch(images[i : i + chunk], boxes[i : i + chunk], flips[i : i + chunk], size)
+             for i in range(0, len(images), chunk)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def decode_crops(
