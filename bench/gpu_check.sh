@@ -15,7 +15,8 @@
 # OUT_DIR receives: gpu-check.log (everything), env.txt, cuda-tests.log, cuda-tests.xml (JUnit),
 # bench.txt (the table and ratios), bench.json, and data.txt / data.json: the input pipeline on real
 # photos in ImageNet's shapes and in the paper's stored form, with CPU decode (images per CPU-second:
-# per core) and with data.decode=gpu, set against the training step's images/s from bench.json.
+# per core) and with data.decode=gpu, set against the training step's images/s from bench.json;
+# decode.txt / decode.json: the batched data.decode=gpu decode and crop, images/s, against the CPU loader.
 # Exit status: 0 all ran and passed; 1 a CUDA test failed or a benchmark row errored; 2 bad usage
 # or a requirement missing.
 set -uo pipefail
@@ -106,6 +107,25 @@ timeout --kill-after=10 "$DATA_LIMIT_S" "$PYTHON" bench/data.py "${data_args[@]}
 rc=${PIPESTATUS[0]}
 [ "$rc" -eq 124 ] && echo "input pipeline: stopped at the ${DATA_LIMIT_S} s limit"
 [ "$rc" -ne 0 ] && status=1
+
+# The training rank's data.decode=gpu rate (bench/decode.py: batched decode and crop on the GPU)
+# against the CPU loader on the same shards: decode.txt, decode.json. On this CPU without CUDA.
+gpu_decode_rate() {
+  local limit=${GPU_CHECK_DECODE_LIMIT_S:-60} cores rc
+  local args=(--images 32 --batch 8 --workers 2 --repeats 1)
+  if [ "$has_cuda" = 1 ]; then
+    cores=$(nproc)
+    args=(--images 1024 --batch 128 --workers $(( cores > 8 ? 8 : cores )) --repeats 3)
+  else
+    echo "no CUDA: the GPU decode rate's tiny form, on this CPU"
+  fi
+  stage "GPU decode rate (limit ${limit} s)"
+  timeout --kill-after=10 "$limit" "$PYTHON" bench/decode.py "${args[@]}" --json "$OUT/decode.json" 2>&1 | tee "$OUT/decode.txt"
+  rc=${PIPESTATUS[0]}
+  [ "$rc" -eq 124 ] && echo "GPU decode rate: stopped at the ${limit} s limit; decode.json has the forms it finished"
+  [ "$rc" -ne 0 ] && status=1
+}
+gpu_decode_rate
 
 stage "done: exit status $status"
 exit $status

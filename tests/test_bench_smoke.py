@@ -77,7 +77,8 @@ def test_gpu_check_runs_end_to_end_without_cuda(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert sorted(p.name for p in out.iterdir()) == ["bench.json", "bench.txt", "cuda-tests.log", "cuda-tests.xml",
-                                                     "data.json", "data.txt", "env.txt", "gpu-check.log"]
+                                                     "data.json", "data.txt", "decode.json", "decode.txt", "env.txt",
+                                                     "gpu-check.log"]
     log = (out / "gpu-check.log").read_text()
     assert "== done: exit status 0" in log and "requirements: already importable" in log
     bench = json.loads((out / "bench.json").read_text())
@@ -99,6 +100,12 @@ def test_gpu_check_runs_end_to_end_without_cuda(tmp_path):
     assert data["feeds"]["step_images_per_s"] > 0
     assert set(data["feeds"]["loaders"]) == {f"{f}/{p}/local" for f in ("originals", "paper") for p in ("distalex", "distalex-gpu")}
     assert "cores to feed it" in (out / "data.txt").read_text()
+    # the training rank's batched decode (on this CPU) against the CPU loader, same shards, both forms
+    decode = json.loads((out / "decode.json").read_text())
+    assert "no CUDA" in decode["device"] and set(decode["forms"]) == {"originals", "paper"}
+    for form in decode["forms"].values():
+        assert form["device_decode"]["images"] == 32 and form["cpu_loader"]["images"] == 32
+        assert form["device_decode"]["images_per_s"] > 0 and form["cpu_loader"]["images_per_s"] > 0
 
 
 def test_gpu_check_usage_and_missing_requirements(tmp_path):
