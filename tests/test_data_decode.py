@@ -105,7 +105,7 @@ def random_crops(n: int, seed: int) -> list[tuple[float, float, bool]]:
 
 
 def test_batched_crops_of_mixed_sizes_are_the_cpu_workers_and_pillows():
-    jpegs = [photo_jpeg(w, h, i) for i, (w, h) in enumerate(MIXED)] * 2
+    jpegs = [photo_jpeg(w, h, i) for i, (w, h) in enumerate(MIXED)]
     crops = random_crops(len(jpegs), 3)
     got = batch_crops(jpegs, crops, 256, 224)
     for i, (data, (u, v, flip)) in enumerate(zip(jpegs, crops)):
@@ -123,7 +123,7 @@ def test_batched_crops_of_the_papers_form_are_slices():
     got = batch_crops(squares, crops, 256, 224)
     for i, (data, (u, v, flip)) in enumerate(zip(squares, crops)):
         x, y = int(u * 33), int(v * 33)
-        decoded = torch.from_numpy(np.asarray(Image.open(io.BytesIO(data)))).permute(2, 0, 1)
+        decoded = torch.from_numpy(np.array(Image.open(io.BytesIO(data)))).permute(2, 0, 1)
         cut = decoded[:, y : y + 224, x : x + 224]
         assert torch.equal(got[i], cut.flip(-1) if flip else cut), f"image {i}"
         assert torch.equal(got[i], workers_crop(data, 256, 224, u, v, flip))
@@ -143,6 +143,23 @@ def test_a_crop_depends_only_on_its_images_random_numbers():
     assert torch.equal(batch_crops([jpegs[i] for i in order], [crops[i] for i in order], 256, 224), whole[order])
     for i in (0, 6, 7):
         assert torch.equal(batch_crops([jpegs[i]], [crops[i]], 256, 224)[0], whole[i])
+
+
+@pytest.mark.parametrize("form", ["paper", "mixed"])
+def test_channels_first_images_give_the_same_crops(form):
+    """nvjpeg hands out channels-first images, the CPU decoder a channels-last view: the batch is
+    laid out in the decoder's order, and both give the same crops (here both on the CPU device)."""
+    from distalex.data.decode import crop_batch, decode_images
+    from distalex.data.make_shards import paper_form
+
+    jpegs = [photo_jpeg(w, h, i) for i, (w, h) in enumerate(MIXED)]
+    if form == "paper":
+        jpegs = [paper_form(j, 256, 90)[0] for j in jpegs]
+    crops = np.array(random_crops(len(jpegs), 8), dtype=np.float64)
+    images = decode_images([torch.frombuffer(bytearray(j), dtype=torch.uint8) for j in jpegs], CPU)
+    assert not images[0].is_contiguous()  # (3, H, W) over libjpeg's HWC buffer
+    first = [img.contiguous() for img in images]
+    assert torch.equal(crop_batch(first, crops, 256, 224), crop_batch(images, crops, 256, 224))
 
 
 class OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
