@@ -167,6 +167,41 @@ def _rounded(acc: torch.Tensor) -> torch.Tensor:
     return acc.bitwise_right_shift_(PRECISION_BITS).clamp_(0, 255)
 
 
+class Geometry(NamedTuple):
+    """Per image (arrays of B), what its two passes need: Pillow's box as it takes it, the pass order,
+    and how many source rows the first pass covers (``rows``), how many pixels of each it reads
+    (``span``) and the taps per output pixel (``taps``), each a bound that holds whatever the box."""
+
+    widths: np.ndarray
+    heights: np.ndarray
+    x_lo: np.ndarray
+    x_scale: np.ndarray
+    y_lo: np.ndarray
+    y_scale: np.ndarray
+    transposed: np.ndarray  # bool: resized vertically first, laid out transposed
+    row_lo: np.ndarray  # the first source row (of the laid-out image) the first pass covers
+    rows: np.ndarray
+    span: np.ndarray
+    taps: np.ndarray
+
+
+def _geometry(widths: np.ndarray, heights: np.ndarray, boxes: np.ndarray, size: int) -> Geometry:
+    transposed = np.array([resample.vertical_first(w, h, size) for w, h in zip(widths, heights)], dtype=bool)
+    x_lo, x_scale = _pillow_box(boxes[:, 0], boxes[:, 2], size)
+    y_lo, y_scale = _pillow_box(boxes[:, 1], boxes[:, 3], size)
+    taps = np.ceil(np.maximum(np.maximum(x_scale, y_scale), 1.0)).astype(np.int64) * 2 + 1
+    # The second pass's taps read source rows from >= floor(lo - support) to < lo + size * scale + support + 1.
+    lo2, scale2 = np.where(transposed, x_lo, y_lo), np.where(transposed, x_scale, y_scale)
+    support2 = np.maximum(scale2, 1.0)
+    len2 = np.where(transposed, widths, heights)
+    row_lo = np.maximum(0, np.floor(lo2 - support2)).astype(np.int64)
+    row_hi = np.minimum(len2, np.floor(lo2 + size * scale2 + support2 + 0.5).astype(np.int64) + 1)
+    # The first pass's taps, from the first one's start to the last one's end, with room to spare.
+    scale1 = np.where(transposed, y_scale, x_scale)
+    span = np.ceil(size * scale1 + 2 * np.maximum(scale1, 1.0)).astype(np.int64) + taps + 2
+    return Geometry(widths, heights, x_lo, x_scale, y_lo, y_scale, transposed, row_lo, row_hi - row_lo, span, taps)
+
+
 def resample_batch(images: list[torch.Tensor], boxes: np.ndarray, flips: np.ndarray, size: int) -> torch.Tensor:
     """uint8 (B, 3, size, size): image i (3, H, W) resized as ``PIL.Image.resize((size, size), BILINEAR,
     box=boxes[i])``, mirrored left-right where ``flips``; bit for bit Pillow's.
@@ -180,22 +215,13 @@ def resample_batch(images: list[torch.Tensor], boxes: np.ndarray, flips: np.ndar
     """
     device = images[0].device
     b = len(images)
-    heights = np.array([img.shape[1] for img in images], np.int64)
     widths = np.array([img.shape[2] for img in images], np.int64)
-    transposed = np.array([resample.vertical_first(w, h, size) for w, h in zip(widths, heights)])
-    x_lo, x_scale = _pillow_box(boxes[:, 0], boxes[:, 2], size)
-    y_lo, y_scale = _pillow_box(boxes[:, 1], boxes[:, 3], size)
-    support = np.maximum(np.maximum(x_scale, y_scale), 1.0)
-    taps = int(np.ceil(support.max())) * 2 + 1
-    # The first pass's rows: a superset of the rows the second pass reads (its taps' first and last).
-    lo2, scale2 = np.where(transposed, x_lo, y_lo), np.where(transposed, x_scale, y_scale)
-    support2 = np.maximum(scale2, 1.0)
+    heights = np.array([img.shape[1] for img in images], np.int64)
+    g = _geometry(widths, heights, boxes, size)
+    transposed, row_lo = g.transposed, g.row_lo
+    taps, rows, span = int(g.taps.max()), int(g.rows.max()), int(g.span.max())
+    x_lo, x_scale, y_lo, y_scale = g.x_lo, g.x_scale, g.y_lo, g.y_scale
     len1, len2 = np.where(transposed, heights, widths), np.where(transposed, widths, heights)
-    row_lo = np.maximum(0, np.floor(lo2 - support2)).astype(np.int64)
-    row_hi = np.minimum(len2, np.floor(lo2 + size * scale2 + support2 + 0.5).astype(np.int64) + 1)
-    rows = int((row_hi - row_lo).max())
-    scale1 = np.where(transposed, y_scale, x_scale)
-    span = int(np.ceil((size * scale1 + 2 * np.maximum(scale1, 1.0)).max())) + taps + 2  # first tap to last, and more
     flat = _flat([img.mT if t else img for img, t in zip(images, transposed)], pad=3 * span)
     table = np.stack([flat.base, flat.channel, widths, heights, x_lo, x_scale, y_lo, y_scale, flips, transposed,
                       row_lo, len1, len2], 1)
@@ -206,13 +232,15 @@ def resample_batch(images: list[torch.Tensor], boxes: np.ndarray, flips: np.ndar
                                   torch.cat([x_scale_t, y_scale_t]), size, taps)
     (x_start, y_start), (x_weight, y_weight) = starts.chunk(2), weights.chunk(2)
     flip, trans = (flip != 0)[:, None], (trans != 0)[:, None]
-    x_start, x_weight = torch.where(flip, x_start.flip(1), x_start), torch.where(flip[..., None], x_weight.flip(1), x_weight)
+    x_start = torch.where(flip, x_start.flip(1), x_start)  # mirrored: output x reads the taps of size - 1 - x
+    x_weight = torch.where(flip[..., None], x_weight.flip(1), x_weight)
     start1, weight1 = torch.where(trans, y_start, x_start), torch.where(trans[..., None], y_weight, x_weight)
     start2, weight2 = torch.where(trans, x_start, y_start), torch.where(trans[..., None], x_weight, y_weight)
 
-    # First pass, along each image's (laid out) rows: (B, 3, rows, size). The row segments its taps
-    # read are copied out first, ``span`` pixels from the image's first tap on (the batch's widest
-    # span: a segment may run past its row, into pixels that only 0-weight taps read).
+    # First pass, along each image's (laid out) rows: (B, 3, size, rows) as (first axis out, rows
+    # in). The row segments its taps read are copied out first, ``span`` pixels from the image's
+    # first tap on (the batch's widest span: a segment may run past its row, into pixels that only
+    # 0-weight taps read).
     step = flat.step
     r = torch.minimum(row_lo_t[:, None] + torch.arange(rows, device=device), len2_t[:, None] - 1)  # (B, rows)
     seg_lo = start1.amin(1)  # (B,)
@@ -220,28 +248,46 @@ def resample_batch(images: list[torch.Tensor], boxes: np.ndarray, flips: np.ndar
     seg_starts = start[:, :, None] + ((r * len1_t[:, None] + seg_lo[:, None]) * step)[:, None, :]  # (B, 3, rows)
     segments = _windows(flat, span).index_select(0, seg_starts.view(-1)).view(b, 3, rows, span)
     # Each tap's pixels are then whole rows of the transposed segments, so both passes copy rows.
-    columns = segments.transpose(2, 3).to(torch.int32, memory_format=torch.contiguous_format).view(-1, rows)  # (B * 3 * span, rows)
+    columns = segments.transpose(2, 3).to(torch.int32, memory_format=torch.contiguous_format)
+    columns = columns.view(-1, rows)  # (B * 3 * span, rows)
     planes = torch.arange(b * 3, device=device).view(b, 3, 1, 1)
     pick = (planes * span + (start1 - seg_lo[:, None])[:, None, :, None]) + torch.arange(taps, device=device)
     acc = torch.full((b, 3, size, rows), 1 << (PRECISION_BITS - 1), dtype=torch.int32, device=device)
     for j in range(taps):  # products and sums in int32, as Pillow's
-        acc.addcmul_(columns.index_select(0, pick[..., j].reshape(-1)).view(b, 3, size, rows), weight1[:, None, :, None, j])
+        picked = columns.index_select(0, pick[..., j].reshape(-1)).view(b, 3, size, rows)
+        acc.addcmul_(picked, weight1[:, None, :, None, j])
     first = _rounded(acc).transpose(2, 3).contiguous().view(-1, size)  # (B * 3 * rows, size)
 
     # Second pass, across those rows: (B, 3, size, size) as (second axis, first axis).
-    pick = planes * rows + (start2[..., None] + torch.arange(taps, device=device) - row_lo_t[:, None, None]).clamp_(0, rows - 1)[:, None]
+    pick = (start2[..., None] + torch.arange(taps, device=device) - row_lo_t[:, None, None]).clamp_(0, rows - 1)
+    pick = planes * rows + pick[:, None]  # (B, 3, size, taps): rows of ``first``
     acc = torch.full((b, 3, size, size), 1 << (PRECISION_BITS - 1), dtype=torch.int32, device=device)
     for j in range(taps):  # only 0-weight taps are clamped
-        acc.addcmul_(first.index_select(0, pick[..., j].reshape(-1)).view(b, 3, size, size), weight2[:, None, :, None, j])
+        picked = first.index_select(0, pick[..., j].reshape(-1)).view(b, 3, size, size)
+        acc.addcmul_(picked, weight2[:, None, :, None, j])
     out = _rounded(acc).to(torch.uint8)
     return torch.where(trans[:, :, None, None], out.mT, out) if transposed.any() else out
 
 
-CPU_RESAMPLE_CHUNK = 1
-"""Images resampled together on the CPU device. A whole batch's intermediate rows (padded to its
-largest image's) stream through memory once per tap, where one image's stay in the caches: 4.5x
-slower per image at 64 than at 1 on the photos of bench/decode.py (docs/benchmarks.md). A GPU
-takes the whole batch at once."""
+RESAMPLE_BUDGET = {"cpu": 0}
+"""int32 elements of the first pass's largest temporary (images x 3 x rows x span, each padded to
+the chunk's largest) that images resampled together may take, by device type; 2**27 (512 MiB)
+elsewhere. Images are resampled in runs of the batch that fit, so one very large photo pads a few
+images, not the batch. On the CPU one image at a time: a batch's temporaries stream through memory
+once per tap, where one image's stay in the caches (4.5x faster per image than 64 at once on the
+photos of bench/decode.py, docs/benchmarks.md)."""
+
+
+def _runs(g: Geometry, size: int, budget: int) -> list[slice]:
+    """Consecutive runs of the images whose padded first pass fits ``budget`` (at least one image each)."""
+    runs, start, rows, span = [], 0, 0, 0
+    for i in range(len(g.rows)):
+        r, s = max(rows, int(g.rows[i])), max(span, int(g.span[i]), size)
+        if i > start and (i + 1 - start) * 3 * r * s > budget:
+            runs.append(slice(start, i))
+            start, r, s = i, int(g.rows[i]), max(int(g.span[i]), size)
+        rows, span = r, s
+    return runs + [slice(start, len(g.rows))]
 
 
 def crop_batch(images: list[torch.Tensor], crops: np.ndarray, resize: int, size: int) -> torch.Tensor:
@@ -250,16 +296,17 @@ def crop_batch(images: list[torch.Tensor], crops: np.ndarray, resize: int, size:
 
     A batch whose every image is at the crop's scale (the paper's stored form) is sliced; otherwise
     every image is resampled, which for an image at the crop's scale gives its slice too (Pillow's
-    weights are then 1 and 0). On the CPU device the resampling runs ``CPU_RESAMPLE_CHUNK`` images
-    at a time (the same ops, the same pixels).
+    weights are then 1 and 0), in runs of images that fit ``RESAMPLE_BUDGET`` (the same pixels).
     """
     boxes = np.array([crop_box(img.shape[2], img.shape[1], resize, size, u, v) for img, (u, v, _) in zip(images, crops)])
     flips = crops[:, 2] != 0
     if all(at_scale(img.shape[2], img.shape[1], resize, x, y) for img, (x, y, _, _) in zip(images, boxes)):
         return slice_batch(images, boxes[:, 0].astype(np.int64), boxes[:, 1].astype(np.int64), flips, size)
-    chunk = CPU_RESAMPLE_CHUNK if images[0].device.type == "cpu" else len(images)
-    parts = [resample_batch(images[i : i + chunk], boxes[i : i + chunk], flips[i : i + chunk], size)
-             for i in range(0, len(images), chunk)]
+    widths = np.array([img.shape[2] for img in images], np.int64)
+    heights = np.array([img.shape[1] for img in images], np.int64)
+    budget = RESAMPLE_BUDGET.get(images[0].device.type, 1 << 27)
+    parts = [resample_batch(images[run], boxes[run], flips[run], size)
+             for run in _runs(_geometry(widths, heights, boxes, size), size, budget)]
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
