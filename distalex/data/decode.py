@@ -5,14 +5,15 @@ The loader workers only read: they send a batch's image bytes with each crop's r
 call on its device (nvjpeg on CUDA; PNG and WebP one by one on the CPU) and cuts every image to
 ``augment.crop_box`` with a constant number of tensor ops for the whole batch (``crop_batch``):
 
-- every image at the crop's scale (the paper's stored form, ``make_shards --square``): one gather
-  of the crops' pixels, flips included (``slice_batch``);
-- otherwise Pillow's bilinear box resize for all of them at once (``resample_batch``): Pillow's
-  taps and 22-bit fixed-point weights computed on the device in float64 by the same operations
-  as Pillow's C, each pass rounded to uint8, in Pillow's order of the passes.
+- every image at the crop's scale (the paper's stored form, ``make_shards --square``): one copy of
+  the crops' rows, then the flips (``slice_batch``);
+- otherwise Pillow's bilinear box resize for all of them at once (``resample_batch``; in runs that
+  fit ``RESAMPLE_BUDGET``): Pillow's taps and 22-bit fixed-point weights computed on the device in
+  float64 by the same operations as Pillow's C, each pass rounded to uint8, in Pillow's order of
+  the passes.
 
 Nothing in a batch's crop reads a value back from the device; the host sends one small table
-(offsets, sizes, boxes, flips) per batch. So from the same decoded pixels the crop equals
+(offsets, sizes, boxes, flips) per batch (per run). So from the same decoded pixels the crop equals
 ``augment.train_crop``'s bit for bit (tolerance 0, tests/test_data_decode.py). What differs is the
 decoder (none on the CPU: torchvision and Pillow use the same libjpeg-turbo; nvjpeg's IDCT and
 chroma upsampling on CUDA), and Pillow's DCT-domain downscale (``draft``), which the CPU path
