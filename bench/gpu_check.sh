@@ -6,17 +6,16 @@
 # For a GPU machine that has torch and torchvision but no network: the project's other
 # requirements come from wheels in .whl/ made beforehand where pip reaches PyPI
 # (bash bench/make_wheelhouse.sh), carried to the machine with the repository, and installed with
-# pip --no-index. The repository is used in place (PYTHONPATH), not installed. Each stage has its
-# own time limit (their sum, about 10 minutes, bounds the check), and the benchmarks write their JSON
-# as they go, so a stage cut short still leaves what it finished. Without CUDA every CUDA test skips with its reason and
+# pip --no-index. The repository is used in place (PYTHONPATH), not installed. Fits in 10 minutes:
+# each stage has its own time limit, and the benchmark writes its JSON after every row, so a stage
+# cut short still leaves what it finished. Without CUDA every CUDA test skips with its reason and
 # the benchmark runs its tiny CPU form instead: the script itself is tested that way on CPU
 # (tests/test_bench_smoke.py).
 #
 # OUT_DIR receives: gpu-check.log (everything), env.txt, cuda-tests.log, cuda-tests.xml (JUnit),
 # bench.txt (the table and ratios), bench.json, and data.txt / data.json: the input pipeline on real
 # photos in ImageNet's shapes and in the paper's stored form, with CPU decode (images per CPU-second:
-# per core) and with data.decode=gpu, set against the training step's images/s from bench.json;
-# decode.txt / decode.json: the batched data.decode=gpu decode and crop, images/s, against the CPU loader.
+# per core) and with data.decode=gpu, set against the training step's images/s from bench.json.
 # Exit status: 0 all ran and passed; 1 a CUDA test failed or a benchmark row errored; 2 bad usage
 # or a requirement missing.
 set -uo pipefail
