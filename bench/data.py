@@ -95,14 +95,26 @@ def _crop_all(args) -> tuple[int, float, float]:
 
 
 def _cpu_seconds() -> float:
-    """CPU time of this process and of its finished (joined) children."""
-    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+    """CPU time of this process and of every process below it (``_children_cpu_seconds``)."""
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    return me.ru_utime + me.ru_stime + _children_cpu_seconds()
 
 
 def _children_cpu_seconds() -> float:
+    """CPU time of the finished (joined) children, and of the processes still running below this
+    one with their own finished children: loader workers started by a fork server (the default
+    start method) are its children, not this process's, and count only through it."""
+    import psutil
+
     kids = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return kids.ru_utime + kids.ru_stime
+    total = kids.ru_utime + kids.ru_stime
+    for child in psutil.Process().children(recursive=True):
+        try:
+            t = child.cpu_times()
+        except psutil.Error:  # ended meanwhile: its time is in its parent's children
+            continue
+        total += t.user + t.system + t.children_user + t.children_system
+    return total
 
 
 def _children() -> set[int]:

@@ -121,8 +121,9 @@ class DataConfig(Section):
     """For shards whose samples carry the label in a json member instead of cls: its key."""
     decode: Literal["cpu", "gpu"] = "cpu"
     """Training images: cpu = decoded and cropped by the loader workers; gpu = the workers only read
-    bytes, the training rank decodes each batch with nvjpeg and crops it on the device (on the CPU
-    of that process, with a printed note, where CUDA or nvjpeg is missing). Validation stays on cpu."""
+    bytes, the training rank decodes each batch with one nvjpeg call and crops the whole batch on the
+    device, to the same pixels (on the CPU of that process, with a printed note, where CUDA or nvjpeg
+    is missing). Validation stays on cpu."""
     retries: int = Field(3, ge=0)
     """A remote shard read that fails or ends early is retried this many times from where it stopped;
     then the rest of that shard's part is counted in train/skipped_samples."""

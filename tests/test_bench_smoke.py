@@ -96,13 +96,16 @@ def test_gpu_check_runs_end_to_end_without_cuda(tmp_path):
     its reason, the benchmark runs its tiny CPU rows, the sync-debug step check skips with its
     reason and the overlap check runs its tiny form on two gloo ranks. Its files land in OUT_DIR."""
     out = tmp_path / "out"
-    env = dict(os.environ, PYTHON=sys.executable, WHEELHOUSE=str(tmp_path / "no-wheels"))
+    # The stages' limits fit a GPU lease; the tiny CPU forms on a busy 2-core machine get more room.
+    limits = {f"GPU_CHECK_{stage}_LIMIT_S": "600" for stage in ("TEST", "BENCH", "DATA", "SYNC", "OVERLAP", "DECODE")}
+    env = dict(os.environ, PYTHON=sys.executable, WHEELHOUSE=str(tmp_path / "no-wheels"), **limits)
     proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), str(out)], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert sorted(p.name for p in out.iterdir()) == ["bench.json", "bench.txt", "cuda-tests.log", "cuda-tests.xml",
-                                                     "data.json", "data.txt", "env.txt", "gpu-check.log",
-                                                     "overlap.json", "overlap.txt", "sync-debug.json", "sync-debug.txt"]
+                                                     "data.json", "data.txt", "decode.json", "decode.txt", "env.txt",
+                                                     "gpu-check.log", "overlap.json", "overlap.txt", "sync-debug.json",
+                                                     "sync-debug.txt"]
     log = (out / "gpu-check.log").read_text()
     assert "== done: exit status 0" in log and "requirements: already importable" in log
     bench = json.loads((out / "bench.json").read_text())
@@ -134,6 +137,12 @@ def test_gpu_check_runs_end_to_end_without_cuda(tmp_path):
     assert all(r["status"] == "ok" and r["images_per_s"] > 0 for r in overlap.values())
     # the split at the gradient buckets is what the overlap row has and the plain compiled row has not
     assert (overlap["eager"]["pieces"], overlap["compiled"]["pieces"]) == (0, 1) and overlap["compiled+overlap"]["pieces"] >= 2
+    # the training rank's batched decode (on this CPU) against the CPU loader, same shards, both forms
+    decode = json.loads((out / "decode.json").read_text())
+    assert "no CUDA" in decode["device"] and set(decode["forms"]) == {"originals", "paper"}
+    for form in decode["forms"].values():
+        assert form["device_decode"]["images"] == 32 and form["cpu_loader"]["images"] == 32
+        assert form["device_decode"]["images_per_s"] > 0 and form["cpu_loader"]["images_per_s"] > 0
 
 
 def test_gpu_check_usage_and_missing_requirements(tmp_path):

@@ -267,6 +267,31 @@ def test_gpu_jpeg_decode_equals_cpu_decode(subsampling):
             subsampling, seed, diff.mean().item(), diff.max().item())
 
 
+@pytest.mark.parametrize("form", ["paper", "mixed"])
+def test_batched_gpu_crops_equal_the_cpu_devices_without_a_sync(form):
+    """data.decode=gpu's batch crops on the GPU: from nvJPEG's pixels, the same bytes as the same
+    ops on the CPU device (tolerance 0), with no host sync (``set_sync_debug_mode("error")``) while
+    the batch is cut, resampled and flipped."""
+    from distalex.data.decode import crop_batch, decode_images
+    from distalex.data.make_shards import paper_form
+    from tests.test_data_decode import MIXED, photo_jpeg, random_crops
+
+    jpegs = [photo_jpeg(w, h, i) for i, (w, h) in enumerate(MIXED * 2)]
+    if form == "paper":
+        jpegs = [paper_form(j, 256, 90)[0] for j in jpegs]
+    crops = np.array(random_crops(len(jpegs), 7), dtype=np.float64)
+    images = decode_images([torch.frombuffer(bytearray(j), dtype=torch.uint8) for j in jpegs], torch.device("cuda"))
+    assert all(img is not None and img.is_cuda for img in images)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        gpu = crop_batch(images, crops, 256, 224)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    cpu = crop_batch([img.cpu() for img in images], crops, 256, 224)
+    assert gpu.is_cuda and torch.equal(gpu.cpu(), cpu)
+
+
 @pytest.mark.e2e
 def test_short_training_run_on_cuda(tiny_shards, tmp_path):
     """The demo config on the GPU for a few steps, tp=1: one process per GPU (up to 2; with 2, dp=2

@@ -1,6 +1,8 @@
-"""data.decode=gpu: the device path's crops against the CPU workers' PIL crops, run on the CPU here.
+"""data.decode=gpu: the device path's batched crops against Pillow's and the CPU workers' crops, run
+on the CPU device here (the same tensor ops as on CUDA; only the JPEG decoder differs there).
 
-Measured on this machine (torchvision and Pillow both decode with libjpeg-turbo): where Pillow does
+From the same decoded pixels the batched crops are Pillow's bit for bit: tolerance 0, whatever the
+batch's mix of sizes, scales, flips and pass orders. Measured on this machine (torchvision and Pillow both decode with libjpeg-turbo): where Pillow does
 not downscale in the DCT domain (source shorter side < 2 x data.resize, as for most of ImageNet at
 256) the two paths give the same bytes, max |diff| = 0. Where it does (500x375 photos at resize
 128 or 72), max |diff| was 30-47 levels and the mean 2-3: the CPU path then resamples from
@@ -12,14 +14,15 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+from collections import Counter
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from distalex.data.augment import crop_box, train_crop
-from distalex.data.decode import decode_crops, resample_box
+from distalex.data.augment import crop_box, decode_crop_into, train_crop
+from distalex.data.decode import Encoded, EncodedBatch, decode_batch, decode_crops, resample_batch
 from distalex.data.loader import TrainLoader
 from tests.test_data_loader import CLASSES, SIZE, cfg_for, dims, epoch_ids, id_jpeg, write_shards
 
@@ -37,32 +40,196 @@ def photo_jpeg(width: int, height: int, seed: int) -> bytes:
 
 def device_crop(data: bytes, resize: int, size: int, u: float, v: float, flip: bool, device=CPU) -> torch.Tensor:
     crops = torch.tensor([[u, v, float(flip)]], dtype=torch.float64)
-    out, bad = decode_crops(torch.frombuffer(bytearray(data), dtype=torch.uint8), torch.tensor([0, len(data)]),
-                            crops, resize, size, device)
-    assert bad == []
-    return out[0].cpu()
+    return batch_crops([data], [(u, v, flip)], resize, size, device)[0].cpu()
+
+
+def encoded(jpegs: list[bytes], crops) -> Encoded:
+    batch = EncodedBatch()
+    for i, (data, (u, v, flip)) in enumerate(zip(jpegs, crops)):
+        batch.add(data, i, u, v, bool(flip))
+    return batch.take(0)
+
+
+def batch_crops(jpegs: list[bytes], crops, resize: int, size: int, device=CPU) -> torch.Tensor:
+    """The batched device path's crops of ``jpegs`` decoded as one batch."""
+    batch = encoded(jpegs, crops)
+    out, stand_in = decode_crops(batch.data, batch.offsets, batch.crops, resize, size, device)
+    assert stand_in == {}
+    return out
+
+
+def workers_crop(data: bytes, resize: int, size: int, u: float, v: float, flip: bool) -> torch.Tensor:
+    """The CPU loader workers' crop (augment.decode_crop_into)."""
+    out = np.empty((3, size, size), np.uint8)
+    decode_crop_into(out, data, resize, size, u, v, flip)
+    return torch.from_numpy(out)
 
 
 def pil_crop(data: bytes, resize: int, size: int, u: float, v: float, flip: bool) -> torch.Tensor:
     return torch.from_numpy(np.array(train_crop(data, resize, size, u, v, flip))).permute(2, 0, 1)
 
 
-def test_resample_box_is_pillows_bilinear_bit_for_bit():
+def test_resample_batch_is_pillows_bilinear_bit_for_bit():
+    """Random images of mixed sizes (some tall: Pillow's vertical pass first), random boxes at
+    every scale, flips: each batch's crops equal Pillow's resize, whatever else is in the batch."""
     rng = np.random.default_rng(0)
-    for trial in range(40):
-        w, h = (int(x) for x in rng.integers(6, 160, 2))
-        if trial % 4 == 0:
-            h = w * 4  # tall: Pillow then resizes vertically first
+    for trial in range(6):
         size = int(rng.integers(3, 90))
-        a = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-        if trial % 2:
-            x0, y0 = rng.uniform(0, w / 2), rng.uniform(0, h / 2)
-            box = (x0, y0, rng.uniform(x0 + 0.5, w), rng.uniform(y0 + 0.5, h))
-        else:
-            box = crop_box(w, h, int(rng.integers(size, 2 * size + 1)), size, rng.random(), rng.random())
-        want = np.asarray(Image.fromarray(a).resize((size, size), Image.BILINEAR, box=box))
-        got = resample_box(torch.from_numpy(a).permute(2, 0, 1).contiguous(), box, size).permute(1, 2, 0).numpy()
-        assert np.array_equal(want, got), f"trial {trial}: {w}x{h} box {box} -> {size}"
+        images, boxes, flips = [], [], []
+        for i in range(8):
+            w, h = (int(x) for x in rng.integers(6, 160, 2))
+            if i % 4 == 0:
+                h = w * 4  # tall
+            if i % 2:
+                x0, y0 = rng.uniform(0, w / 2), rng.uniform(0, h / 2)
+                boxes.append((x0, y0, rng.uniform(x0 + 0.5, w), rng.uniform(y0 + 0.5, h)))
+            else:
+                boxes.append(crop_box(w, h, int(rng.integers(size, 2 * size + 1)), size, rng.random(), rng.random()))
+            images.append(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+            flips.append(bool(rng.random() < 0.5))
+        got = resample_batch([torch.from_numpy(a).permute(2, 0, 1) for a in images], np.array(boxes), np.array(flips), size)
+        for i, (a, box, flip) in enumerate(zip(images, boxes, flips)):
+            want = Image.fromarray(a).resize((size, size), Image.BILINEAR, box=box)
+            want = want.transpose(Image.FLIP_LEFT_RIGHT) if flip else want
+            assert np.array_equal(np.asarray(want), got[i].permute(1, 2, 0).numpy()), f"trial {trial} image {i}: {a.shape} {box}"
+
+
+MIXED = ((500, 375), (375, 500), (300, 260), (256, 341), (341, 256), (1000, 300), (300, 1000), (256, 256))
+"""Photos below twice data.resize=256 (no DCT downscale on the CPU path): wide, tall (vertical
+pass first), at the crop's scale with a whole-pixel square (a slice) and with a half-pixel one."""
+
+
+def random_crops(n: int, seed: int) -> list[tuple[float, float, bool]]:
+    rng = np.random.default_rng(seed)
+    return [(float(u), float(v), bool(f < 0.5)) for u, v, f in rng.random((n, 3))]
+
+
+def test_batched_crops_of_mixed_sizes_are_the_cpu_workers_and_pillows():
+    jpegs = [photo_jpeg(w, h, i) for i, (w, h) in enumerate(MIXED)]
+    crops = random_crops(len(jpegs), 3)
+    got = batch_crops(jpegs, crops, 256, 224)
+    for i, (data, (u, v, flip)) in enumerate(zip(jpegs, crops)):
+        assert torch.equal(got[i], workers_crop(data, 256, 224, u, v, flip)), f"image {i}: {MIXED[i % len(MIXED)]}"
+        assert torch.equal(got[i], pil_crop(data, 256, 224, u, v, flip)), f"image {i}"
+
+
+def test_batched_crops_of_the_papers_form_are_slices():
+    """256 x 256 squares (make_shards --square 256) at resize 256: the batch is one gather, and each
+    crop is the decoded square's pixels, as the CPU workers and Pillow cut them."""
+    from distalex.data.make_shards import paper_form
+
+    squares = [paper_form(photo_jpeg(w, h, i), 256, 90)[0] for i, (w, h) in enumerate(MIXED * 2)]
+    crops = random_crops(len(squares), 4)
+    got = batch_crops(squares, crops, 256, 224)
+    for i, (data, (u, v, flip)) in enumerate(zip(squares, crops)):
+        x, y = int(u * 33), int(v * 33)
+        decoded = torch.from_numpy(np.array(Image.open(io.BytesIO(data)))).permute(2, 0, 1)
+        cut = decoded[:, y : y + 224, x : x + 224]
+        assert torch.equal(got[i], cut.flip(-1) if flip else cut), f"image {i}"
+        assert torch.equal(got[i], workers_crop(data, 256, 224, u, v, flip))
+    # one image that needs resampling turns the batch into a resampled one: the squares' crops hold
+    mixed = batch_crops(squares[:5] + [photo_jpeg(500, 375, 0)], crops[:6], 256, 224)
+    assert torch.equal(mixed[:5], got[:5])
+
+
+def test_a_crop_depends_only_on_its_images_random_numbers():
+    """Resume-safe: the same bytes and (u, v, flip) give the same crop in any batch (alone, in
+    another order, beside other sizes) and on every call."""
+    jpegs = [photo_jpeg(w, h, i) for i, (w, h) in enumerate(MIXED)]
+    crops = random_crops(len(jpegs), 5)
+    whole = batch_crops(jpegs, crops, 256, 224)
+    assert torch.equal(batch_crops(jpegs, crops, 256, 224), whole)
+    order = [5, 2, 7, 0, 6, 1, 4, 3]
+    assert torch.equal(batch_crops([jpegs[i] for i in order], [crops[i] for i in order], 256, 224), whole[order])
+    for i in (0, 6, 7):
+        assert torch.equal(batch_crops([jpegs[i]], [crops[i]], 256, 224)[0], whole[i])
+
+
+def test_resampling_runs_fit_their_budget_and_give_the_same_crops(monkeypatch):
+    """Images are resampled in consecutive runs whose padded temporaries fit RESAMPLE_BUDGET: a
+    large photo pads its own run, not the batch, and every budget gives the same crops."""
+    from distalex.data import decode
+
+    jpegs = [photo_jpeg(w, h, i) for i, (w, h) in enumerate(MIXED[:4] + ((1600, 1200),) + MIXED[4:])]
+    crops = random_crops(len(jpegs), 9)
+    one_by_one = batch_crops(jpegs, crops, 256, 224)  # the CPU device's default
+    sizes = [Image.open(io.BytesIO(j)).size for j in jpegs]
+    boxes = np.array([crop_box(w, h, 256, 224, u, v) for (w, h), (u, v, _) in zip(sizes, crops)])
+    g = decode._geometry(np.array([w for w, _ in sizes]), np.array([h for _, h in sizes]), boxes, 224)
+    budget = int(3 * 3 * g.rows[:4].max() * g.span[:4].max())  # about three of the ordinary photos
+    runs = decode._runs(g, 224, budget)
+    assert [r for r in runs if r.start <= 4 < r.stop] == [slice(4, 5)]  # the large photo alone
+    assert len(runs) < len(jpegs) - 1 and sum(r.stop - r.start for r in runs) == len(jpegs)
+    assert all(r.stop - r.start == 1 or (r.stop - r.start) * 3 * g.rows[r].max() * max(g.span[r].max(), 224) <= budget
+               for r in runs)
+    for limit in (budget, 1 << 27):
+        monkeypatch.setitem(decode.RESAMPLE_BUDGET, "cpu", limit)
+        assert torch.equal(batch_crops(jpegs, crops, 256, 224), one_by_one)
+
+
+@pytest.mark.parametrize("form", ["paper", "mixed"])
+def test_channels_first_images_give_the_same_crops(form):
+    """nvjpeg hands out channels-first images, the CPU decoder a channels-last view: the batch is
+    laid out in the decoder's order, and both give the same crops (here both on the CPU device)."""
+    from distalex.data.decode import crop_batch, decode_images
+    from distalex.data.make_shards import paper_form
+
+    jpegs = [photo_jpeg(w, h, i) for i, (w, h) in enumerate(MIXED)]
+    if form == "paper":
+        jpegs = [paper_form(j, 256, 90)[0] for j in jpegs]
+    crops = np.array(random_crops(len(jpegs), 8), dtype=np.float64)
+    images = decode_images([torch.frombuffer(bytearray(j), dtype=torch.uint8) for j in jpegs], CPU)
+    assert not images[0].is_contiguous()  # (3, H, W) over libjpeg's HWC buffer
+    first = [img.contiguous() for img in images]
+    assert torch.equal(crop_batch(first, crops, 256, 224), crop_batch(images, crops, 256, 224))
+
+
+class OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Every op torch dispatches, by name; views and the JPEG decoder's own ops aside."""
+
+    def __init__(self):
+        super().__init__()
+        self.kernels, self.from_host, self.host_reads = Counter(), 0, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        if func is torch.ops.aten.lift_fresh.default:
+            self.from_host += 1  # a tensor made from host data (torch.tensor, torch.from_numpy)
+        elif func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
+                      torch.ops.aten.masked_select.default, torch.ops.aten.is_nonzero.default):
+            self.host_reads.append(name)  # .item(), .tolist(), bool(), data-dependent shapes: a sync on CUDA
+        elif not func.is_view and not name.startswith(("image.", "torchvision.")):
+            self.kernels[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("form", ["paper", "mixed"])
+def test_a_batch_costs_the_same_ops_whatever_its_size(form, monkeypatch):
+    """The work of a batch is a constant number of tensor ops, not a loop over its images: 4 and 12
+    images dispatch the same ops, none reads a value back, and one tensor (the per-batch table)
+    comes from the host. (The CPU device's torchvision decodes a list one image at a time; its ops
+    are left out, as on CUDA one call decodes the list. The CPU device resamples image by image,
+    for its caches: here it takes the whole batch, as a GPU does.)"""
+    from distalex.data import decode
+    from distalex.data.make_shards import paper_form
+
+    monkeypatch.setitem(decode.RESAMPLE_BUDGET, "cpu", 1 << 27)
+
+    shapes = ((500, 375), (375, 500), (300, 260), (341, 256))  # none tall: a tall image costs one transposing copy
+    jpegs = [photo_jpeg(w, h, i) for i, (w, h) in enumerate(shapes * 3)]
+    if form == "paper":
+        jpegs = [paper_form(j, 256, 90)[0] for j in jpegs]
+    crops = random_crops(12, 6)
+    counts = []
+    for n in (4, 12):
+        batch = encoded(jpegs[:n], crops[:n])
+        with OpCounter() as ops:
+            images, labels, skipped = decode_batch(batch, 256, 224, CPU)
+        assert images.shape == (n, 3, 224, 224) and torch.equal(labels, torch.arange(n)) and skipped == 0
+        assert ops.host_reads == [] and ops.from_host == 1, (ops.host_reads, ops.from_host)
+        counts.append(ops.kernels)
+    assert counts[0] == counts[1]
+    assert sum(counts[0].values()) < (30 if form == "paper" else 150), counts[0]
 
 
 @pytest.mark.parametrize("resize,size,draft", [(256, 224, False), (128, 112, True), (72, 64, True)])

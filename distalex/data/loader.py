@@ -20,7 +20,7 @@ Who reads what in one training epoch (seed s, epoch e):
      (s, e, dp rank, worker), so an epoch is the same whenever it is replayed, and resuming at
      ``start_step`` replays the buffer and the RNG over the skipped samples without decoding them.
      With ``data.decode: gpu`` the worker only checks each image's header and sends the bytes with
-     the crop's random numbers; the training rank decodes and crops the batch on its device
+     the crop's random numbers; the training rank decodes and crops the whole batch on its device
      (``decode.py``), to the same pixels.
   5. A sample that does not decode, lacks its image or label, or has a label outside the class
      list is skipped and counted, as is a tar member without an extension; a shard that ends early
