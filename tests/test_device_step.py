@@ -6,10 +6,13 @@ the prefetching device feed serves the plain iteration's batches, in its order, 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
+import torch
 
 from tests.distributed import run_workers
+from tests.test_data_loader import write_shards
 from tests.runs import DEMO_CONFIG, tiny_overrides, tiny_shards  # noqa: F401 - fixture
 
 
@@ -73,3 +76,87 @@ def test_no_tensor_from_python_data_and_no_host_read_in_a_step(tiny_shards, tmp_
         # the spy does see the log points' reads
         for step in ("step 4", "step 7"):
             assert any(m.startswith("host read") for m in result["made"][step]), result["made"]
+
+
+# ----------------------------------------------------------------------------- the prefetching feed
+
+
+def feed_worker(root: str, layout: str) -> dict:
+    """Every batch of an epoch and of a resume at step 3, prefetched and plain, on this tp rank."""
+    from distalex.data.loader import TrainLoader
+    from distalex.parallel.dims import init_parallel
+    from tests.test_data_loader import SIZE, cfg_for
+
+    d = init_parallel(tp=2, towers=2, device="cpu", layout=layout)
+    ld = TrainLoader(cfg_for(Path(root), workers=2, start_method="fork"), d, global_batch=8, image_size=SIZE, seed=11)
+    out = {"tp_rank": d.tp_rank, "steps": ld.steps_per_epoch}
+    for prefetch in (True, False):
+        for start in (0, 3):
+            out[prefetch, start] = [(b.images.clone(), b.labels.clone(), b.skipped.clone())
+                                    for b in ld.epoch(1, start, prefetch=prefetch)]
+    d.barrier()
+    return out
+
+
+@pytest.mark.parametrize("layout", ["towers", "hybrid"])
+def test_the_prefetching_feed_serves_the_plain_iterations_batches(tmp_path, layout):
+    """At tp=2, with two loader workers: the prefetched epoch, and the epoch resumed at step 3, are
+    the plain iteration's batches in the same order, bit for bit (pixels, labels, skipped count), on
+    both tp ranks; under hybrid the peer holds only its own half of each batch's rows."""
+    write_shards(tmp_path, [9, 14, 5, 12, 8], corrupt=(17,))  # 48: 6 steps of 8 (the skipped one made up)
+    outs = run_workers(feed_worker, 2, str(tmp_path), layout, timeout=240)
+    assert [o["tp_rank"] for o in outs] == [0, 1] and outs[0]["steps"] == 6
+    for o in outs:
+        for start in (0, 3):
+            fed, plain = o[True, start], o[False, start]
+            assert len(fed) == len(plain) == 6 - start
+            for k, (a, b) in enumerate(zip(fed, plain)):
+                for x, y, what in zip(a, b, ("images", "labels", "skipped")):
+                    assert torch.equal(x, y), (o["tp_rank"], start, k, what)
+        assert [int(b[2]) for b in o[True, 0]][-1] == 1, "the corrupt sample is counted"
+    peer, loading = outs[1][True, 0], outs[0][True, 0]
+    for (pi, pl, _), (li, ll, _) in zip(peer, loading):
+        assert torch.equal(pl, ll)
+        if layout == "towers":
+            assert torch.equal(pi, li)
+        else:
+            assert torch.equal(pi[4:], li[4:]) and not pi[:4].any()
+
+
+def test_a_worker_error_is_raised_at_its_own_batch_with_or_without_prefetch(tmp_path):
+    """Two workers over one shard of 16: worker 0 serves batches 0 and 2, worker 1 (samples 8-15,
+    all corrupt) batches 1 and 3, and has no readable sample. Prefetching fetches batch 1 while
+    handing over batch 0, but the DataError comes when batch 1 is asked for, as in the plain
+    iteration: one good batch first, then the error, and the workers end."""
+    from distalex.data.info import DataError
+    from distalex.data.loader import TrainLoader
+    from tests.test_data_loader import SIZE, cfg_for, dims, ids_of
+
+    write_shards(tmp_path, [16], corrupt=tuple(range(8, 16)))
+    ld = TrainLoader(cfg_for(tmp_path, workers=2, shuffle_buffer=0, start_method="fork"), dims(), global_batch=4, image_size=SIZE, seed=1)
+    for prefetch in (True, False):
+        batches = ld.start(0, prefetch=prefetch)
+        got = []
+        with pytest.raises(DataError, match="worker 1: no readable sample"):
+            for b in batches:
+                got.append(ids_of(b.images))
+        batches.close()
+        assert got == [[0, 1, 2, 3]], (prefetch, got)
+
+
+def test_prefetching_fetches_the_next_batch_before_handing_over_this_one(tmp_path, monkeypatch):
+    """Counted at the loader's own fetch (the real one runs): when batch k is handed over, the feed
+    has fetched k + 2 batches (one ahead; the epoch's end bounds it), the plain iteration k + 1."""
+    from distalex.data import loader as loader_module
+    from distalex.data.loader import TrainLoader
+    from tests.test_data_loader import SIZE, cfg_for, dims
+
+    fetched = []
+    real = loader_module._next_item
+    monkeypatch.setattr(loader_module, "_next_item", lambda pool: fetched.append(1) or real(pool))
+    write_shards(tmp_path, [20])
+    ld = TrainLoader(cfg_for(tmp_path, workers=0), dims(), global_batch=4, image_size=SIZE, seed=2)
+    for prefetch, ahead in ((True, 2), (False, 1)):
+        fetched.clear()
+        seen = [len(fetched) for _ in ld.epoch(0, prefetch=prefetch)]
+        assert seen == [min(k + ahead, 5) for k in range(5)], (prefetch, seen)
