@@ -41,3 +41,12 @@ class SideStream:
         for t in tensors:
             if t.device.type == "cuda":
                 t.record_stream(consumer)
+
+
+def batch_meta(labels: torch.Tensor, skipped: int, device: torch.device) -> torch.Tensor:
+    """int64 (B + 1,) on ``device``: the CPU ``labels``, then the skipped count. Made in pinned host
+    memory for a GPU and copied without waiting; no tensor is made from a Python value."""
+    meta = torch.empty(len(labels) + 1, dtype=torch.int64, pin_memory=device.type == "cuda")
+    meta[:-1].copy_(labels)
+    meta[-1].fill_(skipped)
+    return meta.to(device, non_blocking=True)

@@ -33,6 +33,7 @@ Shards are read from any URL ``read.py`` opens (local files, ``pipe:``, http(s),
 tp rank 0 of each group runs the pipeline; the batch (uint8, a few MB) goes to its tp peers:
 broadcast, so every tower sees the same pixels, or under ``parallel.layout: hybrid`` scattered,
 each rank getting the samples it convolves (``parallel.plan.share_images``); labels are broadcast.
+Batch i + 1 is fetched and on its way to the device (``feed.py``) before batch i is handed over.
 Normalisation and lighting run later, on the device (``augment.normalize``). How a batch travels
 from a worker to the training process: ``batches.py``. The worker processes end with the epoch,
 however it ends (``workers.py``).
@@ -60,7 +61,7 @@ from distalex.data import augment
 from distalex.data.augment import CorruptImage
 from distalex.data.batches import BatchSlots, EvalBatch, PixelBatch, Pixels, Skips, WorkerError
 from distalex.data.decode import Encoded, EncodedBatch, decode_batch, host_to_device, probe
-from distalex.data.feed import SideStream
+from distalex.data.feed import SideStream, batch_meta
 from distalex.data.info import DataError, Shard, dataset_info, resolve_shards
 from distalex.data.read import ReadPolicy, Segment, parse_sample, read_segment
 from distalex.data.workers import PREFETCH_FACTOR, WorkerPool, start_early
@@ -211,15 +212,6 @@ def _num_classes(spec: str, data_cfg) -> int | None:
     return info.num_classes if info is not None else None
 
 
-def batch_meta(labels: torch.Tensor, skipped: int, device: torch.device) -> torch.Tensor:
-    """int64 (B + 1,) on ``device``: the CPU ``labels``, then the skipped count. Made in pinned host
-    memory for a GPU and copied without waiting; no tensor is made from a Python value."""
-    meta = torch.empty(len(labels) + 1, dtype=torch.int64, pin_memory=device.type == "cuda")
-    meta[:-1].copy_(labels)
-    meta[-1].fill_(skipped)
-    return meta.to(device, non_blocking=True)
-
-
 def _next_item(pool: WorkerPool):
     item = next(pool)
     if isinstance(item, WorkerError):
@@ -315,13 +307,13 @@ class EpochBatches:
 
     On the loading rank the workers start at once and the first batch is fetched in the
     background (``workers.WorkerPool``): ``ready(timeout)`` waits for it in slices, so the
-    training loop can act on a stop during a long start-up. Other ranks are always ready.
+    training loop can act on a stop during a long start-up. Other ranks are always ready. A batch
+    fetched ahead but not handed over when the epoch is closed is dropped with the workers.
     """
 
     def __init__(self, loader: TrainLoader, epoch: int, start_step: int, prefetch: bool = True):
         self.loader, self.start_step, self._pool = loader, start_step, None
-        self.prefetch = prefetch
-        """Fetch and copy the next batch before handing over this one (False: the plain iteration)."""
+        self.prefetch = prefetch  # fetch the next batch before handing over this one (False: the plain iteration)
         if loader.dims.tp_rank == 0 and start_step < loader.steps_per_epoch:
             loader.stream.epoch, loader.stream.start_step = epoch, start_step
             if loader.workers > 0 and not loader.stream.encoded:
@@ -332,19 +324,15 @@ class EpochBatches:
         return self._pool is None or self._pool.ready(timeout)
 
     def __iter__(self) -> Iterator[Batch]:
-        """The batches in step order. With ``prefetch`` the loading rank fetches batch i + 1 from
-        its workers and starts its copy to the device (``feed.SideStream``) before it hands over
-        batch i, so that they run while step i does. Each batch's tp exchange is queued as the
-        batch is handed over, on every rank at the same point of the step sequence (before the
-        step's own collectives), so a failed fetch never leaves a peer in an exchange that its
-        loading rank skips: the error is raised when its own batch is asked for, as without
-        prefetching."""
+        """The batches in step order; with ``prefetch``, batch i + 1 fetched and on its way to the device
+        before batch i is handed over. Each batch's tp exchange is queued as it is handed over, on
+        every rank at the same point of the step sequence, so an error in fetching a batch is kept
+        and raised when that batch is asked for, as without prefetching (docs/training.md)."""
         loader, dims = self.loader, self.loader.dims
         B, S = loader.batch_size, loader.image_size
         side = SideStream(dims.device)
         staged: deque = deque()  # (images, meta) on their way to the device, or the error that fetching them raised
-        left = loader.steps_per_epoch - self.start_step  # batches not staged yet
-        skipped = 0
+        left, skipped = loader.steps_per_epoch - self.start_step, 0  # batches not staged yet, samples skipped
 
         def stage() -> None:
             nonlocal left, skipped
