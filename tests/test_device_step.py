@@ -160,3 +160,68 @@ def test_prefetching_fetches_the_next_batch_before_handing_over_this_one(tmp_pat
         fetched.clear()
         seen = [len(fetched) for _ in ld.epoch(0, prefetch=prefetch)]
         assert seen == [min(k + ahead, 5) for k in range(5)], (prefetch, seen)
+
+
+def stop_worker(workdir: str, values: list[str]) -> dict:
+    """A run stopped by SIGTERM during its 3rd step (the loading rank has batch 4 fetched or on its
+    way), resumed to the end; then the same run uninterrupted. Both final weights."""
+    import contextlib
+    import io
+
+    import torch.distributed as dist
+
+    from distalex.config import load_config
+    from distalex.engine.ddp import DDPEngine
+    from distalex.parallel.dims import init_parallel
+    from distalex.parallel.plan import full_state_dict
+    from distalex.stopping import StopRequested
+    from tests.test_stop import Stopper
+    import distalex.train as train
+
+    os.chdir(workdir)
+    cfg = load_config(DEMO_CONFIG, values)
+    dims = init_parallel(cfg.parallel.tp, cfg.model.towers, "cpu", layout=cfg.parallel.layout)
+    stopper, steps, real_step = Stopper(), [], DDPEngine.train_step
+
+    def step_then_sigterm(self, images, labels):  # the signal comes from outside the loop, as a scheduler's
+        steps.append(1)
+        if len(steps) == 3 and dims.rank == 0:
+            stopper.now()
+        return real_step(self, images, labels)
+
+    out = {"stdout": []}
+    DDPEngine.train_step = step_then_sigterm
+    try:
+        for _ in range(2):  # stopped, then resumed to the end
+            text = io.StringIO()
+            with contextlib.redirect_stdout(text):
+                out.setdefault("codes", []).append(train.train(cfg, dims, StopRequested()))
+            out["stdout"].append(text.getvalue())
+    finally:
+        DDPEngine.train_step = real_step
+    out["weights"] = full_state_dict(train.setup(cfg, dims, StopRequested()).engine.module, dims.tp_group)
+    reference = cfg.model_copy(update={"run_name": "uninterrupted"})
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert train.train(reference, dims, StopRequested()) == 0
+    out["reference"] = full_state_dict(train.setup(reference, dims, StopRequested()).engine.module, dims.tp_group)
+    dist.barrier()
+    return out
+
+
+@pytest.mark.e2e
+def test_a_stop_with_a_batch_prefetched_resumes_to_the_uninterrupted_weights(tiny_shards, tmp_path):
+    """SIGTERM in step 3 of 14 (2 epochs of 7) on rank 0: the ranks agree to stop a step later and
+    save there, with the next batch already fetched; that batch is dropped with the workers, and
+    the resumed run fetches it again: its final weights equal the uninterrupted run's bit for bit."""
+    values = overrides(tiny_shards, **{"train.epochs": 2})
+    for rank, out in enumerate(run_workers(stop_worker, 2, str(tmp_path), values, timeout=300)):
+        assert out["codes"] == [0, 0]
+        if rank == 0:
+            stopped = out["stdout"][0]
+            assert "stopped by SIGTERM at step" in stopped and "(during training)" in stopped, stopped
+            step = int(stopped.split("stopped by SIGTERM at step ")[1].split()[0])
+            assert 3 <= step < 7, stopped  # inside the first epoch, with batches left to prefetch
+            assert "epoch 2/2" in out["stdout"][1], out["stdout"][1]
+        assert out["weights"].keys() == out["reference"].keys()
+        for name, tensor in out["reference"].items():
+            assert torch.equal(out["weights"][name], tensor), (rank, name)
