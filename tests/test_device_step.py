@@ -88,7 +88,7 @@ def feed_worker(root: str, layout: str) -> dict:
     from tests.test_data_loader import SIZE, cfg_for
 
     d = init_parallel(tp=2, towers=2, device="cpu", layout=layout)
-    ld = TrainLoader(cfg_for(Path(root), workers=2, start_method="fork"), d, global_batch=8, image_size=SIZE, seed=11)
+    ld = TrainLoader(cfg_for(Path(root), workers=1, start_method="fork"), d, global_batch=8, image_size=SIZE, seed=11)
     out = {"tp_rank": d.tp_rank, "steps": ld.steps_per_epoch}
     for prefetch in (True, False):
         for start in (0, 3):
@@ -100,7 +100,7 @@ def feed_worker(root: str, layout: str) -> dict:
 
 @pytest.mark.parametrize("layout", ["towers", "hybrid"])
 def test_the_prefetching_feed_serves_the_plain_iterations_batches(tmp_path, layout):
-    """At tp=2, with two loader workers: the prefetched epoch, and the epoch resumed at step 3, are
+    """At tp=2, with a loader worker: the prefetched epoch, and the epoch resumed at step 3, are
     the plain iteration's batches in the same order, bit for bit (pixels, labels, skipped count), on
     both tp ranks; under hybrid the peer holds only its own half of each batch's rows."""
     write_shards(tmp_path, [9, 14, 5, 12, 8], corrupt=(17,))  # 48: 6 steps of 8 (the skipped one made up)
