@@ -223,7 +223,7 @@ class HostReadSpy:
 
     def calls_from(self, path: str) -> list[HostRead]:
         """The reads made by code in ``path`` (a file, or a folder and everything under it)."""
-        return [c for c in self.calls if c.where.rsplit(":", 1)[0] == path or c.where.startswith(path.rstrip("/") + "/")]
+        return [c for c in self.calls if _made_in(c.where, path)]
 
     def reads_that_wait_from(self, path: str) -> list[HostRead]:
         """``calls_from(path)`` less the numpy views that ``distalex.cpu_loops`` takes of CPU tensors
@@ -265,7 +265,8 @@ class PythonDataSpy(TorchDispatchMode):
     - **pageable copy**: a copy from unpinned CPU memory to a device, which waits for it too.
 
     A Python number passed to an op (``x * 0.5``, ``fill_(n)``) is an argument, not a tensor, and
-    is not recorded. What ``HostReadSpy`` sees and this does not: ``.tolist()`` and ``.numpy()``,
+    is not recorded; nor is ``torch.frombuffer``, a view of bytes already in host memory (as a
+    worker's batch arrives), which dispatches nothing. What ``HostReadSpy`` sees and this does not: ``.tolist()`` and ``.numpy()``,
     which dispatch no op. Used as a context manager (the mode holds for this thread)::
 
         with PythonDataSpy() as made:
@@ -282,7 +283,7 @@ class PythonDataSpy(TorchDispatchMode):
 
     def calls_from(self, path: str) -> list[Made]:
         """The ones made by code in ``path`` (a file, or a folder and everything under it)."""
-        return [c for c in self.calls if c.where.rsplit(":", 1)[0] == path or c.where.startswith(path.rstrip("/") + "/")]
+        return [c for c in self.calls if _made_in(c.where, path)]
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -309,6 +310,11 @@ class PythonDataSpy(TorchDispatchMode):
         if src.device.type == "cpu" and not src.is_pinned():
             return "pageable copy", src
         return None, None
+
+
+def _made_in(where: str, path: str) -> bool:
+    """Whether ``where`` (file:line) lies in ``path``: that file, or a folder above it."""
+    return where.rsplit(":", 1)[0] == path or where.startswith(path.rstrip("/") + "/")
 
 
 def _caller() -> str:
