@@ -3,9 +3,10 @@
 In a synchronous job every rank's step takes as long as the slowest one's, so the step time alone
 names no culprit. Each rank therefore measures, per step:
 
-- **data**: the time from asking the loader for the batch to having it on this rank (the loading
-  rank's wait for its workers, a tp peer's wait for the broadcast), on the host clock: the host
-  blocks there, whatever the device does;
+- **data**: the time from asking the loader for the batch to having it on this rank, on the host
+  clock: the time the host is blocked in the feed, whatever the device does. The loading rank
+  fetches one batch ahead (``data.loader.EpochBatches``), so its wait is for the next batch from
+  its workers; a tp peer's is for the batch's exchange;
 - **compute**: from having the batch to the end of this rank's own backward (the first layer's
   weight gradient is the last one the backward makes), before it waits for the other dp groups'
   gradients: its own forward and backward with its tp group's exchanges, the work that a slow GPU

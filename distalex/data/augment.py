@@ -291,9 +291,15 @@ def lighting_shift(
     """
     gen_device = generator.device if generator is not None else torch.device(device)
     alpha = torch.randn(n, 3, generator=generator, device=gen_device).to(device) * std  # (n, 3)
-    scales = torch.tensor(lighting_scales(input_scale), device=device)
-    eigvec = torch.tensor(PCA_EIGVEC, device=device)
+    scales, eigvec = _lighting_constants(input_scale, torch.device(device))
     return (alpha * scales) @ eigvec.T  # (n, 3): row i = eigvec @ (alpha_i * s)
+
+
+@functools.lru_cache(maxsize=16)
+def _lighting_constants(input_scale: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scales, eigvec) of the lighting on ``device``, made once: made per batch, each would be a
+    copy from pageable host memory that waits for a GPU."""
+    return torch.tensor(lighting_scales(input_scale), device=device), torch.tensor(PCA_EIGVEC, device=device)
 
 
 def training_stats(

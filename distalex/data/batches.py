@@ -112,7 +112,7 @@ class BatchSlots:
         images = self.images[worker, slot]
         images = images.pin_memory() if device.type == "cuda" else images.clone()
         with self.lock:
-            self.busy[worker, slot] = 0
+            self.busy[worker, slot].fill_(0)  # not ``= 0``: that makes a tensor of the 0 first
         return images
 
 

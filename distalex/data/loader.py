@@ -33,6 +33,7 @@ Shards are read from any URL ``read.py`` opens (local files, ``pipe:``, http(s),
 tp rank 0 of each group runs the pipeline; the batch (uint8, a few MB) goes to its tp peers:
 broadcast, so every tower sees the same pixels, or under ``parallel.layout: hybrid`` scattered,
 each rank getting the samples it convolves (``parallel.plan.share_images``); labels are broadcast.
+Batch i + 1 is fetched and on its way to the device (``feed.py``) before batch i is handed over.
 Normalisation and lighting run later, on the device (``augment.normalize``). How a batch travels
 from a worker to the training process: ``batches.py``. The worker processes end with the epoch,
 however it ends (``workers.py``).
@@ -47,6 +48,7 @@ formed: its slot gets a copy of another image of the batch (with its label), cou
 from __future__ import annotations
 
 import sys
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -59,6 +61,7 @@ from distalex.data import augment
 from distalex.data.augment import CorruptImage
 from distalex.data.batches import BatchSlots, EvalBatch, PixelBatch, Pixels, Skips, WorkerError
 from distalex.data.decode import Encoded, EncodedBatch, decode_batch, host_to_device, probe
+from distalex.data.feed import SideStream, batch_meta
 from distalex.data.info import DataError, Shard, dataset_info, resolve_shards
 from distalex.data.read import ReadPolicy, Segment, parse_sample, read_segment
 from distalex.data.workers import PREFETCH_FACTOR, WorkerPool, start_early
@@ -267,24 +270,24 @@ class TrainLoader:
     def __len__(self) -> int:
         return self.steps_per_epoch
 
-    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
+    def epoch(self, epoch: int, start_step: int = 0, prefetch: bool = True) -> Iterator[Batch]:
         """Batches for steps start_step .. steps_per_epoch - 1 of ``epoch``; the same on every replay."""
-        batches = self.start(epoch, start_step)
+        batches = self.start(epoch, start_step, prefetch)
         try:
             yield from batches
         finally:
             batches.close()
 
-    def start(self, epoch: int, start_step: int = 0) -> EpochBatches:
+    def start(self, epoch: int, start_step: int = 0, prefetch: bool = True) -> EpochBatches:
         """Start the workers for ``epoch`` from ``start_step``; see ``EpochBatches``."""
         if not 0 <= start_step <= self.steps_per_epoch:
             raise ValueError(f"start_step={start_step} outside 0..{self.steps_per_epoch}")
-        return EpochBatches(self, epoch, start_step)
+        return EpochBatches(self, epoch, start_step, prefetch)
 
     def decoded(self, item: Pixels | Encoded) -> tuple[torch.Tensor, torch.Tensor, int]:
         """(uint8 images, labels, new skips) of a worker's batch, decoding it here if it is Encoded."""
         if isinstance(item, Pixels):
-            labels = torch.from_numpy(np.frombuffer(item.labels, np.int64).copy())
+            labels = torch.frombuffer(bytearray(item.labels), dtype=torch.int64)  # a copy of the message's bytes
             if item.images is not None:
                 return item.images, labels, item.skipped
             return self.stream.slots.take(item.worker, item.slot, self.dims.device), labels, item.skipped
@@ -304,11 +307,13 @@ class EpochBatches:
 
     On the loading rank the workers start at once and the first batch is fetched in the
     background (``workers.WorkerPool``): ``ready(timeout)`` waits for it in slices, so the
-    training loop can act on a stop during a long start-up. Other ranks are always ready.
+    training loop can act on a stop during a long start-up. Other ranks are always ready. A batch
+    fetched ahead but not handed over when the epoch is closed is dropped with the workers.
     """
 
-    def __init__(self, loader: TrainLoader, epoch: int, start_step: int):
+    def __init__(self, loader: TrainLoader, epoch: int, start_step: int, prefetch: bool = True):
         self.loader, self.start_step, self._pool = loader, start_step, None
+        self.prefetch = prefetch  # fetch the next batch before handing over this one (False: the plain iteration)
         if loader.dims.tp_rank == 0 and start_step < loader.steps_per_epoch:
             loader.stream.epoch, loader.stream.start_step = epoch, start_step
             if loader.workers > 0 and not loader.stream.encoded:
@@ -319,23 +324,53 @@ class EpochBatches:
         return self._pool is None or self._pool.ready(timeout)
 
     def __iter__(self) -> Iterator[Batch]:
+        """The batches in step order; with ``prefetch``, batch i + 1 fetched and on its way to the device
+        before batch i is handed over. Each batch's tp exchange is queued as it is handed over, on
+        every rank at the same point of the step sequence, so an error in fetching a batch is kept
+        and raised when that batch is asked for, as without prefetching (docs/training.md)."""
         loader, dims = self.loader, self.loader.dims
         B, S = loader.batch_size, loader.image_size
-        skipped = 0
-        for _ in range(self.start_step, loader.steps_per_epoch):
-            if self._pool is not None:
-                images, labels, new_skips = loader.decoded(_next_item(self._pool))
-                skipped += new_skips
-                images = host_to_device(images, dims.device)
-                meta = host_to_device(torch.cat([labels, torch.tensor([skipped])]), dims.device)  # (B + 1,)
-            else:
-                images = torch.empty((B, 3, S, S), dtype=torch.uint8, device=dims.device)
-                meta = torch.empty((B + 1,), dtype=torch.int64, device=dims.device)
-            if dims.tp > 1:
-                # tp rank 0 -> its tp peers: the pixels each rank's layout convolves; every label.
-                share_images(images, dims)
-                dist.broadcast(meta, src=dims.tp_src, group=dims.tp_group)
+        side = SideStream(dims.device)
+        staged: deque = deque()  # (images, meta) on their way to the device, or the error that fetching them raised
+        left, skipped = loader.steps_per_epoch - self.start_step, 0  # batches not staged yet, samples skipped
+
+        def stage() -> None:
+            nonlocal left, skipped
+            if left == 0:
+                return
+            left -= 1
+            if self._pool is None:
+                staged.append(None)  # a tp peer: its batch arrives in the exchange
+                return
+            try:
+                with side.side():
+                    images, labels, new_skips = loader.decoded(_next_item(self._pool))
+                    skipped += new_skips
+                    staged.append((host_to_device(images, dims.device), batch_meta(labels, skipped, dims.device)))
+            except Exception as e:  # noqa: BLE001 - raised in its turn, when its batch is asked for
+                staged.append(e)
+
+        stage()
+        while staged:
+            item = staged.popleft()
+            if isinstance(item, Exception):
+                raise item
+            with side.side():
+                if item is None:
+                    images = torch.empty((B, 3, S, S), dtype=torch.uint8, device=dims.device)
+                    meta = torch.empty((B + 1,), dtype=torch.int64, device=dims.device)
+                else:
+                    images, meta = item
+                if dims.tp > 1:
+                    # tp rank 0 -> its tp peers: the pixels each rank's layout convolves; every label.
+                    share_images(images, dims)
+                    dist.broadcast(meta, src=dims.tp_src, group=dims.tp_group)
+            side.hand_over(images, meta)
+            if self.prefetch:
+                stage()
             yield Batch(images=images, labels=meta[:-1], skipped=meta[-1])
+            if not self.prefetch:
+                stage()  # the plain iteration: the next batch only when it is asked for
 
     def close(self) -> None:
         """Make the workers exit now, wherever they are (they hold nothing to save)."""

@@ -1,6 +1,6 @@
 """Record the collectives a piece of code makes (kind, group, tensors, phase and layer), and the
 places it reads a tensor's value on the host (``HostReadSpy``: on a GPU each such read waits for
-the device).
+the device), and the tensors it makes from Python data (``PythonDataSpy``, at the dispatcher).
 
     with CollectiveSpy() as spy:
         label_layers(model, spy)          # optional: which module each call belongs to
@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
 
 SPIED = ("all_reduce", "all_gather_into_tensor", "reduce_scatter_tensor", "all_gather_single",
          "reduce_scatter_single", "all_gather", "broadcast", "reduce_scatter", "reduce", "barrier",
@@ -222,7 +223,7 @@ class HostReadSpy:
 
     def calls_from(self, path: str) -> list[HostRead]:
         """The reads made by code in ``path`` (a file, or a folder and everything under it)."""
-        return [c for c in self.calls if c.where.rsplit(":", 1)[0] == path or c.where.startswith(path.rstrip("/") + "/")]
+        return [c for c in self.calls if _made_in(c.where, path)]
 
     def reads_that_wait_from(self, path: str) -> list[HostRead]:
         """``calls_from(path)`` less the numpy views that ``distalex.cpu_loops`` takes of CPU tensors
@@ -239,6 +240,81 @@ class HostReadSpy:
             return real(tensor, *args, **kwargs)
 
         return spy
+
+
+aten = torch.ops.aten
+
+
+@dataclass
+class Made:
+    kind: str  # "from Python data", "host read" or "pageable copy"
+    op: str  # the aten op, e.g. aten.lift_fresh.default
+    shape: tuple[int, ...]
+    device: str  # of the tensor made, or of the one read
+    where: str  # file:line of the first caller outside torch and this module
+
+
+class PythonDataSpy(TorchDispatchMode):
+    """Records, at the dispatcher, the ops by which code hands Python values to tensors or reads them back:
+
+    - **from Python data**: ``aten.lift_fresh`` (what ``torch.tensor``, ``torch.as_tensor`` and
+      ``torch.from_numpy`` dispatch, on any device: the data is first a CPU tensor, and for a GPU
+      copied from pageable memory, which waits) and ``aten.scalar_tensor``;
+    - **host read**: ``aten._local_scalar_dense`` (``.item()``, ``int(t)``, ``float(t)``, ``bool(t)``)
+      and a copy of a non-CPU tensor to the CPU (``.cpu()``, ``.to("cpu")``): each waits for the device;
+    - **pageable copy**: a copy from unpinned CPU memory to a device, which waits for it too.
+
+    A Python number passed to an op (``x * 0.5``, ``fill_(n)``) is an argument, not a tensor, and
+    is not recorded; nor is ``torch.frombuffer``, a view of bytes already in host memory (as a
+    worker's batch arrives), which dispatches nothing. What ``HostReadSpy`` sees and this does not: ``.tolist()`` and ``.numpy()``,
+    which dispatch no op. Used as a context manager (the mode holds for this thread)::
+
+        with PythonDataSpy() as made:
+            train_step(...)
+        assert made.calls_from(distalex.__path__[0]) == []
+    """
+
+    FROM_PYTHON = (aten.lift_fresh.default, aten.lift_fresh_copy.default, aten.scalar_tensor.default)
+    READS = (aten._local_scalar_dense.default,)
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[Made] = []
+
+    def calls_from(self, path: str) -> list[Made]:
+        """The ones made by code in ``path`` (a file, or a folder and everything under it)."""
+        return [c for c in self.calls if _made_in(c.where, path)]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        kind, seen = self._kind(func, args, kwargs, out)
+        if kind is not None:
+            self.calls.append(Made(kind, str(func), tuple(seen.shape), str(seen.device), _caller()))
+        return out
+
+    def _kind(self, func, args, kwargs, out):
+        if func in self.FROM_PYTHON:
+            return "from Python data", out
+        if func in self.READS:
+            return "host read", args[0]
+        copy_to = {aten._to_copy.default: lambda: kwargs.get("device"), aten.copy_.default: lambda: args[0].device}.get(func)
+        if copy_to is None:
+            return None, None
+        src = args[1] if func is aten.copy_.default else args[0]
+        dst = copy_to()
+        if dst is None or torch.device(dst).type == src.device.type:
+            return None, None
+        if torch.device(dst).type == "cpu":
+            return "host read", src
+        if src.device.type == "cpu" and not src.is_pinned():
+            return "pageable copy", src
+        return None, None
+
+
+def _made_in(where: str, path: str) -> bool:
+    """Whether ``where`` (file:line) lies in ``path``: that file, or a folder above it."""
+    return where.rsplit(":", 1)[0] == path or where.startswith(path.rstrip("/") + "/")
 
 
 def _caller() -> str:
