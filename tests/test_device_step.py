@@ -98,6 +98,7 @@ def feed_worker(root: str, layout: str) -> dict:
     return out
 
 
+@pytest.mark.slow  # two tp=2 epochs over real shards each way: 10-14 s on 2 busy cores
 @pytest.mark.parametrize("layout", ["towers", "hybrid"])
 def test_the_prefetching_feed_serves_the_plain_iterations_batches(tmp_path, layout):
     """At tp=2, with a loader worker: the prefetched epoch, and the epoch resumed at step 3, are
