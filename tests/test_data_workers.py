@@ -15,6 +15,7 @@ fresh interpreter per worker, seconds each) in the slow one.
 from __future__ import annotations
 
 import contextlib
+import json
 import multiprocessing
 import os
 import signal
@@ -251,6 +252,40 @@ def test_the_fork_server_starts_when_the_loader_is_built_before_its_first_epoch(
                           env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "forkserver" in proc.stdout.split("CHILDREN", 1)[1].split(), proc.stdout  # beside the resource tracker
+
+
+def compiled_loops(queue) -> None:
+    """Run in a process the fork server started: the crop's compiled loops (numba dispatchers) and how
+    many signatures each already has, before this process has called any."""
+    from distalex.data import resample
+
+    queue.put({name: len(f.signatures) for name, f in vars(resample).items() if hasattr(f, "signatures")})
+
+
+@pytest.mark.slow
+def test_workers_from_the_fork_server_start_with_the_crop_loops_compiled(tmp_path):
+    """The fork server compiles the crop loops before it forks: a worker that compiled them itself
+    would spend about 1.3 CPU-seconds on it, in every worker of every epoch."""
+    from distalex.data.resample import AVAILABLE
+
+    if not AVAILABLE:
+        pytest.skip("numba is not installed: the workers crop with Pillow and compile nothing")
+    script = textwrap.dedent('''
+        import json
+        from distalex.data.workers import loader_context
+        from tests.test_data_workers import compiled_loops
+        ctx = loader_context("forkserver")
+        queue = ctx.Queue()
+        worker = ctx.Process(target=compiled_loops, args=(queue,))
+        worker.start()
+        print("LOOPS", json.dumps(queue.get(timeout=60)))
+        worker.join()
+    ''')
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    loops = json.loads(proc.stdout.split("LOOPS", 1)[1])
+    assert len(loops) >= 3 and all(n > 0 for n in loops.values()), loops
 
 
 @pytest.fixture
