@@ -38,6 +38,7 @@ BENCH_LIMIT_S=${GPU_CHECK_BENCH_LIMIT_S:-120}
 DATA_LIMIT_S=${GPU_CHECK_DATA_LIMIT_S:-45}
 SYNC_LIMIT_S=${GPU_CHECK_SYNC_LIMIT_S:-45}
 OVERLAP_LIMIT_S=${GPU_CHECK_OVERLAP_LIMIT_S:-90}
+DECODE_LIMIT_S=${GPU_CHECK_DECODE_LIMIT_S:-45}
 mkdir -p "$OUT" || exit 2
 OUT=$(cd "$OUT" && pwd)
 cd "$ROOT" || exit 2
@@ -47,6 +48,16 @@ tee_pid=$!
 trap 'exec >&- 2>&-; wait "$tee_pid"' EXIT  # the log is complete when the script returns
 started=$(date +%s)
 stage() { echo; echo "== $1 ($(( $(date +%s) - started )) s)"; }
+run_stage() {  # TITLE LIMIT_S TXT COMMAND...: one stage under its limit, its output also in OUT/TXT
+  local title=$1 limit=$2 txt=$3 rc
+  shift 3
+  stage "$title (limit $limit s)"
+  timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$OUT/$txt"
+  rc=${PIPESTATUS[0]}
+  [ "$rc" -eq 124 ] && echo "$title: stopped at the $limit s limit; its JSON has the rows it finished"
+  [ "$rc" -ne 0 ] && status=1
+  return 0
+}
 
 stage "environment"
 {
@@ -95,11 +106,7 @@ else
   bench_args=(--tiny --rows distalex/eager/fp32,torchvision/eager/fp32,distalex-nolrn/eager/fp32,distalex/eager/fp32/channels_last,torchvision/eager/fp32/channels_last,distalex-nolrn/eager/fp32/channels_last)
   echo "no CUDA: the benchmark's tiny CPU form"
 fi
-stage "benchmark (limit ${BENCH_LIMIT_S} s)"
-timeout --kill-after=10 "$BENCH_LIMIT_S" "$PYTHON" bench/bench.py "${bench_args[@]}" --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt"
-rc=${PIPESTATUS[0]}
-[ "$rc" -eq 124 ] && echo "benchmark: stopped at the ${BENCH_LIMIT_S} s limit; bench.json has the rows it finished"
-[ "$rc" -ne 0 ] && status=1
+run_stage benchmark "$BENCH_LIMIT_S" bench.txt "$PYTHON" bench/bench.py "${bench_args[@]}" --json "$OUT/bench.json"
 
 # The training step as it runs: no host sync in it (on CUDA; without it the rows skip with the
 # reason), and what overlapping the gradient all-reduce with the backward gains (two GPUs; with one
@@ -111,11 +118,7 @@ step_checks() {
 step_check() {  # CHECK TITLE LIMIT_S FILE: bench/step_check.py CHECK into OUT/FILE.json and .txt
   local size_args=()
   [ "$has_cuda" = 1 ] || size_args=(--tiny)
-  stage "$2 (limit $3 s)"
-  timeout --kill-after=10 "$3" "$PYTHON" bench/step_check.py "$1" ${size_args[@]+"${size_args[@]}"} --json "$OUT/$4.json" 2>&1 | tee "$OUT/$4.txt"
-  rc=${PIPESTATUS[0]}
-  [ "$rc" -eq 124 ] && echo "$2: stopped at the $3 s limit; $4.json has the rows it finished"
-  [ "$rc" -ne 0 ] && status=1
+  run_stage "$2" "$3" "$4.txt" "$PYTHON" bench/step_check.py "$1" ${size_args[@]+"${size_args[@]}"} --json "$OUT/$4.json"
 }
 step_checks
 
@@ -126,17 +129,13 @@ else
   data_args=(--images 48 --batch 8 --workers 2)
   echo "no CUDA: the input pipeline's tiny form (data.decode=gpu decodes on this process's CPU)"
 fi
-stage "input pipeline (limit ${DATA_LIMIT_S} s)"
-timeout --kill-after=10 "$DATA_LIMIT_S" "$PYTHON" bench/data.py "${data_args[@]}" --repeats 1 \
-  --pipelines distalex,distalex-gpu,torchvision --feeds "$OUT/bench.json" --json "$OUT/data.json" 2>&1 | tee "$OUT/data.txt"
-rc=${PIPESTATUS[0]}
-[ "$rc" -eq 124 ] && echo "input pipeline: stopped at the ${DATA_LIMIT_S} s limit"
-[ "$rc" -ne 0 ] && status=1
+run_stage "input pipeline" "$DATA_LIMIT_S" data.txt "$PYTHON" bench/data.py "${data_args[@]}" --repeats 1 \
+  --pipelines distalex,distalex-gpu,torchvision --feeds "$OUT/bench.json" --json "$OUT/data.json"
 
 # The training rank's data.decode=gpu rate (bench/decode.py: batched decode and crop on the GPU)
 # against the CPU loader on the same shards: decode.txt, decode.json. On this CPU without CUDA.
 gpu_decode_rate() {
-  local limit=${GPU_CHECK_DECODE_LIMIT_S:-45} cores rc
+  local cores
   local args=(--images 32 --batch 8 --workers 2 --repeats 1)
   if [ "$has_cuda" = 1 ]; then
     cores=$(nproc)
@@ -144,11 +143,7 @@ gpu_decode_rate() {
   else
     echo "no CUDA: the GPU decode rate's tiny form, on this CPU"
   fi
-  stage "GPU decode rate (limit ${limit} s)"
-  timeout --kill-after=10 "$limit" "$PYTHON" bench/decode.py "${args[@]}" --json "$OUT/decode.json" 2>&1 | tee "$OUT/decode.txt"
-  rc=${PIPESTATUS[0]}
-  [ "$rc" -eq 124 ] && echo "GPU decode rate: stopped at the ${limit} s limit; decode.json has the forms it finished"
-  [ "$rc" -ne 0 ] && status=1
+  run_stage "GPU decode rate" "$DECODE_LIMIT_S" decode.txt "$PYTHON" bench/decode.py "${args[@]}" --json "$OUT/decode.json"
 }
 gpu_decode_rate
 
