@@ -75,6 +75,13 @@ def follow(stop) -> None:
     _SignalThread.instance.stop = stop
 
 
+def unfollow(stop) -> None:
+    """Stop hearing signals for ``stop``: its run has returned (a process that goes on, such as a test
+    that called the training's ``main``, must not be ended by a signal meant for that run)."""
+    if _SignalThread.instance is not None and _SignalThread.instance.stop is stop:
+        _SignalThread.instance.stop = None
+
+
 def ending() -> None:
     """This process is ending on its own (within seconds): stop signals change nothing from now on."""
     if _SignalThread.instance is not None:

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from distalex import allocator, determinism
+from distalex import allocator, determinism, signal_watch
 from distalex.build import build_parallel_model, channels_last
 from distalex.checkpoint import (
     CheckpointManager, RandomStreams, Resumed, TrainState, data_position_settings, latest_checkpoint,
@@ -476,6 +476,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     stop = StopRequested()  # first: a SIGTERM during start-up ends the process at once, a later one saves
     stop.hear_while_blocked()
+    try:
+        run_job(args, stop)
+    finally:
+        signal_watch.unfollow(stop)
+
+
+def run_job(args: argparse.Namespace, stop: StopRequested) -> None:
+    """The training job of ``main``; ends with ``exit_job`` or ``exit_now`` (SystemExit or the process's end)."""
     try:
         cfg = config_from_args(args)  # exits 2 on a bad config, before any process group exists
         par = cfg.parallel

@@ -510,3 +510,28 @@ def test_a_second_ctrl_c_under_torchrun_aborts_at_once_and_still_marks_the_run(t
     assert after == before, "no checkpoint of the aborted stop"
     assert "stopped by" not in out
     assert mlflow_run(tmp_path).info.status == "KILLED"
+
+
+def test_a_process_that_ran_the_training_main_is_not_ended_by_a_later_signal(tmp_path):
+    """``main`` hears stop signals on a thread for its run, and a stop before training starts ends the
+    process at once. After ``main`` has returned (here: exit 2 on a bad key), a process that goes on
+    (a test runner that called it) handles its own Ctrl-C."""
+    from tests.runs import REPO
+
+    script = textwrap.dedent('''
+        import os, signal, time
+        import distalex.train as train
+        try:
+            train.main(["--set", "no.such_key=1"])
+        except SystemExit as e:
+            print("main exited", e.code, flush=True)
+        heard = []
+        signal.signal(signal.SIGINT, lambda *_: heard.append(1))
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.5)
+        print("alive, heard", len(heard), flush=True)
+    ''')
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert proc.returncode == 0 and "main exited 2" in proc.stdout, proc.stdout + proc.stderr[-2000:]
+    assert "alive, heard 1" in proc.stdout, proc.stdout + proc.stderr[-2000:]
