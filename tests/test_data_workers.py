@@ -288,6 +288,33 @@ def test_workers_from_the_fork_server_start_with_the_crop_loops_compiled(tmp_pat
     assert len(loops) >= 3 and all(n > 0 for n in loops.values()), loops
 
 
+def test_a_sigterm_while_the_fork_server_starts_leaves_it_serving(tmp_path):
+    """Slurm's SIGTERM to the whole job can reach the fork server while it is still importing its
+    modules (seconds): it must go on serving, so that the training process saves instead of failing."""
+    script = textwrap.dedent('''
+        import json, multiprocessing.forkserver, os, signal, time
+        import psutil
+        from distalex.data.workers import loader_context
+        from tests.test_data_workers import compiled_loops
+        ctx = loader_context("forkserver")
+        multiprocessing.forkserver.ensure_running()  # starts the server; its imports go on without us
+        server = next(c for c in psutil.Process().children() if "forkserver" in " ".join(c.cmdline()))
+        deadline = time.monotonic() + 60
+        while "libtorch" not in open(f"/proc/{server.pid}/maps").read():  # in its imports (seconds of them)
+            assert time.monotonic() < deadline, "the fork server did not load torch"
+            time.sleep(0.005)
+        os.kill(server.pid, signal.SIGTERM)
+        queue = ctx.Queue()
+        worker = ctx.Process(target=compiled_loops, args=(queue,))
+        worker.start()
+        print("LOOPS", json.dumps(queue.get(timeout=60)), "SERVER", server.is_running(), flush=True)
+        worker.join()
+    ''')
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert proc.returncode == 0 and "SERVER True" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+
+
 @pytest.fixture
 def shards(tmp_path):
     from tests.test_data_loader import write_shards

@@ -30,10 +30,12 @@ def test_the_loaders_start_methods_under_another_python(version):
     if python is None:
         pytest.skip(f"Python {version} ({FOUND[version]}) has no venv with torch: make it with "
                     f"`{make_command(version)}` (downloads torch, ~0.5 GB)")
-    proc = subprocess.run([python, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-m", "not e2e", *CHECKS],
+    proc = subprocess.run([python, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rs", "-m", "not e2e", *CHECKS],
                           cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True,
                           timeout=900)
     summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
     print(f"Python {version}: {summary}")
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
-    assert re.search(r"\d+ passed", summary) and "skipped" not in summary, summary
+    # The one skip allowed: a venv without numba (optional) has no compiled crop loops to check.
+    skips = re.findall(r"^SKIPPED \[\d+\] (.*)$", proc.stdout, re.M)
+    assert re.search(r"\d+ passed", summary) and all("numba is not installed" in s for s in skips), (summary, skips)

@@ -168,7 +168,9 @@ def test_requeued_job_resumes_and_continues_one_mlflow_run(reference_job, jobs, 
     wait_until("a first checkpoint", lambda: complete_checkpoints(ckpt_root(tmp_path)), timeout=120, interval=0.05)
     cluster.run("scontrol", "requeue", str(job_id))
     cluster.start_requeued_now(job_id)
-    wait_until("the first resume", lambda: "resumed from" in log_of(tmp_path, job_id), timeout=90)
+    # In its training loop, where a stop saves (during start-up a stop saves nothing: nothing is new)
+    wait_until("the first resume's training loop", lambda: "distalex: world" in log_of(tmp_path, job_id).partition(
+        "resumed from")[2], timeout=90)
     # the warning that --signal=B:USR1@90 sends before the time limit, as the resumed run starts
     cluster.run("scancel", "--batch", "--signal=USR1", str(job_id))
     cluster.start_requeued_now(job_id)

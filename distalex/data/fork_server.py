@@ -10,8 +10,18 @@ rules (``workers.serve_as_fork_server``), and imports the loader and compiles th
 without that, every worker of every epoch compiled them again (about 1.3 CPU-seconds each).
 """
 
-from distalex.data import augment, loader  # noqa: F401 - preloaded for the workers
-from distalex.data.workers import serve_as_fork_server
+import json
+import os
+import signal
+
+# A SIGTERM to the whole job (Slurm's, at a requeue) must not end the server while the training
+# process saves: ignored from the first line, not only once the imports below (seconds) are done,
+# or a stop early in an epoch finds the server gone and the loader fails (EOFError) instead of saving.
+if json.loads(os.environ.get("DISTALEX_FORK_SERVER", "{}")).get("parent") == os.getppid():  # workers.FORK_SERVER_ENV
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+from distalex.data import augment, loader  # noqa: E402, F401 - preloaded for the workers
+from distalex.data.workers import serve_as_fork_server  # noqa: E402
 
 augment.prepare_workers()
 
