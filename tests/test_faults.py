@@ -316,7 +316,8 @@ def test_a_host_frozen_for_50_s_rejoins_the_job(hosts, tiny_shards, tmp_path):
     """--nnodes=1:2: host 2 stops (SIGSTOP) for 50 s. Host 1 finds it silent and resumes alone;
     woken, host 2 finds its world gone, its agent joins the next round, and the job finishes at
     dp=2, no worker deaf to its agent's SIGTERM on the way."""
-    job = Job(hosts, tmp_path, tiny_shards, nnodes="1:2", max_restarts=3, rdzv_conf=ELASTIC, **{"train.epochs": 6})
+    # Long enough that host 1, alone, is still training when host 2 is back (freeze + 50 s + a round).
+    job = Job(hosts, tmp_path, tiny_shards, nnodes="1:2", max_restarts=3, rdzv_conf=ELASTIC, **{"train.epochs": 24})
     frozen = fault_after_first_checkpoint(job, lambda: hosts.freeze(2))
     alone = job.wait_for(1, r"resumed at world=1 \(dp=1 x tp=1\)", BOUND_S + 60) - frozen
     time.sleep(max(0.0, 50 - (time.monotonic() - frozen)))
