@@ -267,11 +267,6 @@ def mean_over_dp(value: torch.Tensor, dims: ParallelDims) -> float:
     return value.item()
 
 
-def weights_finite(module: torch.nn.Module) -> bool:
-    """Whether every parameter is finite (one device sync)."""
-    return bool(torch.stack([torch.isfinite(p).all() for p in module.parameters()]).all())
-
-
 def save(run: Run, flush: bool = True) -> None:
     """A checkpoint of the current state, unless this process saved exactly this state already.
     ``flush=False`` on a stop: MLflow's queue is sent at exit, after the checkpoint is safe."""
@@ -280,7 +275,8 @@ def save(run: Run, flush: bool = True) -> None:
     if run.saved == key:
         return
     # The last checked loss came from before the last update, which can still have overflowed.
-    if run.dims.any_rank(not weights_finite(run.engine.module)):
+    finite = torch.stack([torch.isfinite(p).all() for p in run.engine.module.parameters()]).all()
+    if run.dims.any_rank(not bool(finite)):  # one device sync
         raise Diverged(f"the weights hold NaN or inf after step {state.step} (epoch {state.epoch + 1})")
     with run.dims.progress.paused():  # a slow write is no stall
         if flush:
@@ -476,32 +472,28 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     stop = StopRequested()  # first: a SIGTERM during start-up ends the process at once, a later one saves
     stop.hear_while_blocked()
-    try:
-        run_job(args, stop)
-    finally:
+    try:  # ends with exit_job (SystemExit) or exit_now (the process's end)
+        try:
+            cfg = config_from_args(args)  # exits 2 on a bad config, before any process group exists
+            par = cfg.parallel
+            if cfg.train.deterministic:
+                determinism.prepare(par.device)  # before the first CUDA call
+            dims = init_parallel(par.tp, cfg.model.towers, par.device, par.timeout_s, par.layout, par.peer_timeout_s,
+                                 max(par.progress_timeout_s, longest_stall_s(cfg.data)))
+        except (ConfigError, ParallelConfigError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            exit_job(EXIT_BAD_INPUT)
+        except SystemExit as e:  # config_from_args printed the error
+            exit_job(e.code)
+        try:
+            code = train(cfg, dims, stop)
+        except BaseException as e:  # noqa: BLE001 - every failure ends every rank, with one line
+            exit_now(report_failure(dims, e))
+        destroy_parallel(dims)
+        exit_job(code)
+    finally:  # a process that goes on (a test that called main) is not ended by a signal meant for this run
         signal_watch.unfollow(stop)
 
-
-def run_job(args: argparse.Namespace, stop: StopRequested) -> None:
-    """The training job of ``main``; ends with ``exit_job`` or ``exit_now`` (SystemExit or the process's end)."""
-    try:
-        cfg = config_from_args(args)  # exits 2 on a bad config, before any process group exists
-        par = cfg.parallel
-        if cfg.train.deterministic:
-            determinism.prepare(par.device)  # before the first CUDA call
-        dims = init_parallel(par.tp, cfg.model.towers, par.device, par.timeout_s, par.layout, par.peer_timeout_s,
-                             max(par.progress_timeout_s, longest_stall_s(cfg.data)))
-    except (ConfigError, ParallelConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        exit_job(EXIT_BAD_INPUT)
-    except SystemExit as e:  # config_from_args printed the error
-        exit_job(e.code)
-    try:
-        code = train(cfg, dims, stop)
-    except BaseException as e:  # noqa: BLE001 - every failure ends every rank, with one line
-        exit_now(report_failure(dims, e))
-    destroy_parallel(dims)
-    exit_job(code)
 
 if __name__ == "__main__":
     main()
